@@ -1,0 +1,48 @@
+"""The ``freeprm`` command line.
+
+Each subpackage owns its subcommands: a module with ``register(subparsers)`` that adds
+its parsers and sets ``func`` (called with the parsed args, returns an exit code).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# subcommand modules, imported lazily so ``freeprm --help`` stays fast
+_COMMAND_MODULES = (
+    "freeprm.engine.cli",   # score, demo
+    "freeprm.trainer.cli",  # train
+    "freeprm.eval.cli",     # bon
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="freeprm",
+        description="Implicit process reward models: score, train, evaluate best-of-N.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in _COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name == name:  # that subpackage has no CLI yet
+                continue
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

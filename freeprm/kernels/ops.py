@@ -1,0 +1,163 @@
+"""Public, validated entry points of the freeprm ops, with ``impl`` dispatch.
+
+``impl="auto"`` takes the Triton kernel for CUDA tensors and the plain-torch path otherwise;
+``impl="triton"`` forces the kernel (on CPU it needs ``TRITON_INTERPRET=1`` set before triton
+is imported); ``impl="torch"`` forces the torch path. The torch path of ``linear_logprobs`` is
+the chunked one in ``chunked.py`` (never ``[N, V]``); the others are in ``reference.py``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from . import reference
+from .chunked import chunked_linear_logprobs
+
+IMPLS = ("auto", "triton", "torch")
+
+
+def _resolve_impl(impl: str, *tensors: torch.Tensor) -> str:
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if impl != "auto":
+        if impl == "triton" and not all(t.is_cuda for t in tensors) and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError(
+                "impl='triton' on CPU tensors needs the Triton interpreter: set TRITON_INTERPRET=1 "
+                "before importing triton, move the tensors to CUDA, or use impl='torch'")
+        return impl
+    return "triton" if all(t.is_cuda for t in tensors) and _triton_available() else "torch"
+
+
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _check_cu(cu: torch.Tensor, n: int, what: str) -> None:
+    if cu.dim() != 1 or len(cu) < 1 or cu.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"{what} must be a 1-D int32/int64 tensor of offsets [K+1], got shape {tuple(cu.shape)} {cu.dtype}")
+    if int(cu[0]) != 0 or int(cu[-1]) != n:
+        raise ValueError(f"{what} must start at 0 and end at len(values)={n}; got {int(cu[0])}..{int(cu[-1])}")
+    if len(cu) > 1 and bool((cu[1:] < cu[:-1]).any()):
+        raise ValueError(f"{what} must be non-decreasing (offsets of consecutive segments)")
+
+
+def linear_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+    impl: str = "auto",
+    chunk_rows: int | None = None,
+) -> torch.Tensor:
+    """Log-probabilities of ``targets`` under ``softmax(hidden @ weight.T)``, without ``[N, V]`` logits.
+
+    Equivalent plain torch (fp32)::
+
+        z = logit_scale * hidden.float() @ weight.float().T        # [N, V]
+        if softcap: z = softcap * torch.tanh(z / softcap)
+        out = torch.log_softmax(z, -1).gather(-1, targets[:, None])[:, 0]
+
+    Args:
+        hidden: ``[N, D]`` float tensor (fp32, fp16 or bf16).
+        weight: ``[V, D]`` LM-head weight, same dtype and device.
+        targets: ``[N]`` int tensor with values in ``[0, V)``.
+    Returns:
+        float32 ``[N]``; differentiable w.r.t. ``hidden`` and ``weight``.
+    """
+    if hidden.dim() != 2 or weight.dim() != 2:
+        raise ValueError(f"hidden must be [N, D] and weight [V, D]; got {tuple(hidden.shape)} and {tuple(weight.shape)}")
+    if hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"hidden size mismatch: hidden has D={hidden.shape[1]}, weight has D={weight.shape[1]}")
+    if targets.shape != hidden.shape[:1]:
+        raise ValueError(f"targets must be [N]={hidden.shape[0]}, got {tuple(targets.shape)}")
+    if targets.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"targets must be int32/int64 token ids, got {targets.dtype}")
+    if not (hidden.is_floating_point() and weight.is_floating_point()):
+        raise ValueError("hidden and weight must be floating point")
+    if hidden.device != weight.device or targets.device != hidden.device:
+        raise ValueError("hidden, weight and targets must be on the same device")
+    if softcap is not None and softcap <= 0:
+        raise ValueError(f"softcap must be positive or None, got {softcap}")
+    if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= weight.shape[0]):
+        raise ValueError(f"targets must lie in [0, V={weight.shape[0]}); mask padding before calling")
+    which = _resolve_impl(impl, hidden, weight)
+    if which == "triton":
+        from .linear_logprob_kernel import triton_linear_logprobs
+
+        return triton_linear_logprobs(hidden, weight, targets, logit_scale=logit_scale, softcap=softcap)
+    return chunked_linear_logprobs(hidden, weight, targets, logit_scale, softcap, chunk_rows)
+
+
+def token_rewards(
+    logp: torch.Tensor,
+    logp_ref: torch.Tensor | None,
+    mask: torch.Tensor | None = None,
+    beta: float = 1.0,
+    *,
+    impl: str = "auto",
+) -> torch.Tensor:
+    """``beta * (logp - logp_ref) * mask`` in float32; ``logp_ref=None`` is reference-free.
+
+    Equivalent plain torch: ``reference.token_rewards(logp, logp_ref, mask, beta)``.
+    Shapes: all ``[N]`` (or all ``[B, T]``).
+    """
+    if logp_ref is not None and logp_ref.shape != logp.shape:
+        raise ValueError(f"logp_ref shape {tuple(logp_ref.shape)} must equal logp shape {tuple(logp.shape)}")
+    if mask is not None and mask.shape != logp.shape:
+        raise ValueError(f"mask shape {tuple(mask.shape)} must equal logp shape {tuple(logp.shape)}")
+    which = _resolve_impl(impl, logp)
+    if which == "triton":
+        from .reward_kernel import triton_token_rewards
+
+        return triton_token_rewards(logp, logp_ref, mask, beta)
+    return reference.token_rewards(logp, logp_ref, mask, beta)
+
+
+def segment_sum(values: torch.Tensor, cu: torch.Tensor, *, impl: str = "auto") -> torch.Tensor:
+    """Per-segment sums (step rewards from token rewards): ``out[k] = values[cu[k]:cu[k+1]].sum()``.
+
+    values ``[N]``, cu ``[K+1]`` offsets; returns float32 ``[K]``; empty segments give 0.
+    Differentiable w.r.t. ``values``.
+    """
+    _check_cu(cu, values.shape[0], "cu")
+    which = _resolve_impl(impl, values)
+    if which == "triton":
+        from .segment_kernel import triton_segment_sum
+
+        return triton_segment_sum(values, cu)
+    return reference.segment_sum(values, cu)
+
+
+def segment_cumsum(values: torch.Tensor, cu: torch.Tensor, *, impl: str = "auto") -> torch.Tensor:
+    """Cumulative sums restarting at each segment (Q values from step rewards). ``[N]`` float32."""
+    _check_cu(cu, values.shape[0], "cu")
+    which = _resolve_impl(impl, values)
+    if which == "triton":
+        from .segment_kernel import triton_segment_cumsum
+
+        return triton_segment_cumsum(values, cu)
+    return reference.segment_cumsum(values, cu)
+
+
+def segment_reduce(values: torch.Tensor, cu: torch.Tensor, op: str, *, impl: str = "auto") -> torch.Tensor:
+    """One value per segment: ``op`` in min, max, last, mean, sum. ``[K]`` float32.
+
+    Empty segments give NaN (min, max, last, mean) or 0 (sum).
+    """
+    if op not in reference.SEGMENT_OPS:
+        raise ValueError(f"op must be one of {reference.SEGMENT_OPS}, got {op!r}")
+    _check_cu(cu, values.shape[0], "cu")
+    which = _resolve_impl(impl, values)
+    if which == "triton":
+        from .segment_kernel import triton_segment_reduce
+
+        return triton_segment_reduce(values, cu, op)
+    return reference.segment_reduce(values, cu, op)
