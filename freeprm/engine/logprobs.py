@@ -1,0 +1,103 @@
+"""Per-token log-probabilities of a causal LM without ``[tokens x vocab]`` logits.
+
+The base model runs for hidden states; the LM head is applied only at the rows whose next
+token is a target, through ``freeprm.kernels.linear_logprobs`` (Triton on CUDA, chunked
+torch on CPU), with fp32 logsumexp and gather. Logit scaling and soft-capping from the
+model config are honoured.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..kernels import linear_logprobs
+
+
+@dataclass(frozen=True)
+class LMHead:
+    """What turns a final hidden state into logits: ``z = softcap(logit_scale * h @ weight.T)``."""
+
+    weight: torch.Tensor  # [V, D]
+    logit_scale: float = 1.0
+    softcap: float | None = None
+
+
+def split_lm(model: torch.nn.Module) -> tuple[torch.nn.Module, LMHead]:
+    """The base (hidden-state) model and the LM head of a Hugging Face causal LM."""
+    base = getattr(model, getattr(model, "base_model_prefix", "model"), None)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if base is None or head is None or getattr(head, "weight", None) is None:
+        raise ValueError(f"{type(model).__name__} is not a causal LM with a separate base model and LM head")
+    if getattr(head, "bias", None) is not None:
+        raise ValueError("LM heads with a bias are not supported")
+    cfg = model.config
+    cfg = getattr(cfg, "text_config", None) or cfg
+    scale = 1.0
+    if getattr(cfg, "logit_scale", None) is not None:  # Cohere: logits * logit_scale
+        scale *= float(cfg.logit_scale)
+    if getattr(cfg, "logits_scaling", None) is not None:  # Granite: logits / logits_scaling
+        scale /= float(cfg.logits_scaling)
+    softcap = getattr(cfg, "final_logit_softcapping", None)  # Gemma 2/3
+    return base, LMHead(head.weight, scale, float(softcap) if softcap else None)
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that start at 0 at each row's first real token (left or right padding)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def hidden_states(model_or_base: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Final (normed) hidden states ``[B, T, D]`` of the base model."""
+    out = model_or_base(input_ids=input_ids, attention_mask=attention_mask,
+                        position_ids=position_ids_from_mask(attention_mask), use_cache=False)
+    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+
+def sequence_logprobs(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    target_mask: torch.Tensor,
+    *,
+    impl: str = "auto",
+) -> torch.Tensor:
+    """``log p(input_ids[b, t] | input_ids[b, :t])`` at ``target_mask`` positions, 0 elsewhere: fp32 ``[B, T]``.
+
+    Equivalent plain torch (but never building ``[B, T, V]``)::
+
+        logits = model(input_ids, attention_mask=attention_mask).logits.float()       # [B, T, V]
+        lp = torch.log_softmax(logits[:, :-1], -1).gather(-1, input_ids[:, 1:, None])[..., 0]
+        out = torch.zeros_like(input_ids, dtype=torch.float32)
+        out[:, 1:] = lp * target_mask[:, 1:]
+
+    input_ids, attention_mask, target_mask: ``[B, T]`` (padding left or right). ``target_mask[:, 0]``
+    must be False (the first token has no context). Differentiable w.r.t. the model parameters.
+    """
+    if input_ids.shape != attention_mask.shape or input_ids.shape != target_mask.shape:
+        raise ValueError(f"input_ids, attention_mask and target_mask must share one [B, T] shape; got "
+                         f"{tuple(input_ids.shape)}, {tuple(attention_mask.shape)}, {tuple(target_mask.shape)}")
+    target_mask = target_mask.bool()
+    if bool(target_mask[:, 0].any()):
+        raise ValueError("target_mask[:, 0] must be False: the first token of a row has no context to score it")
+    if bool((target_mask & ~attention_mask.bool()).any()):
+        raise ValueError("target_mask marks padding positions (attention_mask == 0)")
+    base, head = split_lm(model)
+    hs = hidden_states(base, input_ids, attention_mask)  # [B, T, D]
+    b_idx, t_idx = target_mask.nonzero(as_tuple=True)  # targets at t, hidden at t-1
+    rows = hs[b_idx, t_idx - 1]  # [N, D]
+    lp = linear_logprobs(rows, head.weight, input_ids[b_idx, t_idx], logit_scale=head.logit_scale,
+                         softcap=head.softcap, impl=impl)  # [N] fp32
+    out = torch.zeros(input_ids.shape, dtype=torch.float32, device=input_ids.device)
+    return out.index_put((b_idx, t_idx), lp)
+
+
+def naive_sequence_logprobs(model, input_ids, attention_mask, target_mask) -> torch.Tensor:
+    """The full-logits path (``[B, T, V]``): the reference for tests and the benchmark baseline."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask,
+                   position_ids=position_ids_from_mask(attention_mask), use_cache=False).logits.float()
+    lp = torch.log_softmax(logits[:, :-1], -1).gather(-1, input_ids[:, 1:, None])[..., 0]
+    out = torch.zeros(input_ids.shape, dtype=torch.float32, device=input_ids.device)
+    out[:, 1:] = lp * target_mask[:, 1:]
+    return out
