@@ -1,11 +1,13 @@
 """Fused ops of the implicit-PRM hot path.
 
 Public functions (see ``ops.py``): ``linear_logprobs``, ``token_rewards``, ``segment_sum``,
-``segment_cumsum``, ``segment_reduce``. Each dispatches with ``impl="auto" | "triton" | "torch"``.
+``segment_cumsum``, ``segment_reduce``, ``policy_ref_rewards``. Each dispatches with
+``impl="auto" | "triton" | "torch"``.
 ``reference`` holds the plain-torch definition of every op (test oracle, ``upcast`` flag).
 """
 
 from . import reference
-from .ops import linear_logprobs, segment_cumsum, segment_reduce, segment_sum, token_rewards
+from .ops import linear_logprobs, policy_ref_rewards, segment_cumsum, segment_reduce, segment_sum, token_rewards
 
-__all__ = ["reference", "linear_logprobs", "token_rewards", "segment_sum", "segment_cumsum", "segment_reduce"]
+__all__ = ["reference", "linear_logprobs", "token_rewards", "segment_sum", "segment_cumsum", "segment_reduce",
+           "policy_ref_rewards"]

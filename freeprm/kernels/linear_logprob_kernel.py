@@ -35,7 +35,7 @@ import triton.language as tl
 BWD_SLAB_BYTES = 256 * 2**20
 
 # interpreter (CPU) tiles: few, large programs keep TRITON_INTERPRET=1 runs quick
-_CPU_BLOCKS = dict(BLOCK_N=32, BLOCK_V=256, BLOCK_D=64)
+_CPU_BLOCKS = dict(BLOCK_N=32, BLOCK_V=512, BLOCK_D=64)
 # GPU tiles when not autotuning (untuned defaults; the autotuned kernels below pick among configs)
 _GPU_CONFIGS = [
     triton.Config(dict(BLOCK_N=128, BLOCK_V=128, BLOCK_D=64), num_warps=8, num_stages=3),

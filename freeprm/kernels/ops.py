@@ -161,3 +161,65 @@ def segment_reduce(values: torch.Tensor, cu: torch.Tensor, op: str, *, impl: str
 
         return triton_segment_reduce(values, cu, op)
     return reference.segment_reduce(values, cu, op)
+
+
+def policy_ref_rewards(
+    h_pol: torch.Tensor,
+    w_pol: torch.Tensor,
+    h_ref: torch.Tensor,
+    w_ref: torch.Tensor,
+    targets: torch.Tensor,
+    beta: float = 1.0,
+    mask: torch.Tensor | None = None,
+    *,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+    impl: str = "auto",
+    chunk_rows: int | None = None,
+) -> torch.Tensor:
+    """Implicit-PRM token rewards straight from both models' last hidden states, float32 ``[N]``.
+
+    Equivalent plain torch: ``reference.policy_ref_rewards(...)``, i.e.::
+
+        beta * (linear_logprobs(h_pol, w_pol, targets) - linear_logprobs(h_ref, w_ref, targets)) * mask
+
+    Args:
+        h_pol: ``[N, Dp]`` policy hidden states; w_pol: ``[V, Dp]`` policy LM head.
+        h_ref: ``[N, Dr]`` reference hidden states; w_ref: ``[V, Dr]`` reference LM head (same V).
+        targets: ``[N]`` int token ids in ``[0, V)``; mask: ``[N]`` bool or 0/1, or None.
+    With ``impl="triton"`` and no gradients this is one kernel launch reading both pairs (the
+    scoring pass); with gradients the differentiable per-model kernels are composed. The same
+    ``logit_scale`` / ``softcap`` applies to both models.
+    """
+    for name, h, w in (("policy", h_pol, w_pol), ("reference", h_ref, w_ref)):
+        if h.dim() != 2 or w.dim() != 2:
+            raise ValueError(f"{name} hidden must be [N, D] and weight [V, D]; got {tuple(h.shape)} and {tuple(w.shape)}")
+        if h.shape[1] != w.shape[1]:
+            raise ValueError(f"{name} hidden size mismatch: hidden has D={h.shape[1]}, weight has D={w.shape[1]}")
+        if not (h.is_floating_point() and w.is_floating_point()):
+            raise ValueError(f"{name} hidden and weight must be floating point")
+        if h.device != targets.device or w.device != targets.device:
+            raise ValueError("all hidden states, weights, targets and mask must be on the same device")
+    if h_pol.shape[0] != h_ref.shape[0]:
+        raise ValueError(f"policy and reference must score the same tokens: N={h_pol.shape[0]} vs N={h_ref.shape[0]}")
+    if w_pol.shape[0] != w_ref.shape[0]:
+        raise ValueError(f"policy and reference must share a vocabulary: V={w_pol.shape[0]} vs V={w_ref.shape[0]}")
+    if targets.shape != h_pol.shape[:1]:
+        raise ValueError(f"targets must be [N]={h_pol.shape[0]}, got {tuple(targets.shape)}")
+    if targets.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"targets must be int32/int64 token ids, got {targets.dtype}")
+    if mask is not None and (mask.shape != targets.shape or mask.device != targets.device):
+        raise ValueError(f"mask must be [N]={targets.shape[0]} on the targets' device, got {tuple(mask.shape)}")
+    if softcap is not None and softcap <= 0:
+        raise ValueError(f"softcap must be positive or None, got {softcap}")
+    if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= w_pol.shape[0]):
+        raise ValueError(f"targets must lie in [0, V={w_pol.shape[0]}); mask padding before calling")
+    which = _resolve_impl(impl, h_pol, w_pol, h_ref, w_ref)
+    if which == "triton":
+        from .reward_kernel import triton_policy_ref_rewards
+
+        return triton_policy_ref_rewards(h_pol, w_pol, h_ref, w_ref, targets, beta, mask,
+                                         logit_scale=logit_scale, softcap=softcap)
+    lp = chunked_linear_logprobs(h_pol, w_pol, targets, logit_scale, softcap, chunk_rows)
+    lr = chunked_linear_logprobs(h_ref, w_ref, targets, logit_scale, softcap, chunk_rows)
+    return reference.token_rewards(lp, lr, mask, beta)

@@ -120,3 +120,28 @@ def segment_reduce(values: torch.Tensor, cu: torch.Tensor, op: str, *, upcast: b
     if not out:
         return torch.zeros(0, dtype=v.dtype, device=v.device)
     return torch.stack(out)
+
+
+def policy_ref_rewards(
+    h_pol: torch.Tensor,
+    w_pol: torch.Tensor,
+    h_ref: torch.Tensor,
+    w_ref: torch.Tensor,
+    targets: torch.Tensor,
+    beta: float,
+    mask: torch.Tensor | None = None,
+    *,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+    upcast: bool = True,
+) -> torch.Tensor:
+    """Implicit-PRM token rewards from hidden states: ``beta * (lp_pol - lp_ref) * mask``, float32 ``[N]``.
+
+    ``lp_pol = linear_logprobs(h_pol, w_pol, targets)`` and ``lp_ref`` likewise with the reference
+    model; h_pol ``[N, Dp]``, w_pol ``[V, Dp]``, h_ref ``[N, Dr]``, w_ref ``[V, Dr]``, targets and
+    mask ``[N]``. The same logit transform applies to both models.
+    """
+    kw = dict(logit_scale=logit_scale, softcap=softcap, upcast=upcast)
+    lp = linear_logprobs(h_pol, w_pol, targets, **kw)
+    lr = linear_logprobs(h_ref, w_ref, targets, **kw)
+    return token_rewards(lp, lr, mask, beta, upcast=upcast)

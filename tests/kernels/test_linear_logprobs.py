@@ -80,6 +80,12 @@ def test_triton_split_vocab_and_chunked_backward(dtype):
     check_three_way("triton", 37, 1000, 64, dtype, dict(softcap=3.0), num_splits=3, bwd_chunk_rows=16)
 
 
+@pytest.mark.parametrize("dtype,transform", [(torch.float32, dict()), (torch.float16, dict(softcap=2.0))], ids=str)
+def test_triton_ragged_hidden_size(dtype, transform):
+    # D = 80: a second, partly masked D step in the interpreter's 64-wide tiles
+    check_three_way("triton", 45, 700, 80, dtype, transform)
+
+
 def test_torch_chunked_path_small_chunks():
     check_three_way("torch", 37, 1000, 64, torch.float16, dict(logit_scale=1.3), chunk_rows=16)
 

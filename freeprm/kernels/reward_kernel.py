@@ -1,0 +1,264 @@
+"""Implicit-PRM token rewards in Triton (arXiv 2412.01981, eq. 3 per token).
+
+Token rewards, elementwise over N = B*T tokens (m the mask, 0 or 1):
+    r_t = beta * (lp_t - lpref_t) * m_t          (lpref = 0 when reference-free)
+    dr/dlp_t = beta * m_t                        dr/dlpref_t = -beta * m_t
+Masked tokens give exactly 0 (a select, not a product, so a NaN there does not leak).
+
+Fused policy - reference rewards from hidden states, one launch reading both (h, W) pairs:
+    lp_t    = z^pol_{t, y_t} - lse^pol_t,  z^pol = transform(h^pol_t W_pol^T)     (as in
+    lpref_t = z^ref_{t, y_t} - lse^ref_t,  z^ref = transform(h^ref_t W_ref^T)      linear_logprob_kernel)
+    r_t     = beta * (lp_t - lpref_t) * m_t
+Each program owns a block of tokens and one vocab range, runs the online (max, sum exp) of
+both models over that range and, with a single range, writes r_t directly; with several ranges
+it writes partial (max, sum) per model and a fixed-order logsumexp in torch combines them.
+Token blocks whose mask is all 0 skip the vocab loop. Forward only (the scorer runs under
+no_grad); with gradients on, the differentiable kernels are composed instead.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .linear_logprob_kernel import (
+    _CPU_BLOCKS,
+    _GPU_CONFIGS,
+    _common_dtype,
+    _combine_splits,
+    _interpreting,
+    _num_splits,
+    _row_block_partial,
+    triton_linear_logprobs,
+)
+
+_ELEM_BLOCK = 1024
+
+
+def _mask_arg(mask: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    """Flat mask readable by the kernels (bool viewed as uint8); a dummy pointer when None."""
+    if mask is None:
+        return like
+    mask = mask.reshape(-1).contiguous()
+    return mask.view(torch.uint8) if mask.dtype == torch.bool else mask
+
+
+# ----------------------------------------------------------------------------------------------
+# token rewards from log-probs
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _token_reward_fwd_kernel(
+    LP,  # [N] log pi(y_t | y_<t), any float dtype
+    LPREF,  # [N] log pi_ref(y_t | y_<t) (read when HAS_REF)
+    MASK,  # [N] bool (as uint8) or 0/1 numbers: 1 = response token (read when HAS_MASK)
+    R,  # [N] fp32 out: token rewards
+    N, beta,
+    HAS_REF: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK: tl.constexpr,
+):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < N
+    r = tl.load(LP + offs, mask=ok, other=0.0).to(tl.float32)
+    if HAS_REF:
+        r -= tl.load(LPREF + offs, mask=ok, other=0.0).to(tl.float32)
+    r = beta * r
+    if HAS_MASK:
+        keep = tl.load(MASK + offs, mask=ok, other=0) != 0
+        r = tl.where(keep, r, 0.0)
+    tl.store(R + offs, r, mask=ok)
+
+
+@triton.jit
+def _token_reward_bwd_kernel(
+    G,  # [N] fp32 dL/dr
+    MASK,  # [N] bool (as uint8) or 0/1 numbers (read when HAS_MASK)
+    DLP,  # [N] out: dL/dlp = beta * m * g, in lp's dtype
+    DLPREF,  # [N] out: dL/dlpref = -beta * m * g, in lpref's dtype (written when HAS_REF)
+    N, beta,
+    HAS_REF: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK: tl.constexpr,
+):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < N
+    d = beta * tl.load(G + offs, mask=ok, other=0.0).to(tl.float32)
+    if HAS_MASK:
+        keep = tl.load(MASK + offs, mask=ok, other=0) != 0
+        d = tl.where(keep, d, 0.0)
+    tl.store(DLP + offs, d.to(DLP.dtype.element_ty), mask=ok)
+    if HAS_REF:
+        tl.store(DLPREF + offs, (-d).to(DLPREF.dtype.element_ty), mask=ok)
+
+
+def token_reward_fwd(logp, logp_ref, mask, beta):
+    """Launcher: float32 rewards with logp's shape."""
+    lp = logp.reshape(-1).contiguous()
+    lr = lp if logp_ref is None else logp_ref.reshape(-1).contiguous()
+    n = lp.numel()
+    r = torch.empty(n, dtype=torch.float32, device=lp.device)
+    if n:
+        grid = (triton.cdiv(n, _ELEM_BLOCK),)
+        _token_reward_fwd_kernel[grid](lp, lr, _mask_arg(mask, lp), r, n, float(beta),
+                                       HAS_REF=logp_ref is not None, HAS_MASK=mask is not None, BLOCK=_ELEM_BLOCK)
+    return r.view(logp.shape)
+
+
+def token_reward_bwd(grad, logp, logp_ref, mask, beta, need_ref=True):
+    g = grad.reshape(-1).float().contiguous()
+    n = g.numel()
+    dlp = torch.empty(logp.shape, dtype=logp.dtype, device=g.device)
+    has_ref = logp_ref is not None and need_ref
+    dlr = torch.empty(logp_ref.shape, dtype=logp_ref.dtype, device=g.device) if has_ref else None
+    if n:
+        grid = (triton.cdiv(n, _ELEM_BLOCK),)
+        _token_reward_bwd_kernel[grid](g, _mask_arg(mask, g), dlp, dlp if dlr is None else dlr, n, float(beta),
+                                       HAS_REF=has_ref, HAS_MASK=mask is not None, BLOCK=_ELEM_BLOCK)
+    return dlp, dlr
+
+
+class TokenRewards(torch.autograd.Function):
+    """autograd glue for beta * (lp - lpref) * mask."""
+
+    @staticmethod
+    def forward(ctx, logp, logp_ref, mask, beta):
+        ctx.save_for_backward(logp, logp_ref, mask)
+        ctx.beta = beta
+        return token_reward_fwd(logp, logp_ref, mask, beta)
+
+    @staticmethod
+    def backward(ctx, grad):
+        logp, logp_ref, mask = ctx.saved_tensors
+        dlp, dlr = token_reward_bwd(grad, logp, logp_ref, mask, ctx.beta, need_ref=ctx.needs_input_grad[1])
+        return dlp, dlr, None, None
+
+
+def triton_token_rewards(logp: torch.Tensor, logp_ref: torch.Tensor | None, mask: torch.Tensor | None,
+                         beta: float) -> torch.Tensor:
+    """float32 ``beta * (logp - logp_ref) * mask`` (same shape as logp); differentiable in logp, logp_ref."""
+    needs = logp.requires_grad or (logp_ref is not None and logp_ref.requires_grad)
+    if torch.is_grad_enabled() and needs:
+        return TokenRewards.apply(logp, logp_ref, mask, beta)
+    return token_reward_fwd(logp, logp_ref, mask, beta)
+
+
+# ----------------------------------------------------------------------------------------------
+# fused policy - reference rewards from hidden states
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _policy_ref_reward_kernel(
+    HP,  # [N, Dp] policy hidden states, row stride stride_hp
+    WP,  # [V, Dp] policy LM head, row stride stride_wp
+    HR,  # [N, Dr] reference hidden states, row stride stride_hr
+    WR,  # [V, Dr] reference LM head, row stride stride_wr
+    TGT,  # [N] int32/int64 target ids y_t in [0, V)
+    MASK,  # [N] bool (as uint8) or 0/1 numbers (read when HAS_MASK)
+    R,  # [N] fp32 out: rewards (written when SPLITS == 1)
+    PART_M,  # [2, SPLITS, N] fp32 per-range running max, policy then reference (SPLITS > 1)
+    PART_L,  # [2, SPLITS, N] fp32 per-range sum exp(z - max) (SPLITS > 1)
+    ZT,  # [2, N] fp32 target logits, written by the range holding the target (SPLITS > 1)
+    N, V, DP, DR, stride_hp, stride_wp, stride_hr, stride_wr, scale, softcap, beta,
+    HAS_SOFTCAP: tl.constexpr, HAS_MASK: tl.constexpr, SPLITS: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    rows = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    tgt = tl.load(TGT + rows, mask=row_ok, other=0).to(tl.int64)
+    v_per = tl.cdiv(tl.cdiv(V, SPLITS), BLOCK_V) * BLOCK_V
+    v_lo = pid_s * v_per
+    v_hi = tl.minimum(v_lo + v_per, V)
+    if HAS_MASK:
+        keep = (tl.load(MASK + rows, mask=row_ok, other=0) != 0) & row_ok
+        any_keep = tl.max(keep.to(tl.int32), axis=0) > 0
+        v_hi = tl.where(any_keep, v_hi, v_lo)  # fully masked block: empty vocab loop
+    else:
+        keep = row_ok
+    mp, lp_, ztp = _row_block_partial(HP, WP, rows, row_ok, tgt, v_lo, v_hi, V, DP, stride_hp, stride_wp, scale,
+                                      softcap, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, UPCAST_DOT, DOT_PREC)
+    mr, lr_, ztr = _row_block_partial(HR, WR, rows, row_ok, tgt, v_lo, v_hi, V, DR, stride_hr, stride_wr, scale,
+                                      softcap, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, UPCAST_DOT, DOT_PREC)
+    if SPLITS == 1:
+        # (zt_p - lse_p) - (zt_r - lse_r); rows of a skipped block have l = 0: keep them finite, then 0
+        empty = lp_ == 0.0
+        mp = tl.where(empty, 0.0, mp)
+        mr = tl.where(empty, 0.0, mr)
+        lp_ = tl.where(empty, 1.0, lp_)
+        lr_ = tl.where(empty, 1.0, lr_)
+        r = beta * ((ztp - (mp + tl.log(lp_))) - (ztr - (mr + tl.log(lr_))))
+        tl.store(R + rows, tl.where(keep, r, 0.0), mask=row_ok)
+    else:
+        base = pid_s * N + rows
+        tl.store(PART_M + base, mp, mask=row_ok)
+        tl.store(PART_L + base, lp_, mask=row_ok)
+        tl.store(PART_M + SPLITS * N + base, mr, mask=row_ok)
+        tl.store(PART_L + SPLITS * N + base, lr_, mask=row_ok)
+        holds = row_ok & (tgt >= v_lo) & (tgt < v_hi)
+        tl.store(ZT + rows, ztp, mask=holds)
+        tl.store(ZT + N + rows, ztr, mask=holds)
+
+
+_policy_ref_reward_tuned = triton.autotune(configs=_GPU_CONFIGS, key=["V", "DP", "DR", "SPLITS"])(
+    _policy_ref_reward_kernel)
+
+
+def policy_ref_reward_fwd(h_pol, w_pol, h_ref, w_ref, targets, beta, mask=None, logit_scale=1.0, softcap=None,
+                          num_splits=None):
+    """Launcher: float32 ``[N]`` rewards; one launch over both models (plus a tiny combine if split)."""
+    h_pol, w_pol = _common_dtype(h_pol, w_pol)
+    h_ref, w_ref = _common_dtype(h_ref, w_ref)
+    hp, wp, hr, wr = (x if x.stride(-1) == 1 else x.contiguous() for x in (h_pol, w_pol, h_ref, w_ref))
+    targets = targets.contiguous()
+    n, v = hp.shape[0], wp.shape[0]
+    dev = hp.device
+    r = torch.zeros(n, dtype=torch.float32, device=dev)
+    if n == 0:
+        return r
+    interp = _interpreting(hp)
+    splits = int(num_splits or _num_splits(n, v, dev, interp))
+    if splits > 1:
+        part_m = torch.empty(2, splits, n, dtype=torch.float32, device=dev)
+        part_l = torch.empty(2, splits, n, dtype=torch.float32, device=dev)
+        zt = torch.zeros(2, n, dtype=torch.float32, device=dev)
+    else:
+        part_m = part_l = zt = r  # unused
+    fp32 = torch.float32 in (hp.dtype, hr.dtype)
+    flags = dict(HAS_SOFTCAP=softcap is not None, HAS_MASK=mask is not None, SPLITS=splits, UPCAST_DOT=interp,
+                 DOT_PREC="ieee" if (fp32 or interp) else "tf32")
+    args = (hp, wp, hr, wr, targets, _mask_arg(mask, r), r, part_m, part_l, zt, n, v, hp.shape[1], hr.shape[1],
+            hp.stride(0), wp.stride(0), hr.stride(0), wr.stride(0), float(logit_scale), float(softcap or 1.0),
+            float(beta))
+    if interp:
+        grid = (triton.cdiv(n, _CPU_BLOCKS["BLOCK_N"]), splits)
+        _policy_ref_reward_kernel[grid](*args, **flags, **_CPU_BLOCKS)
+    else:
+        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), splits)  # noqa: E731
+        _policy_ref_reward_tuned[grid](*args, **flags)
+    if splits > 1:
+        lse_p = _combine_splits(part_m[0], part_l[0])
+        lse_r = _combine_splits(part_m[1], part_l[1])
+        r = beta * ((zt[0] - lse_p) - (zt[1] - lse_r))
+        if mask is not None:
+            r = torch.where(mask.reshape(-1).bool(), r, torch.zeros((), dtype=r.dtype, device=dev))
+    return r
+
+
+def triton_policy_ref_rewards(h_pol: torch.Tensor, w_pol: torch.Tensor, h_ref: torch.Tensor, w_ref: torch.Tensor,
+                              targets: torch.Tensor, beta: float, mask: torch.Tensor | None = None, *,
+                              logit_scale: float = 1.0, softcap: float | None = None,
+                              num_splits: int | None = None) -> torch.Tensor:
+    """float32 ``[N]``: ``beta * (linear_logprobs(h_pol, w_pol, t) - linear_logprobs(h_ref, w_ref, t)) * mask``.
+
+    h_pol ``[N, Dp]``, w_pol ``[V, Dp]``, h_ref ``[N, Dr]``, w_ref ``[V, Dr]``, targets and mask ``[N]``;
+    the same logit transform applies to both models. Without gradients (the scoring pass) this is
+    the fused one-launch kernel; with gradients on, the differentiable kernels are composed.
+    """
+    grads = any(x.requires_grad for x in (h_pol, w_pol, h_ref, w_ref))
+    if torch.is_grad_enabled() and grads:
+        lp = triton_linear_logprobs(h_pol, w_pol, targets, logit_scale=logit_scale, softcap=softcap)
+        lr = triton_linear_logprobs(h_ref, w_ref, targets, logit_scale=logit_scale, softcap=softcap)
+        return triton_token_rewards(lp, lr, mask, beta)
+    return policy_ref_reward_fwd(h_pol, w_pol, h_ref, w_ref, targets, beta, mask, logit_scale, softcap, num_splits)
