@@ -1,0 +1,50 @@
+"""GSM8K step cleaning and corruption (freeprm/gsm8k.py)."""
+
+import random
+import re
+
+import pytest
+
+from freeprm.gsm8k import _eval, corrupt_steps, final_answer, gold_steps, load_gsm8k
+
+SOLUTION = ("Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n"
+            "Natalia sold 48+24 = <<48+24=72>>72 clips altogether in April and May.\n#### 72")
+
+
+def test_gold_steps_strip_annotations():
+    assert gold_steps(SOLUTION) == ["Natalia sold 48/2 = 24 clips in May.",
+                                    "Natalia sold 48+24 = 72 clips altogether in April and May.", "The answer is 72."]
+    assert final_answer("x\n#### 1,234") == "1234"
+
+
+def test_corruption_propagates_to_the_answer():
+    c = corrupt_steps(SOLUTION, random.Random(3))
+    assert c is not None and c.answer != "72"
+    gold = gold_steps(SOLUTION)
+    assert c.steps[:c.step_index] == gold[:c.step_index]  # steps before the corruption are unchanged
+    assert c.steps[c.step_index] != gold[c.step_index]
+    assert c.steps[-1] == f"The answer is {c.answer}."
+    if c.step_index == 0:  # the wrong 24 flows into the second calculation
+        wrong = re.search(r"= (\d+) clips in May", c.steps[0]).group(1)
+        assert c.steps[1].startswith(f"Natalia sold 48+{wrong} = {48 + int(wrong)}")
+
+
+def test_no_annotation_no_corruption():
+    assert corrupt_steps("She had 3 apples.\n#### 3", random.Random(0)) is None
+
+
+def test_safe_eval_refuses_code():
+    assert _eval("2*(3+4)/7") == 2.0
+    with pytest.raises(ValueError):
+        _eval("__import__('os')")
+
+
+def test_real_test_split_mostly_corruptible():
+    recs = load_gsm8k("test", limit=100)
+    rng = random.Random(0)
+    made = [corrupt_steps(r["answer"], rng) for r in recs]
+    ok = [(r, c) for r, c in zip(recs, made) if c is not None]
+    assert len(ok) >= 80
+    for r, c in ok:
+        assert c.answer != final_answer(r["answer"])
+        assert len(c.steps) == len(gold_steps(r["answer"]))
