@@ -1,0 +1,135 @@
+"""Segmented reductions (step sums, Q cumsums, per-response min/max/last/mean/sum), fwd and bwd.
+
+Budget: max|impl - oracle| <= 2 * max|torch_in_dtype - oracle| + atol, oracle in fp64.
+Offsets include empty and one-token segments, leading/trailing empties and one long segment
+(longer than the kernel's 1024-value chunk).
+"""
+
+import pytest
+import torch
+
+from freeprm.kernels import reference, segment_cumsum, segment_reduce, segment_sum
+
+ATOL = {torch.float32: 1e-5, torch.float16: 2e-3}
+DTYPES = [torch.float32, torch.float16]
+LENGTHS = {
+    "mixed": [0, 3, 1, 0, 7, 1, 12, 0],  # empty, one-token, empties at both ends
+    "long": [1500, 2, 0, 1],  # spans two 1024-value chunks
+    "single": [5],
+}
+
+
+def _cu(lengths, dtype=torch.int64):
+    return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=dtype)
+
+
+def _values(n, dtype, seed=0, ties=False):
+    g = torch.Generator().manual_seed(seed)
+    v = torch.randn(n, generator=g)
+    if ties:
+        v = v.round()  # many ties, exercising min/max gradient splitting
+    return v.to(dtype)
+
+
+def assert_budget(name, got, oracle, torch_dt, atol):
+    got, oracle, torch_dt = got.double(), oracle.double(), torch_dt.double()
+    assert torch.equal(got.isnan(), oracle.isnan()), f"{name}: NaN pattern differs"
+    ok = ~oracle.isnan()
+    if not ok.any():
+        return
+    got, oracle, torch_dt = got[ok], oracle[ok], torch_dt[ok]
+    scale = max(oracle.abs().max().item(), 1.0)
+    err = (got - oracle).abs().max().item()
+    ref_err = (torch_dt - oracle).abs().max().item()
+    assert err <= 2 * ref_err + atol * scale, f"{name}: |impl-oracle|={err:.3g} > 2*{ref_err:.3g} + {atol * scale:.3g}"
+
+
+def three_way(fn_impl, fn_ref, values, cu, grad_seed=7):
+    """[out, d_values] for the fp64 oracle, torch in dtype, and the implementation."""
+    res = []
+    for cast, fn in ((lambda x: x.double(), fn_ref), (lambda x: x.clone(), fn_ref), (lambda x: x.clone(), fn_impl)):
+        v = cast(values).requires_grad_()
+        out = fn(v, cu)
+        g = torch.randn(out.shape, generator=torch.Generator().manual_seed(grad_seed))
+        ok = ~out.detach().isnan()
+        loss = (out * g.to(out.dtype))[ok].sum()  # NaN (empty) segments carry no gradient
+        (dv,) = torch.autograd.grad(loss, v, allow_unused=True)
+        res.append([out.detach(), torch.zeros_like(v) if dv is None else dv])
+    return res
+
+
+@pytest.mark.parametrize("layout", list(LENGTHS))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_segment_sum_and_cumsum(impl, dtype, layout):
+    cu = _cu(LENGTHS[layout])
+    values = _values(int(cu[-1]), dtype)
+    for name, op, ref in (("sum", segment_sum, reference.segment_sum), ("cumsum", segment_cumsum, reference.segment_cumsum)):
+        oracle, naive, got = three_way(lambda v, c: op(v, c, impl=impl), lambda v, c: ref(v, c, upcast=False), values, cu)
+        assert got[0].dtype == torch.float32
+        assert got[1].dtype == dtype
+        for part, a, o, t in zip(("out", "grad"), got, oracle, naive):
+            assert_budget(f"{impl} {name} {part}", a, o, t, ATOL[dtype])
+    if layout == "mixed":
+        assert (segment_sum(values, cu, impl=impl)[torch.tensor(LENGTHS[layout]) == 0] == 0).all()
+
+
+@pytest.mark.parametrize("op", list(reference.SEGMENT_OPS))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_segment_reduce(impl, dtype, op):
+    for layout in ("mixed", "long"):
+        cu = _cu(LENGTHS[layout], torch.int32)
+        values = _values(int(cu[-1]), dtype, ties=op in ("min", "max"))
+        oracle, naive, got = three_way(lambda v, c: segment_reduce(v, c, op, impl=impl),
+                                       lambda v, c: reference.segment_reduce(v, c, op, upcast=False), values, cu)
+        assert got[0].shape == (len(cu) - 1,) and got[0].dtype == torch.float32
+        empty = torch.tensor(LENGTHS[layout]) == 0
+        if op == "sum":
+            assert (got[0][empty] == 0).all()
+        else:
+            assert got[0][empty].isnan().all() and not got[0][~empty].isnan().any()
+        for part, a, o, t in zip(("out", "grad"), got, oracle, naive):
+            assert_budget(f"{impl} {op} {part} ({layout})", a, o, t, ATOL[dtype])
+
+
+def test_segment_no_segments_and_no_values():
+    cu0 = torch.zeros(1, dtype=torch.int64)
+    empty = torch.zeros(0)
+    for impl in ("triton", "torch"):
+        assert segment_sum(empty, cu0, impl=impl).shape == (0,)
+        assert segment_cumsum(empty, cu0, impl=impl).shape == (0,)
+        assert segment_reduce(empty, cu0, "max", impl=impl).shape == (0,)
+    cu = torch.tensor([0, 0, 0])
+    torch.testing.assert_close(segment_sum(empty, cu, impl="triton"), torch.zeros(2))
+    assert segment_reduce(empty, cu, "mean", impl="triton").isnan().all()
+
+
+def test_segment_errors():
+    v = torch.randn(6)
+    with pytest.raises(ValueError, match="op must be"):
+        segment_reduce(v, _cu([6]), "median")
+    with pytest.raises(ValueError, match="1-D int32/int64"):
+        segment_sum(v, _cu([6]).float())
+    with pytest.raises(ValueError, match="start at 0 and end"):
+        segment_sum(v, torch.tensor([0, 3, 5]))
+    with pytest.raises(ValueError, match="start at 0 and end"):
+        segment_cumsum(v, torch.tensor([1, 6]))
+    with pytest.raises(ValueError, match="non-decreasing"):
+        segment_reduce(v, torch.tensor([0, 4, 2, 6]), "sum")
+    with pytest.raises(ValueError, match="impl must be"):
+        segment_sum(v, _cu([6]), impl="gpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("op", list(reference.SEGMENT_OPS))
+def test_segment_reduce_gpu_bf16(op):
+    lengths = torch.randint(0, 40, (2000,), generator=torch.Generator().manual_seed(0)).tolist()
+    cu = _cu(lengths).cuda()
+    values = torch.randn(int(cu[-1]), device="cuda").to(torch.bfloat16)
+    oracle = reference.segment_reduce(values.double(), cu, op, upcast=False)
+    naive = reference.segment_reduce(values, cu, op, upcast=False)
+    assert_budget(op, segment_reduce(values, cu, op, impl="triton"), oracle, naive, 2e-2)
+    q = segment_cumsum(values, cu, impl="triton")
+    assert_budget("cumsum", q, reference.segment_cumsum(values.double(), cu, upcast=False),
+                  reference.segment_cumsum(values, cu, upcast=False), 2e-2)
