@@ -25,6 +25,7 @@ Backward, with g_i = dL/d out_i and p_iv = exp(z_iv - lse_i):
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -167,11 +168,16 @@ def _dot_flags(dtype: torch.dtype, interpreting: bool) -> dict:
     return dict(UPCAST_DOT=interpreting, DOT_PREC="ieee" if (dtype == torch.float32 or interpreting) else "tf32")
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def _num_splits(n: int, v: int, device: torch.device, interpreting: bool) -> int:
     """Vocab ranges per row block: enough programs to fill the GPU when N is small."""
     if interpreting:
         return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
     row_blocks = triton.cdiv(max(n, 1), 128)
     return int(max(1, min(triton.cdiv(2 * sms, row_blocks), triton.cdiv(v, 4096), 64)))
 
@@ -275,7 +281,12 @@ def _addmm_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         acc.addmm_(a, b)
         return
     if a.is_cuda:
-        try:  # cuBLAS 16-bit GEMM with fp32 output (torch >= 2.8)
+        try:  # cuBLAS 16-bit GEMM accumulating into an fp32 C in place (torch >= 2.8): no temporary
+            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+            return
+        except (TypeError, RuntimeError, NotImplementedError):
+            pass
+        try:  # fp32-output GEMM plus one [V, D] fp32 temporary
             acc.add_(torch.mm(a, b, out_dtype=torch.float32))
             return
         except (TypeError, RuntimeError, NotImplementedError):
