@@ -59,7 +59,7 @@ def make_tiny_llama(vocab_size: int, *, seed: int = 0, hidden_size: int = 32, la
 
     config = LlamaConfig(
         vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=tie_word_embeddings,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=tie_word_embeddings,
         initializer_range=0.02 * scale, bos_token_id=None, eos_token_id=None, pad_token_id=None, **config_kwargs)
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config).float().eval()

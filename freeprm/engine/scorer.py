@@ -16,6 +16,7 @@ what it is batched with. Step segmentation rules are in ``steps.py``, tokenizati
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -304,8 +305,14 @@ class Scorer:
         aggregate = aggregate or self.aggregate_name
         if aggregate not in AGGREGATIONS:
             raise ValueError(f"aggregate must be one of {AGGREGATIONS}, got {aggregate!r}")
-        items = list(items)
         prepared = [self.prepare(it, i) for i, it in enumerate(items)]
+        return self.score_prepared(prepared, aggregate=aggregate, progress=progress)
+
+    def score_prepared(self, prepared: list[_Prepared], *, aggregate: str | None = None,
+                       progress: bool = False) -> list[ScoreResult]:
+        """Score items already validated by ``prepare`` (results in the order given)."""
+        aggregate = aggregate or self.aggregate_name
+        prepared = [dataclasses.replace(p, index=i) for i, p in enumerate(prepared)]
         if not prepared:
             return []
         per_item = self._run(prepared, progress)
