@@ -178,8 +178,11 @@ class Trainer:
         self.device = next(model.parameters()).device
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.pad_id = int(pad if pad is not None else 0)
-        if config.grad_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if config.grad_checkpointing:  # recompute each layer's activations in backward
+            if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         use_bf16 = config.bf16 == "true" or (config.bf16 == "auto" and self.device.type == "cuda"
                                              and torch.cuda.is_bf16_supported())
         if use_bf16 and self.device.type != "cuda":

@@ -1,0 +1,82 @@
+"""``freeprm train``: train an implicit PRM from outcome labels (see docs/trainer.md)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .losses import CE_BALANCE, LOSSES
+from .trainer import SCHEDULES, TrainConfig
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "train", help="train an implicit PRM (CE, DPO, KTO, NCA) on response-level labels",
+        description="Train r = beta * log(pi/pi_ref) as an outcome reward model; the result scores steps "
+                    "(freeprm score --policy OUT/final --reference REF).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    d = TrainConfig()
+    p.add_argument("--loss", choices=LOSSES, default=d.loss)
+    p.add_argument("--policy", default="smollm2", help="model to train: HF dir, hub id, .gguf file or 'smollm2'")
+    p.add_argument("--reference", default=None,
+                   help="reference model (default: the initial policy); its log-probs are cached")
+    p.add_argument("--reference-free", action="store_true", help="no reference term (pi_ref uniform)")
+    p.add_argument("--data", required=True, help="JSONL: {prompt, response, label} or {prompt, chosen, rejected}")
+    p.add_argument("--out", required=True, help="output directory (metrics.jsonl, checkpoint-*/, final/)")
+    p.add_argument("--resume", default=None, help="'auto' (latest checkpoint in --out) or a checkpoint directory")
+    p.add_argument("--beta", type=float, default=d.beta)
+    p.add_argument("--ce-balance", choices=CE_BALANCE, default=d.ce_balance)
+    p.add_argument("--kto-desirable-weight", type=float, default=d.kto_desirable_weight)
+    p.add_argument("--kto-undesirable-weight", type=float, default=d.kto_undesirable_weight)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
+    p.add_argument("--warmup-ratio", type=float, default=d.warmup_ratio)
+    p.add_argument("--schedule", choices=SCHEDULES, default=d.schedule)
+    p.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio)
+    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="items per micro-batch")
+    p.add_argument("--grad-accum", type=int, default=d.grad_accum)
+    p.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm)
+    p.add_argument("--grad-checkpointing", action="store_true")
+    p.add_argument("--bf16", choices=("auto", "true", "false"), default=d.bf16)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--max-length", type=int, default=d.max_length)
+    p.add_argument("--prompt-format", choices=("auto", "chat", "raw"), default=d.prompt_format)
+    p.add_argument("--save-every", type=int, default=d.save_every)
+    p.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints)
+    p.add_argument("--ref-cache-dir", default=None)
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--trust-remote-code", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from .trainer import train
+
+    config = TrainConfig(
+        loss=args.loss, beta=args.beta, reference_free=args.reference_free, ce_balance=args.ce_balance,
+        kto_desirable_weight=args.kto_desirable_weight, kto_undesirable_weight=args.kto_undesirable_weight,
+        lr=args.lr, weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, warmup_ratio=args.warmup_ratio,
+        schedule=args.schedule, min_lr_ratio=args.min_lr_ratio, epochs=args.epochs, max_steps=args.max_steps,
+        batch_size=args.batch_size, grad_accum=args.grad_accum, max_grad_norm=args.max_grad_norm,
+        grad_checkpointing=args.grad_checkpointing, bf16=args.bf16, seed=args.seed, max_length=args.max_length,
+        prompt_format=args.prompt_format, save_every=args.save_every, keep_checkpoints=args.keep_checkpoints,
+        progress=not args.no_progress, ref_cache_dir=args.ref_cache_dir)
+    try:
+        config.validate()
+        res = train(args.policy, args.data, args.out, config=config, reference=args.reference, resume=args.resume,
+                    device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+    except ValueError as e:  # bad data, settings or model: say what to fix, no traceback
+        print(f"freeprm train: {e}", file=sys.stderr)
+        return 2
+    last = res.metrics[-1] if res.metrics else {}
+    print(json.dumps({"final": str(res.final_dir) if res.final_dir else None, "steps": res.steps,
+                      "ref_cache": str(res.ref_cache) if res.ref_cache else None,
+                      "ref_computed": res.ref_computed, "truncated": res.truncated,
+                      "last": {k: last.get(k) for k in ("loss", "accuracy", "margin")}}))
+    return 0
