@@ -9,9 +9,10 @@ Forward, per token i (x_iv = h_i . w_v accumulated in fp32, z = transform(x)):
     lse_i  = log sum_v exp(z_iv)                          online over vocab tiles:
              m <- max(m, max_tile z);  l <- l * exp(m_old - m) + sum_tile exp(z - m)
     out_i  = z_{i,t_i} - lse_i                            z_{i,t_i} taken from the same fp32 tile
-The vocab may be cut into SPLITS ranges (more programs when N is small); each range writes its
-partial (m, l) to a ``[SPLITS, N]`` buffer and the ranges are combined by a fixed-order
-logsumexp in torch: deterministic, no atomics. With SPLITS == 1 the kernel writes out and lse.
+The vocab may be cut into SPLITS ranges (more programs when N is small, L2 reuse of the hidden
+rows when it is large); each range writes its partial m + log(l) to a ``[SPLITS, N]`` buffer and
+the ranges are combined by a fixed-order logsumexp in torch: deterministic, no atomics. With
+SPLITS == 1 the kernel writes out and lse itself.
 
 Backward, with g_i = dL/d out_i and p_iv = exp(z_iv - lse_i):
     dz_iv  = g_i * (onehot(t_i)_v - p_iv)
@@ -120,6 +121,12 @@ def _row_block_partial(
     return m, l, zt
 
 
+@triton.jit
+def _range_lse(m, l):
+    """m + log(l), and -inf for an empty vocab range (l == 0) without evaluating log(0)."""
+    return tl.where(l > 0, m + tl.log(tl.where(l > 0, l, 1.0)), float("-inf"))
+
+
 # ----------------------------------------------------------------------------------------------
 # forward
 # ----------------------------------------------------------------------------------------------
@@ -130,18 +137,19 @@ def _linear_logprob_fwd_kernel(
     H,  # [N, D] hidden, row stride stride_h
     W,  # [V, D] weight, row stride stride_w
     TGT,  # [N] int32/int64 target ids in [0, V)
-    OUT,  # [N] fp32 log-prob of the target (written when SPLITS == 1)
+    OUT,  # [N] fp32: log-prob of the target (SPLITS == 1) or the target logit (SPLITS > 1)
     LSE,  # [N] fp32 logsumexp of the row (written when SPLITS == 1)
-    PART_M,  # [SPLITS, N] fp32 running max of each vocab range (SPLITS > 1)
-    PART_L,  # [SPLITS, N] fp32 sum exp(z - max) of each vocab range (SPLITS > 1)
-    ZT,  # [N] fp32 target logit, written by the one range that holds the target (SPLITS > 1)
+    PART,  # [SPLITS, N] fp32 logsumexp of each vocab range, -inf if empty (written when SPLITS > 1)
     N, V, D, stride_h, stride_w, scale, softcap,
     HAS_SOFTCAP: tl.constexpr, SPLITS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
     UPCAST_DOT: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_s = tl.program_id(1)
+    # flat program id: the SPLITS programs of one token block are adjacent, so they run together and
+    # share the block's hidden rows through L2 while each streams its own slice of W
+    pid = tl.program_id(0)
+    pid_n = pid // SPLITS
+    pid_s = pid % SPLITS
     rows = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     tgt = tl.load(TGT + rows, mask=row_ok, other=0).to(tl.int64)
@@ -155,9 +163,8 @@ def _linear_logprob_fwd_kernel(
         tl.store(LSE + rows, lse, mask=row_ok)
         tl.store(OUT + rows, zt - lse, mask=row_ok)
     else:
-        tl.store(PART_M + pid_s * N + rows, m, mask=row_ok)
-        tl.store(PART_L + pid_s * N + rows, l, mask=row_ok)
-        tl.store(ZT + rows, zt, mask=row_ok & (tgt >= v_lo) & (tgt < v_hi))
+        tl.store(PART + pid_s * N + rows, _range_lse(m, l), mask=row_ok)
+        tl.store(OUT + rows, zt, mask=row_ok & (tgt >= v_lo) & (tgt < v_hi))
 
 
 _linear_logprob_fwd_tuned = triton.autotune(configs=_GPU_CONFIGS, key=["V", "D", "SPLITS"])(_linear_logprob_fwd_kernel)
@@ -173,18 +180,26 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+# vocab ranges per token block on GPU even when N alone fills the machine: the adjacent programs of
+# one block share its hidden rows in L2, so DRAM traffic per step is ~(programs / SPLITS) hidden
+# blocks + SPLITS weight tiles instead of one hidden block per program. Costs 4 * SPLITS bytes per
+# token of transient partials. An untuned default: measure on the GPU (bench/bench_kernels.py).
+L2_SPLITS = 4
+
+
 def _num_splits(n: int, v: int, device: torch.device, interpreting: bool) -> int:
-    """Vocab ranges per row block: enough programs to fill the GPU when N is small."""
+    """Vocab ranges per token block: enough programs to fill the GPU, and at least L2_SPLITS."""
     if interpreting:
         return 1
     sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    row_blocks = triton.cdiv(max(n, 1), 128)
-    return int(max(1, min(triton.cdiv(2 * sms, row_blocks), triton.cdiv(v, 4096), 64)))
+    row_blocks = triton.cdiv(max(n, 1), 64)
+    splits = max(triton.cdiv(2 * sms, row_blocks), L2_SPLITS)
+    return int(max(1, min(splits, triton.cdiv(v, 2048), 64)))
 
 
-def _combine_splits(part_m: torch.Tensor, part_l: torch.Tensor) -> torch.Tensor:
-    """lse [N] from per-range (max, sum): fixed-order logsumexp over the SPLITS axis."""
-    return torch.logsumexp(part_m + torch.log(part_l), dim=0)
+def _combine_splits(part: torch.Tensor) -> torch.Tensor:
+    """lse [N] from the per-range logsumexps [SPLITS, N]: a fixed-order logsumexp (deterministic)."""
+    return torch.logsumexp(part, dim=0)
 
 
 def _common_dtype(hidden: torch.Tensor, weight: torch.Tensor):
@@ -203,29 +218,26 @@ def linear_logprob_fwd(hidden, weight, targets, logit_scale=1.0, softcap=None, n
     n, d = hidden.shape
     v = weight.shape[0]
     out = torch.empty(n, dtype=torch.float32, device=hidden.device)
-    lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
     if n == 0:
-        return out, lse
+        return out, torch.empty_like(out)
     interp = _interpreting(hidden)
     splits = int(num_splits or _num_splits(n, v, hidden.device, interp))
     if splits > 1:
-        part_m = torch.empty(splits, n, dtype=torch.float32, device=hidden.device)
-        part_l = torch.empty(splits, n, dtype=torch.float32, device=hidden.device)
-        zt = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        lse, part = out, torch.empty(splits, n, dtype=torch.float32, device=hidden.device)  # lse: unused arg
     else:
-        part_m = part_l = zt = out  # unused
-    args = (hidden, weight, targets, out, lse, part_m, part_l, zt, n, v, d, hidden.stride(0), weight.stride(0),
+        lse, part = torch.empty_like(out), out  # part: unused arg
+    args = (hidden, weight, targets, out, lse, part, n, v, d, hidden.stride(0), weight.stride(0),
             float(logit_scale), float(softcap or 1.0))
     flags = dict(HAS_SOFTCAP=softcap is not None, SPLITS=splits, **_dot_flags(hidden.dtype, interp))
     if interp:
-        grid = (triton.cdiv(n, _CPU_BLOCKS["BLOCK_N"]), splits)
+        grid = (splits * triton.cdiv(n, _CPU_BLOCKS["BLOCK_N"]),)
         _linear_logprob_fwd_kernel[grid](*args, **flags, **_CPU_BLOCKS)
     else:
-        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), splits)  # noqa: E731
+        grid = lambda meta: (splits * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
         _linear_logprob_fwd_tuned[grid](*args, **flags)
-    if splits > 1:
-        lse = _combine_splits(part_m, part_l)
-        out = zt - lse
+    if splits > 1:  # out holds the target logits
+        lse = _combine_splits(part)
+        out.sub_(lse)
     return out, lse
 
 

@@ -11,7 +11,7 @@ Fused policy - reference rewards from hidden states, one launch reading both (h,
     r_t     = beta * (lp_t - lpref_t) * m_t
 Each program owns a block of tokens and one vocab range, runs the online (max, sum exp) of
 both models over that range and, with a single range, writes r_t directly; with several ranges
-it writes partial (max, sum) per model and a fixed-order logsumexp in torch combines them.
+it writes a per-range logsumexp per model and a fixed-order logsumexp in torch combines them.
 Token blocks whose mask is all 0 skip the vocab loop. Forward only (the scorer runs under
 no_grad); with gradients on, the differentiable kernels are composed instead.
 """
@@ -29,6 +29,7 @@ from .linear_logprob_kernel import (
     _combine_splits,
     _interpreting,
     _num_splits,
+    _range_lse,
     _row_block_partial,
     triton_linear_logprobs,
 )
@@ -155,16 +156,17 @@ def _policy_ref_reward_kernel(
     TGT,  # [N] int32/int64 target ids y_t in [0, V)
     MASK,  # [N] bool (as uint8) or 0/1 numbers (read when HAS_MASK)
     R,  # [N] fp32 out: rewards (written when SPLITS == 1)
-    PART_M,  # [2, SPLITS, N] fp32 per-range running max, policy then reference (SPLITS > 1)
-    PART_L,  # [2, SPLITS, N] fp32 per-range sum exp(z - max) (SPLITS > 1)
+    PART,  # [2, SPLITS, N] fp32 logsumexp of each vocab range, policy then reference (SPLITS > 1)
     ZT,  # [2, N] fp32 target logits, written by the range holding the target (SPLITS > 1)
     N, V, DP, DR, stride_hp, stride_wp, stride_hr, stride_wr, scale, softcap, beta,
     HAS_SOFTCAP: tl.constexpr, HAS_MASK: tl.constexpr, SPLITS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
     UPCAST_DOT: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_s = tl.program_id(1)
+    # flat program id, the SPLITS programs of a token block adjacent (as in _linear_logprob_fwd_kernel)
+    pid = tl.program_id(0)
+    pid_n = pid // SPLITS
+    pid_s = pid % SPLITS
     rows = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     tgt = tl.load(TGT + rows, mask=row_ok, other=0).to(tl.int64)
@@ -192,10 +194,8 @@ def _policy_ref_reward_kernel(
         tl.store(R + rows, tl.where(keep, r, 0.0), mask=row_ok)
     else:
         base = pid_s * N + rows
-        tl.store(PART_M + base, mp, mask=row_ok)
-        tl.store(PART_L + base, lp_, mask=row_ok)
-        tl.store(PART_M + SPLITS * N + base, mr, mask=row_ok)
-        tl.store(PART_L + SPLITS * N + base, lr_, mask=row_ok)
+        tl.store(PART + base, _range_lse(mp, lp_), mask=row_ok)  # -inf for an empty or skipped range
+        tl.store(PART + SPLITS * N + base, _range_lse(mr, lr_), mask=row_ok)
         holds = row_ok & (tgt >= v_lo) & (tgt < v_hi)
         tl.store(ZT + rows, ztp, mask=holds)
         tl.store(ZT + N + rows, ztr, mask=holds)
@@ -220,26 +220,25 @@ def policy_ref_reward_fwd(h_pol, w_pol, h_ref, w_ref, targets, beta, mask=None, 
     interp = _interpreting(hp)
     splits = int(num_splits or _num_splits(n, v, dev, interp))
     if splits > 1:
-        part_m = torch.empty(2, splits, n, dtype=torch.float32, device=dev)
-        part_l = torch.empty(2, splits, n, dtype=torch.float32, device=dev)
+        part = torch.empty(2, splits, n, dtype=torch.float32, device=dev)
         zt = torch.zeros(2, n, dtype=torch.float32, device=dev)
     else:
-        part_m = part_l = zt = r  # unused
+        part = zt = r  # unused args
     fp32 = torch.float32 in (hp.dtype, hr.dtype)
     flags = dict(HAS_SOFTCAP=softcap is not None, HAS_MASK=mask is not None, SPLITS=splits, UPCAST_DOT=interp,
                  DOT_PREC="ieee" if (fp32 or interp) else "tf32")
-    args = (hp, wp, hr, wr, targets, _mask_arg(mask, r), r, part_m, part_l, zt, n, v, hp.shape[1], hr.shape[1],
+    args = (hp, wp, hr, wr, targets, _mask_arg(mask, r), r, part, zt, n, v, hp.shape[1], hr.shape[1],
             hp.stride(0), wp.stride(0), hr.stride(0), wr.stride(0), float(logit_scale), float(softcap or 1.0),
             float(beta))
     if interp:
-        grid = (triton.cdiv(n, _CPU_BLOCKS["BLOCK_N"]), splits)
+        grid = (splits * triton.cdiv(n, _CPU_BLOCKS["BLOCK_N"]),)
         _policy_ref_reward_kernel[grid](*args, **flags, **_CPU_BLOCKS)
     else:
-        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), splits)  # noqa: E731
+        grid = lambda meta: (splits * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
         _policy_ref_reward_tuned[grid](*args, **flags)
     if splits > 1:
-        lse_p = _combine_splits(part_m[0], part_l[0])
-        lse_r = _combine_splits(part_m[1], part_l[1])
+        lse_p = _combine_splits(part[0])
+        lse_r = _combine_splits(part[1])
         r = beta * ((zt[0] - lse_p) - (zt[1] - lse_r))
         if mask is not None:
             r = torch.where(mask.reshape(-1).bool(), r, torch.zeros((), dtype=r.dtype, device=dev))
