@@ -14,8 +14,9 @@ Providers (each reported, or listed as skipped with the reason):
     freeprm   freeprm.kernels.linear_logprobs(impl="triton")
 Modes: fwd (no-grad inputs, the scoring pass), bwd (backward of a kept graph, random grad_output),
 full (fwd + bwd). TFLOP/s counts 2 / 6 / 8 * N * D * V for fwd / bwd / full (the backward counts
-the logit recompute); "x GEMM" is the GEMM time over the provider's time in the same mode (fwd: one
-GEMM, bwd: two, full: three). Extra memory is the peak allocated during a call minus the inputs
+the logit recompute; the GEMM rows count the 2 / 4 / 6 * N * D * V they do); "x GEMM" is the GEMM
+time over the provider's time in the same mode (fwd: one GEMM, bwd: two, full: three) and
+"tput/GEMM" the provider's TFLOP/s over the GEMMs' TFLOP/s. Extra memory is the peak allocated during a call minus the inputs
 and the unavoidable outputs (log-probs and, for bwd/full, the two gradients). Errors are max abs
 vs an fp32 computation of the same inputs. Results: JSON + markdown in bench/results/.
 """
@@ -47,7 +48,8 @@ SHAPES = [(4096, 128256), (576, 49152), (2304, 256000)]  # (D, V): Llama-3 8B, S
 TOKENS = [1024, 8192, 32768]
 PROVIDERS = ["gemm", "naive", "compile", "chunked", "liger", "cce", "freeprm"]
 MODES = ["fwd", "bwd", "full"]
-FLOP_FACTOR = {"fwd": 2, "bwd": 6, "full": 8}
+FLOP_FACTOR = {"fwd": 2, "bwd": 6, "full": 8}  # what a logits-free provider computes (bwd recomputes)
+GEMM_FLOP_FACTOR = {"fwd": 2, "bwd": 4, "full": 6}  # what the bare GEMMs compute
 GEMMS_PER_MODE = {"fwd": 1, "bwd": 2, "full": 3}
 
 
@@ -240,9 +242,12 @@ def bench_case(d, v, n, dtype, device, providers, quick):
         for m in MODES:
             med, lo, hi = res[m]
             row[f"{m}_ms"], row[f"{m}_ms_p20"], row[f"{m}_ms_p80"] = med, lo, hi
-            row[f"{m}_tflops"] = FLOP_FACTOR[m] * n * d * v / (med * 1e-3) / 1e12
+            flops = (GEMM_FLOP_FACTOR if name == "gemm" else FLOP_FACTOR)[m] * n * d * v
+            row[f"{m}_tflops"] = flops / (med * 1e-3) / 1e12
             if gemm is not None:
-                row[f"{m}_x_gemm"] = gemm[m][0] / med
+                row[f"{m}_x_gemm"] = gemm[m][0] / med  # time ratio
+                gemm_tflops = GEMM_FLOP_FACTOR[m] * n * d * v / (gemm[m][0] * 1e-3) / 1e12
+                row[f"{m}_tput_vs_gemm"] = row[f"{m}_tflops"] / gemm_tflops  # throughput ratio
         for m in ("mem_fwd", "mem_full"):
             if res.get(m) is not None:
                 row[f"extra_{m[4:]}_bytes"] = res[m]
@@ -318,27 +323,29 @@ def _f(x, fmt="{:.3g}"):
 def markdown(env, rows, pr_rows, dtype):
     out = [f"# freeprm kernel benchmark: linear + gathered log-softmax ({dtype})", ""]
     out += [f"- {k}: `{v}`" for k, v in env.items()]
-    out += ["", "Times are medians in ms [p20-p80]; TFLOP/s counts 2/6/8*N*D*V; x GEMM = GEMM time / time "
-            "(1, 2, 3 GEMMs); extra memory beyond inputs and outputs (B/token = bytes / N); errors are max abs "
-            "vs fp32.", ""]
+    out += ["", "Times are medians in ms [p20-p80]; TFLOP/s counts 2/6/8*N*D*V (GEMM rows: the 2/4/6*N*D*V they "
+            "do); x GEMM = GEMM time / time (1, 2, 3 GEMMs); tput/GEMM = TFLOP/s / GEMM TFLOP/s; extra memory "
+            "beyond inputs and outputs (B/token = bytes / N); errors are max abs vs fp32.", ""]
     cases = sorted({(r["D"], r["V"], r["N"]) for r in rows}, key=lambda c: (SHAPES.index(c[:2]) if c[:2] in SHAPES else -1, c[2]))
     for d, v, n in cases:
         out += [f"## D={d}, V={v}, N={n}", "",
                 "| provider | fwd ms | bwd ms | full ms | fwd TFLOP/s | full TFLOP/s | fwd x GEMM | full x GEMM "
-                "| extra fwd MB | extra full MB | full B/token | err logp | err dh | err dw |",
-                "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                "| fwd tput/GEMM | full tput/GEMM | extra fwd MB | extra full MB | full B/token | err logp | err dh "
+                "| err dw |",
+                "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in rows:
             if (r["D"], r["V"], r["N"]) != (d, v, n):
                 continue
             if r["status"] != "ok":
-                out.append(f"| {r['provider']} | {r['status']} |" + " |" * 12)
+                out.append(f"| {r['provider']} | {r['status']} |" + " |" * 14)
                 continue
             ms = [f"{_f(r[f'{m}_ms'])} [{_f(r[f'{m}_ms_p20'])}-{_f(r[f'{m}_ms_p80'])}]" for m in MODES]
             mb = [_f(r.get(k) and r[k] / 2**20, "{:.1f}") if r.get(k) is not None else "" for k in
                   ("extra_fwd_bytes", "extra_full_bytes")]
             out.append("| " + " | ".join([
                 r["provider"], *ms, _f(r["fwd_tflops"], "{:.3g}"), _f(r["full_tflops"], "{:.3g}"),
-                _f(r.get("fwd_x_gemm"), "{:.2f}"), _f(r.get("full_x_gemm"), "{:.2f}"), *mb,
+                _f(r.get("fwd_x_gemm"), "{:.2f}"), _f(r.get("full_x_gemm"), "{:.2f}"),
+                _f(r.get("fwd_tput_vs_gemm"), "{:.2f}"), _f(r.get("full_tput_vs_gemm"), "{:.2f}"), *mb,
                 _f(r.get("extra_full_bytes_per_token"), "{:.0f}"),
                 _f(r.get("err_logp")), _f(r.get("err_dh")), _f(r.get("err_dw"))]) + " |")
         out.append("")
