@@ -38,7 +38,7 @@ BWD_SLAB_BYTES = 256 * 2**20
 
 # interpreter (CPU) tiles: few, large programs keep TRITON_INTERPRET=1 runs quick
 _CPU_BLOCKS = dict(BLOCK_N=32, BLOCK_V=512, BLOCK_D=64)
-# GPU tiles when not autotuning (untuned defaults; the autotuned kernels below pick among configs)
+# GPU tiles: the autotuned kernels pick among these (educated guesses, not yet tuned on a GPU)
 _GPU_CONFIGS = [
     triton.Config(dict(BLOCK_N=128, BLOCK_V=128, BLOCK_D=64), num_warps=8, num_stages=3),
     triton.Config(dict(BLOCK_N=64, BLOCK_V=128, BLOCK_D=64), num_warps=4, num_stages=4),
@@ -132,6 +132,7 @@ def _range_lse(m, l):
 # ----------------------------------------------------------------------------------------------
 
 
+# out_i = z_{i,t_i} - lse_i, lse_i = log sum_v exp z_iv, z = transform(h W^T): online over vocab tiles
 @triton.jit
 def _linear_logprob_fwd_kernel(
     H,  # [N, D] hidden, row stride stride_h
@@ -246,6 +247,7 @@ def linear_logprob_fwd(hidden, weight, targets, logit_scale=1.0, softcap=None, n
 # ----------------------------------------------------------------------------------------------
 
 
+# dx_iv = g_i (onehot(t_i)_v - exp(z_iv - lse_i)) * dz/dx_iv, dz/dx = s or s (1 - tanh^2): one tile each
 @triton.jit
 def _linear_logprob_dx_kernel(
     H,  # [C, D] hidden rows of this chunk, row stride stride_h

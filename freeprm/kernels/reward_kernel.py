@@ -50,6 +50,7 @@ def _mask_arg(mask: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------
 
 
+# r_t = beta (lp_t - lpref_t) m_t
 @triton.jit
 def _token_reward_fwd_kernel(
     LP,  # [N] log pi(y_t | y_<t), any float dtype
@@ -71,6 +72,7 @@ def _token_reward_fwd_kernel(
     tl.store(R + offs, r, mask=ok)
 
 
+# dlp_t = beta m_t g_t ;  dlpref_t = -beta m_t g_t
 @triton.jit
 def _token_reward_bwd_kernel(
     G,  # [N] fp32 dL/dr
@@ -147,6 +149,7 @@ def triton_token_rewards(logp: torch.Tensor, logp_ref: torch.Tensor | None, mask
 # ----------------------------------------------------------------------------------------------
 
 
+# r_t = beta ((z^pol_{t,y_t} - lse^pol_t) - (z^ref_{t,y_t} - lse^ref_t)) m_t   (forward only)
 @triton.jit
 def _policy_ref_reward_kernel(
     HP,  # [N, Dp] policy hidden states, row stride stride_hp

@@ -25,6 +25,7 @@ _BLOCK = 1024
 _OP_CODE = {"sum": 0, "mean": 1, "min": 2, "max": 3, "last": 4}
 
 
+# out_k = op(values[cu[k]:cu[k+1]]), op in sum / mean / min / max / last; empty: 0 (sum) or NaN
 @triton.jit
 def _segment_reduce_kernel(
     VALS,  # [N] values, any float dtype
@@ -67,6 +68,7 @@ def _segment_reduce_kernel(
     tl.store(OUT + k, res)
 
 
+# backward of sum / mean: dv_i = g_{k(i)} (/ n_k)
 @triton.jit
 def _segment_broadcast_kernel(
     G,  # [K] fp32 upstream gradient, one per segment
@@ -85,6 +87,7 @@ def _segment_broadcast_kernel(
         tl.store(DV + offs, (tl.zeros((BLOCK,), tl.float32) + g).to(DV.dtype.element_ty), mask=offs < b)
 
 
+# q_i = sum_{cu[k] <= j <= i} v_j ; backward: dv_i = sum_{i <= j < cu[k+1]} g_j (REVERSE)
 @triton.jit
 def _segment_cumsum_kernel(
     VALS,  # [N] values, any float dtype
