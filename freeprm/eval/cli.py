@@ -1,0 +1,218 @@
+"""``freeprm bon``: best-of-N evaluation in stages (generate, score, report, or all).
+
+    freeprm bon all --task arith --limit 36 --n 8 --out runs/bon_arith
+    freeprm bon score --candidates my_candidates.jsonl --out runs/mine --policy path/to/prm
+    freeprm bon report --out runs/mine
+
+Files in ``--out``: ``candidates.jsonl`` (or ``--candidates``), ``scores.jsonl``,
+``bon_table.md``, ``bon_table.json``, ``bon_plot.png``. Every stage skips work already in its
+file, so rerunning a command resumes it. See docs/eval.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+
+STAGES = ("generate", "score", "report", "all")
+
+
+def _csv(s: str) -> list[str]:
+    return [x.strip() for x in s.split(",") if x.strip()]
+
+
+def _ints(s: str) -> list[int]:
+    try:
+        return [int(x) for x in _csv(s)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
+
+
+def _unescape(s: str) -> str:
+    return s.encode("utf-8").decode("unicode_escape") if "\\" in s else s
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, help="output directory (created; reused on reruns)")
+    p.add_argument("--candidates", default=None, help="candidates JSONL (default: OUT/candidates.jsonl); "
+                   "bring your own in the documented schema")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+
+
+def _add_task(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("task")
+    g.add_argument("--task", choices=("gsm8k", "math500", "arith"), default="gsm8k")
+    g.add_argument("--limit", type=int, default=None, help="number of problems (arith default 40)")
+    g.add_argument("--offset", type=int, default=0, help="skip this many problems first")
+    g.add_argument("--shuffle-seed", type=int, default=None, help="shuffle the dataset with this seed before taking")
+    g.add_argument("--data-dir", default=None, help="folder with gsm8k_test.jsonl / math500.jsonl "
+                   "(default: $FREEPRM_DATA or ../shared/data)")
+    g.add_argument("--task-seed", type=int, default=0, help="seed of the generated arith problems")
+    g.add_argument("--levels", type=_ints, default=[1, 2, 3, 4], help="arith difficulty levels, e.g. 1,2,3")
+
+
+def _add_generate(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("generate")
+    g.add_argument("--generator", default="smollm2", help="model that samples candidates (HF dir, .gguf, smollm2)")
+    g.add_argument("--n", type=int, default=8, help="candidates per problem")
+    g.add_argument("--temperature", type=float, default=0.7)
+    g.add_argument("--top-p", type=float, default=0.95)
+    g.add_argument("--max-new-tokens", type=int, default=256)
+    g.add_argument("--seed", type=int, default=0, help="sampling seed")
+    g.add_argument("--batch-size", type=int, default=16, help="sequences per generate call")
+    g.add_argument("--backend", choices=("auto", "transformers", "vllm"), default="auto")
+    g.add_argument("--gen-dtype", default="float32")
+    g.add_argument("--device", default=None)
+    g.add_argument("--prompt-template", default=None, help="user prompt with {question} (default: per task)")
+
+
+def _add_score(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("score")
+    g.add_argument("--policy", default="smollm2", help="implicit PRM policy (HF dir, .gguf, smollm2)")
+    g.add_argument("--reference", default=None, help="reference model (default: none, reference-free)")
+    g.add_argument("--beta", type=float, default=1.0)
+    g.add_argument("--step-delimiter", default="\n\n", type=_unescape,
+                   help="step delimiter, backslash escapes allowed (default: '\\n\\n', a blank line)")
+    g.add_argument("--score-dtype", default="float32")
+    g.add_argument("--score-chunk", type=int, default=16, help="candidates per scorer call (one flush each)")
+
+
+def _add_report(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("report")
+    g.add_argument("--aggregations", type=_csv, default=["min"],
+                   help="engine aggregations to select by (comma-separated; default min)")
+    g.add_argument("--weights", type=_csv, default=["raw", "sigmoid", "softmax"], help="weighted-vote weightings")
+    g.add_argument("--methods", type=_csv, default=None, help="explicit method list (overrides the two above), "
+                   "e.g. random,majority,bon:min,wmv:min:sigmoid,pass@N")
+    g.add_argument("--ns", type=_ints, default=None, help="N values (default 1,2,4,...,Nmax)")
+    g.add_argument("--n-subsets", type=int, default=100, help="random N-subsets per problem")
+    g.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the CIs")
+    g.add_argument("--report-seed", type=int, default=0)
+    g.add_argument("--no-scores", action="store_true", help="report without PRM methods (skip scores)")
+    g.add_argument("--title", default=None)
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("bon", help="best-of-N evaluation: generate, score, report",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    stages = p.add_subparsers(dest="stage", metavar="STAGE", required=True)
+    for stage in STAGES:
+        sp = stages.add_parser(stage, help={"generate": "sample N candidates per problem",
+                                            "score": "score candidates with the implicit PRM",
+                                            "report": "table + plot", "all": "generate, score, report"}[stage])
+        _add_common(sp)
+        if stage in ("generate", "all"):
+            _add_task(sp)
+            _add_generate(sp)
+        if stage in ("score", "all"):
+            _add_score(sp)
+        if stage in ("report", "all"):
+            _add_report(sp)
+        sp.set_defaults(func=run, stage=stage)
+
+
+def _candidates_path(args) -> Path:
+    return Path(args.candidates) if args.candidates else Path(args.out) / "candidates.jsonl"
+
+
+def _load_candidates(path: Path) -> list[dict]:
+    from .candidates import latest_by_key, read_jsonl, validate_record
+
+    recs = read_jsonl(path)
+    if not recs:
+        raise ValueError(f"no candidates in {path}; run `freeprm bon generate` or pass --candidates")
+    return [validate_record(r, f"{path}: ") for r in latest_by_key(recs).values()]
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def stage_generate(args) -> None:
+    from .candidates import generate_candidates
+    from .tasks import load_task
+
+    problems = load_task(args.task, limit=args.limit, offset=args.offset, shuffle_seed=args.shuffle_seed,
+                         data_dir=args.data_dir, seed=args.task_seed, levels=tuple(args.levels))
+    st = generate_candidates(problems, _candidates_path(args), model=args.generator, n=args.n,
+                             temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
+                             seed=args.seed, batch_size=args.batch_size, backend=args.backend, dtype=args.gen_dtype,
+                             device=args.device, prompt_template=args.prompt_template,
+                             progress=not args.no_progress)
+    _log(f"generate: {st['generated']} new, {st['reused']} reused, {st['new_tokens']} tokens in "
+         f"{st['seconds']:.0f} s ({st['tokens_per_s']:.1f} tokens/s)")
+
+
+def stage_score(args) -> None:
+    from .scoring import score_candidates
+
+    cands = _load_candidates(_candidates_path(args))
+    st = score_candidates(cands, Path(args.out) / "scores.jsonl", policy=args.policy, reference=args.reference,
+                          beta=args.beta, step_delimiter=args.step_delimiter, chunk_size=args.score_chunk,
+                          progress=not args.no_progress, dtype=args.score_dtype)
+    _log(f"score: {st['scored']} scored, {st['reused']} reused, {st['empty']} empty responses "
+         f"({st['seconds']:.0f} s)")
+
+
+def stage_report(args) -> dict:
+    from .report import build_problems, build_table, write_report
+    from .scoring import load_scores, scorer_tag
+    from .selection import default_methods, parse_method
+
+    cands = _load_candidates(_candidates_path(args))
+    if args.methods:
+        methods = args.methods
+        aggs = sorted({parse_method(m)[1] for m in methods if parse_method(m)[1]})
+    elif args.no_scores:
+        methods, aggs = default_methods(scored=False), []
+    else:
+        aggs = args.aggregations
+        methods = default_methods(aggs, args.weights)
+    scores = None
+    meta = {"candidates_file": str(_candidates_path(args))}
+    if aggs:
+        tag = scorer_tag(getattr(args, "policy", None) or "smollm2", getattr(args, "reference", None),
+                         getattr(args, "beta", 1.0), getattr(args, "step_delimiter", "\n\n"))
+        scores = load_scores(Path(args.out) / "scores.jsonl", tag if args.stage == "all" else None)
+        tags = {s["scorer"] for s in scores.values()}
+        if len(tags) > 1:
+            raise ValueError(f"scores.jsonl mixes scorer configs {sorted(tags)}; report one (use `bon all` with "
+                             "the scorer options, or a fresh --out)")
+        meta["scorer"] = next(iter(tags), None)
+    gens = {json.dumps(c.get("gen"), sort_keys=True) for c in cands if c.get("gen")}
+    if len(gens) == 1:
+        g = json.loads(gens.pop())
+        g.pop("new_tokens", None)
+        meta["generation"] = g
+    problems = build_problems(cands, scores, aggs)
+    table = build_table(problems, methods, args.ns, n_subsets=args.n_subsets, n_bootstrap=args.bootstrap,
+                        seed=args.report_seed, meta=meta)
+    table["meta"]["argv"] = " ".join(shlex.quote(a) for a in sys.argv[1:])
+    paths = write_report(table, args.out, title=args.title)
+    _log(f"report: {paths['md']}, {paths['json']}, {paths['png']}")
+    from .report import table_markdown
+
+    print(table_markdown(table, args.title))
+    return table
+
+
+def run(args) -> int:
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    try:
+        if args.stage in ("generate", "all"):
+            stage_generate(args)
+        if args.stage in ("score", "all"):
+            stage_score(args)
+        if args.stage in ("report", "all"):
+            stage_report(args)
+    except ValueError as e:
+        _log(f"freeprm bon {args.stage}: error: {e}")
+        return 2
+    return 0

@@ -1,0 +1,114 @@
+"""The score stage: implicit process rewards of every candidate, through ``freeprm.engine.Scorer``.
+
+Scores are appended to ``scores.jsonl``, one line per candidate::
+
+    problem_id, candidate_id, scorer (config string), aggregates {name: float for AGGREGATIONS},
+    step_rewards [float], num_tokens
+
+A line is reused on a rerun when its ``(problem_id, candidate_id)`` and ``scorer`` string match
+(the policy, reference, beta and step delimiter), so changing the PRM rescores. Candidates with
+an empty response are not sent to the engine; they get ``null`` (read as ``-inf``) for every aggregation (never
+picked by best-of-N while any other candidate has a score, weight 0 in voting).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+from .candidates import append_jsonl, key_of, read_jsonl
+
+
+def scorer_tag(policy, reference, beta: float, step_delimiter: str | None) -> str:
+    name = lambda m: "none" if m is None else (str(m) if not isinstance(m, tuple) else "<object>")  # noqa: E731
+    return f"policy={name(policy)};reference={name(reference)};beta={float(beta):g};delim={step_delimiter!r}"
+
+
+def empty_score(rec: dict, tag: str) -> dict:
+    from ..engine import AGGREGATIONS
+
+    return {"problem_id": rec["problem_id"], "candidate_id": rec["candidate_id"], "scorer": tag,
+            "aggregates": {a: None for a in AGGREGATIONS}, "step_rewards": [], "num_tokens": 0}
+
+
+def load_scores(path: str | os.PathLike, tag: str | None = None) -> dict[tuple[str, int], dict]:
+    """Latest score line per candidate key (only lines with scorer ``tag`` when given)."""
+    out = {}
+    for r in read_jsonl(path):
+        if tag is None or r.get("scorer") == tag:
+            out[key_of(r)] = r
+    return out
+
+
+def score_candidates(
+    candidates: Sequence[dict],
+    out_path: str | os.PathLike,
+    *,
+    policy="smollm2",
+    reference=None,
+    beta: float = 1.0,
+    step_delimiter: str | None = "\n\n",
+    chunk_size: int = 16,
+    progress: bool = True,
+    scorer=None,
+    **scorer_kwargs,
+) -> dict:
+    """Score the candidates not yet in ``out_path`` (for this scorer config); append their lines.
+
+    ``scorer``: an already-built ``freeprm.engine.Scorer`` to use (its ``policy``/``reference``
+    arguments here only name it in the tag). Work is done ``chunk_size`` candidates at a time,
+    each chunk appended and flushed, so an interrupted run loses at most one chunk.
+    Returns ``{"scored", "reused", "empty", "seconds"}``.
+    """
+    import time
+
+    tag = scorer_tag(policy, reference, beta, step_delimiter)
+    done = load_scores(out_path, tag)
+    todo = [c for c in candidates if key_of(c) not in done]
+    stats = {"scored": 0, "reused": len(candidates) - len(todo), "empty": 0, "seconds": 0.0}
+    if not todo:
+        return stats
+    empties = [c for c in todo if not c["response"].strip()]
+    if empties:
+        append_jsonl(out_path, [empty_score(c, tag) for c in empties])
+        stats["empty"] = len(empties)
+    todo = [c for c in todo if c["response"].strip()]
+    if not todo:
+        return stats
+    t0 = time.perf_counter()
+    if scorer is None:
+        from ..engine import Scorer
+
+        scorer = Scorer(policy, reference, beta=beta, step_delimiter=step_delimiter, **scorer_kwargs)
+    from ..engine import AGGREGATIONS
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(todo), desc="scoring", unit="cand")
+    try:
+        for i in range(0, len(todo), chunk_size):
+            chunk = todo[i:i + chunk_size]
+            items = []
+            for c in chunk:
+                item = {"prompt": c["prompt"], "response": c["response"]}
+                if c.get("steps"):
+                    item["steps"] = c["steps"]
+                items.append(item)
+            results = scorer.score(items)
+            lines = []
+            for c, r in zip(chunk, results):
+                lines.append({"problem_id": c["problem_id"], "candidate_id": c["candidate_id"], "scorer": tag,
+                              "aggregates": {a: r.aggregate(a) for a in AGGREGATIONS},
+                              "step_rewards": [round(float(x), 6) for x in r.step_rewards],
+                              "num_tokens": len(r.token_rewards)})
+            append_jsonl(out_path, lines)
+            stats["scored"] += len(lines)
+            if bar is not None:
+                bar.update(len(lines))
+    finally:
+        if bar is not None:
+            bar.close()
+    stats["seconds"] = time.perf_counter() - t0
+    return stats

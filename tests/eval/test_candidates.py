@@ -1,0 +1,64 @@
+"""Candidates file I/O, records, validation of user-made files."""
+
+import json
+
+import pytest
+
+from freeprm.eval.candidates import (_pack, append_jsonl, derive_seed, latest_by_key, make_record, read_jsonl,
+                                     validate_record)
+from freeprm.eval.tasks import Problem
+
+
+def test_jsonl_resume_after_cut_line(tmp_path):
+    path = tmp_path / "c.jsonl"
+    append_jsonl(path, [{"problem_id": "a", "candidate_id": 0}])
+    with open(path, "a") as f:
+        f.write('{"problem_id": "a", "candid')  # an interrupted write
+    assert read_jsonl(path) == [{"problem_id": "a", "candidate_id": 0}]
+    append_jsonl(path, [{"problem_id": "a", "candidate_id": 1}])  # drops the cut line first
+    assert [r["candidate_id"] for r in read_jsonl(path)] == [0, 1]
+    append_jsonl(path, [{"problem_id": "a", "candidate_id": 0, "x": 2}])
+    latest = latest_by_key(read_jsonl(path))
+    assert latest[("a", 0)]["x"] == 2 and len(latest) == 2
+    path.write_text('{"a": 1}\nnot json\n{"b": 2}\n')
+    with pytest.raises(ValueError, match=":2: not valid JSON"):
+        read_jsonl(path)
+    assert read_jsonl(tmp_path / "missing.jsonl") == []
+
+
+def test_make_record_schema():
+    p = Problem("q1", "gsm8k", "What is 2+2?", "4")
+    rec = make_record(p, 3, "prompt text", "2 + 2 = 4.\n\nThe answer is 4.")
+    assert rec == {"problem_id": "q1", "candidate_id": 3, "task": "gsm8k", "prompt": "prompt text",
+                   "response": "2 + 2 = 4.\n\nThe answer is 4.", "steps": ["2 + 2 = 4.", "The answer is 4."],
+                   "answer": "4", "correct": True, "gold": "4"}
+    assert json.loads(json.dumps(rec)) == rec
+    empty = make_record(p, 0, "prompt", "  ")
+    assert empty["steps"] == [] and empty["answer"] is None and empty["correct"] is False
+
+
+def test_validate_user_record():
+    rec = validate_record({"problem_id": 7, "candidate_id": "2", "prompt": "p", "response": "x = 3\n\nso \\boxed{3}",
+                           "task": "math500", "gold": "3"})
+    assert rec["problem_id"] == "7" and rec["candidate_id"] == 2
+    assert rec["steps"] == ["x = 3", "so \\boxed{3}"] and rec["answer"] == "3" and rec["correct"] is True
+    kept = validate_record({"problem_id": "a", "candidate_id": 0, "prompt": "p", "response": "r", "answer": "9",
+                            "correct": 1})
+    assert kept["answer"] == "9" and kept["correct"] is True
+    with pytest.raises(ValueError, match="lacks"):
+        validate_record({"problem_id": "a", "prompt": "p", "response": "r"})
+    with pytest.raises(ValueError, match="to grade it with"):
+        validate_record({"problem_id": "a", "candidate_id": 0, "prompt": "p", "response": "r"})
+    with pytest.raises(ValueError, match="integer"):
+        validate_record({"problem_id": "a", "candidate_id": "x", "prompt": "p", "response": "r"})
+
+
+def test_pack_and_seeds():
+    probs = [Problem(f"p{i}", "arith", "q", "1") for i in range(3)]
+    todo = {"p0": [0, 1, 2], "p1": [1, 2], "p2": [0, 1, 2, 3, 4]}
+    batches = list(_pack(probs, todo, 4))
+    assert [[(p.problem_id, c) for p, c in b] for b in batches] == [
+        [("p0", 0), ("p0", 1), ("p0", 2)], [("p1", 1), ("p1", 2)], [("p2", 0), ("p2", 1), ("p2", 2), ("p2", 3)],
+        [("p2", 4)]]
+    assert derive_seed(0, "p0", 0) == derive_seed(0, "p0", 0) != derive_seed(1, "p0", 0)
+    assert 0 <= derive_seed(5, "x", 9) < 2**63
