@@ -1,0 +1,188 @@
+"""Engine benchmark: ``score()`` vs the naive Hugging Face path, same inputs, one run.
+
+    python bench/bench_engine.py                 # SmolLM2-135M-Instruct, 8 x 1024 tokens, fp32, CPU
+    python bench/bench_engine.py --batch 2 --seq 256 --reps 2    # quick check
+
+Providers:
+  naive    ``model(ids).logits`` -> fp32 ``log_softmax`` -> gather at the response tokens (``[B, T, V]`` logits)
+  freeprm  ``Scorer.score()`` end to end: tokenization, steps, base model, LM head at response
+           positions only, chunked fp32 logsumexp + gather, step sums, Q values, aggregation
+
+Throughput: both providers are timed in one process, interleaved rep by rep (naive, freeprm,
+naive, ...), so a noisy machine slows both alike; we report median tokens/s and min..max.
+Peak extra memory: each provider runs once in a fresh subprocess; the kernel's peak-RSS mark
+is reset (``/proc/self/clear_refs``) after the model and inputs are loaded, so the number is
+the memory the scoring pass itself adds. Results go to ``bench/results/engine_<device>.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def _rss_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(field)
+
+
+def build_items(tokenizer, batch: int, seq: int) -> list[dict]:
+    """``batch`` GSM8K-based items of exactly ``seq`` tokens each (prompt = a question, response = solutions)."""
+    from freeprm.engine.tokenize import encode, prompt_ids
+    from freeprm.gsm8k import gold_steps, load_gsm8k
+
+    recs = load_gsm8k("test", limit=400)
+    items = []
+    for b in range(batch):
+        prompt = recs[b]["question"]
+        n_prompt = len(prompt_ids(tokenizer, prompt))
+        steps, j = [], b + batch
+        text = ""
+        while True:
+            steps += gold_steps(recs[j % len(recs)]["answer"])
+            j += 1
+            text = "\n\n".join(steps)
+            if len(tokenizer(text, add_special_tokens=False)["input_ids"]) >= seq - n_prompt:
+                break
+        # cut the response to the token budget at a token boundary, using the offsets
+        enc = encode(tokenizer, prompt, text)
+        keep = seq - enc.response_start
+        response = text[: enc.offsets[keep - 1][1]]
+        while len(encode(tokenizer, prompt, response).input_ids) > seq:
+            response = response[:-1]
+        items.append({"prompt": prompt, "response": response})
+    return items
+
+
+def make_providers(scorer, items):
+    from freeprm.engine.logprobs import naive_sequence_logprobs
+
+    prepared = [scorer.prepare(it, i) for i, it in enumerate(items)]
+    ids, am, tm, starts = scorer._collate(prepared)
+
+    def naive():
+        with torch.inference_mode():
+            lp = naive_sequence_logprobs(scorer.policy, ids, am, tm)
+            return [lp[b, s:] for b, s in enumerate(starts)]
+
+    def freeprm():
+        return [r.token_rewards for r in scorer.score(items)]
+
+    n_tokens = int(am.sum())
+    n_scored = int(tm.sum())
+    return {"naive": naive, "freeprm": freeprm}, n_tokens, n_scored
+
+
+def load(args):
+    from freeprm.engine import Scorer
+
+    torch.set_num_threads(args.threads)
+    scorer = Scorer(args.policy, dtype="float32", device="cpu", max_batch_tokens=args.batch * args.seq)
+    items = build_items(scorer.tokenizer, args.batch, args.seq)
+    return scorer, items
+
+
+def child_memory(args) -> None:
+    scorer, items = load(args)
+    providers, _, _ = make_providers(scorer, items)
+    fn = providers[args.child]
+    base = _rss_kb("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak-RSS mark (VmHWM) to the current RSS
+    fn()
+    peak = _rss_kb("VmHWM")
+    print(json.dumps({"provider": args.child, "peak_extra_mb": (peak - base) / 1024}))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--policy", default="smollm2")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=1024)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        return child_memory(args)
+
+    scorer, items = load(args)
+    providers, n_tokens, n_scored = make_providers(scorer, items)
+    # correctness first: the two agree
+    outs = {k: fn() for k, fn in providers.items()}  # also the warm-up
+    max_err = max(float((a - b).abs().max()) for a, b in zip(outs["naive"], outs["freeprm"]))
+    times = {k: [] for k in providers}
+    for _ in range(args.reps):
+        for k, fn in providers.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    mem = {}
+    for k in providers:
+        cmd = [sys.executable, __file__, "--child", k, "--policy", args.policy, "--batch", str(args.batch),
+               "--seq", str(args.seq), "--threads", str(args.threads)]
+        res = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        mem[k] = json.loads(res.stdout.strip().splitlines()[-1])["peak_extra_mb"]
+
+    rows = []
+    for k in providers:
+        med = statistics.median(times[k])
+        rows.append({"provider": k, "median_s": med, "min_s": min(times[k]), "max_s": max(times[k]),
+                     "tokens_per_s": n_tokens / med, "peak_extra_mb": mem[k]})
+    by = {r["provider"]: r for r in rows}
+    summary = {
+        "throughput_ratio_freeprm_over_naive": by["freeprm"]["tokens_per_s"] / by["naive"]["tokens_per_s"],
+        "memory_ratio_freeprm_over_naive": by["freeprm"]["peak_extra_mb"] / by["naive"]["peak_extra_mb"],
+        "max_abs_diff_token_logprobs": max_err,
+    }
+    try:
+        sha = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True).stdout.strip()
+    except OSError:
+        sha = "unknown"
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               platform.processor())
+    env = {"device": f"CPU: {cpu}", "threads": args.threads, "torch": torch.__version__,
+           "transformers": __import__("transformers").__version__, "python": platform.python_version(),
+           "git_sha": sha, "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+    setup = {"policy": args.policy, "batch": args.batch, "seq": args.seq, "dtype": "float32", "reps": args.reps,
+             "tokens": n_tokens, "scored_tokens": n_scored, "vocab": scorer.vocab_size}
+    out = {"env": env, "setup": setup, "results": rows, "summary": summary}
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    stem = Path(args.out) / f"engine_cpu_b{args.batch}x{args.seq}"
+    stem.with_suffix(".json").write_text(json.dumps(out, indent=2))
+    md = [f"# Engine benchmark: score() vs naive HF, {args.batch} x {args.seq} tokens, fp32",
+          "", f"- device: {env['device']}, {args.threads} threads", f"- torch {env['torch']}, transformers "
+          f"{env['transformers']}, git {sha}, {env['date']}",
+          f"- model: {args.policy} (V={scorer.vocab_size}), {n_tokens} tokens, {n_scored} scored; {args.reps} timed reps "
+          "interleaved after one warm-up; peak extra memory from one run per provider in a fresh process",
+          "", "| provider | tokens/s (median) | time min..max (s) | peak extra memory (MB) |", "|---|---|---|---|"]
+    for r in rows:
+        md.append(f"| {r['provider']} | {r['tokens_per_s']:.1f} | {r['min_s']:.2f}..{r['max_s']:.2f} | "
+                  f"{r['peak_extra_mb']:.0f} |")
+    md += ["", f"- throughput freeprm / naive: **{summary['throughput_ratio_freeprm_over_naive']:.2f}x**",
+           f"- peak extra memory freeprm / naive: **{100 * summary['memory_ratio_freeprm_over_naive']:.1f}%**",
+           f"- max |token log-prob difference|: {max_err:.2e}", ""]
+    stem.with_suffix(".md").write_text("\n".join(md))
+    print("\n".join(md))
+
+
+if __name__ == "__main__":
+    main()
