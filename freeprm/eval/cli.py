@@ -183,11 +183,13 @@ def stage_report(args) -> dict:
             raise ValueError(f"scores.jsonl mixes scorer configs {sorted(tags)}; report one (use `bon all` with "
                              "the scorer options, or a fresh --out)")
         meta["scorer"] = next(iter(tags), None)
-    gens = {json.dumps(c.get("gen"), sort_keys=True) for c in cands if c.get("gen")}
+    gens = {json.dumps({k: v for k, v in c["gen"].items() if k != "new_tokens"}, sort_keys=True)
+            for c in cands if c.get("gen")}
     if len(gens) == 1:
-        g = json.loads(gens.pop())
-        g.pop("new_tokens", None)
-        meta["generation"] = g
+        meta["generation"] = json.loads(gens.pop())
+    new_tokens = [c["gen"]["new_tokens"] for c in cands if c.get("gen", {}).get("new_tokens") is not None]
+    if new_tokens:
+        meta["mean_new_tokens"] = round(sum(new_tokens) / len(new_tokens), 1)
     problems = build_problems(cands, scores, aggs)
     table = build_table(problems, methods, args.ns, n_subsets=args.n_subsets, n_bootstrap=args.bootstrap,
                         seed=args.report_seed, meta=meta)

@@ -22,13 +22,19 @@ from .grading import gold_from_gsm8k
 TASK_NAMES = ("gsm8k", "math500", "arith")
 GRADER_TASK = {"gsm8k": "gsm8k", "math500": "math", "arith": "arith"}  # task name -> grading.TASKS entry
 
-PROMPTS = {
-    "gsm8k": ("{question}\n\nSolve the problem step by step. Separate the steps with a blank line. "
-              "End with \"The answer is N.\" where N is the final number."),
-    "arith": ("{question}\n\nSolve the problem step by step. Separate the steps with a blank line. "
-              "End with \"The answer is N.\" where N is the final number."),
-    "math500": ("{question}\n\nSolve the problem step by step. Separate the steps with a blank line. "
-                "Put the final answer in \\boxed{{}}."),
+_NUMERIC_PROMPT = (
+    "Solve the math word problem step by step. Put a blank line between steps and finish with "
+    "\"The answer is\" followed by the number.\n\n"
+    "Example:\n"
+    "Question: Mia has 4 pens. Then Mia buys 3 packs of pens with 2 pens in each pack. How many pens does Mia have now?\n"
+    "Answer:\nMia buys 3 * 2 = 6 pens.\n\nShe has 4 + 6 = 10 pens now.\n\nThe answer is 10.\n\n"
+    "Question: {question}\nAnswer:")
+
+PROMPTS = {  # user prompts: one worked example shows the step format and the answer line
+    "gsm8k": _NUMERIC_PROMPT,
+    "arith": _NUMERIC_PROMPT,
+    "math500": ("{question}\n\nSolve the problem step by step. Put a blank line between steps, "
+                "and put the final answer in \\boxed{{}}."),
 }
 
 

@@ -43,6 +43,7 @@ def test_bon_all_tiny_end_to_end(tiny, tmp_path, capsys):
             c = row["cells"][n]
             assert 0 <= c["ci_low"] <= c["accuracy"] <= c["ci_high"] <= 100
     assert table["meta"]["problems"] == 3 and table["meta"]["candidates_per_problem"] == 4
+    assert table["meta"]["generation"]["max_new_tokens"] == 12 and table["meta"]["scorer"].startswith("policy=")
     md = (out / "bon_table.md").read_text()
     assert "| best-of-N, min step reward |" in md and "N=4" in md
     png = (out / "bon_plot.png").read_bytes()
