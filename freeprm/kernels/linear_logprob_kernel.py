@@ -10,9 +10,9 @@ Forward, per token i (x_iv = h_i . w_v accumulated in fp32, z = transform(x)):
              m <- max(m, max_tile z);  l <- l * exp(m_old - m) + sum_tile exp(z - m)
     out_i  = z_{i,t_i} - lse_i                            z_{i,t_i} taken from the same fp32 tile
 The vocab may be cut into SPLITS ranges (more programs when N is small, L2 reuse of the hidden
-rows when it is large); each range writes its partial m + log(l) to a ``[SPLITS, N]`` buffer and
-the ranges are combined by a fixed-order logsumexp in torch: deterministic, no atomics. With
-SPLITS == 1 the kernel writes out and lse itself.
+rows when it is large); each range writes its partial m + log(l) to a ``[SPLITS, N]`` buffer and a
+tiny second kernel combines the ranges by a fixed-order logsumexp: deterministic, no atomics.
+With SPLITS == 1 the kernel writes out and lse itself.
 
 Backward, with g_i = dL/d out_i and p_iv = exp(z_iv - lse_i):
     dz_iv  = g_i * (onehot(t_i)_v - p_iv)
@@ -36,6 +36,7 @@ import triton.language as tl
 # backward slab budget: rows per chunk are chosen so one [C, V] dz slab stays near this size
 BWD_SLAB_BYTES = 256 * 2**20
 
+_COMBINE_BLOCK = 1024
 # interpreter (CPU) tiles: few, large programs keep TRITON_INTERPRET=1 runs quick
 _CPU_BLOCKS = dict(BLOCK_N=32, BLOCK_V=512, BLOCK_D=64)
 # GPU tiles: the autotuned kernels pick among these. Educated guesses, not yet timed on a GPU; each
@@ -130,6 +131,22 @@ def _range_lse(m, l):
     return tl.where(l > 0, m + tl.log(tl.where(l > 0, l, 1.0)), float("-inf"))
 
 
+@triton.jit
+def _lse_over_splits(
+    PART,  # [SPLITS, N] fp32 per-range logsumexp, -inf for an empty range
+    offs, ok, N, SPLITS: tl.constexpr,
+):
+    """Fixed-order logsumexp over the SPLITS ranges; 0 for rows where every range is empty."""
+    m = tl.full(offs.shape, float("-inf"), tl.float32)
+    for s in tl.static_range(SPLITS):
+        m = tl.maximum(m, tl.load(PART + s * N + offs, mask=ok, other=0.0))
+    m = tl.where(m == float("-inf"), 0.0, m)
+    acc = tl.zeros(offs.shape, tl.float32)
+    for s in tl.static_range(SPLITS):
+        acc += tl.exp(tl.load(PART + s * N + offs, mask=ok, other=0.0) - m)
+    return m + tl.log(tl.where(acc > 0, acc, 1.0))
+
+
 # ----------------------------------------------------------------------------------------------
 # forward
 # ----------------------------------------------------------------------------------------------
@@ -171,6 +188,21 @@ def _linear_logprob_fwd_kernel(
         tl.store(OUT + rows, zt, mask=row_ok & (tgt >= v_lo) & (tgt < v_hi))
 
 
+# lse_i = log sum_s exp(part_si) over the vocab ranges, out_i = z_{i,t_i} - lse_i
+@triton.jit
+def _linear_logprob_combine_kernel(
+    PART,  # [SPLITS, N] fp32 per-range logsumexp written by _linear_logprob_fwd_kernel
+    OUT,  # [N] fp32 in: target logit z_{i,t_i}; out: log-prob
+    LSE,  # [N] fp32 out: logsumexp of the row
+    N, SPLITS: tl.constexpr, BLOCK: tl.constexpr,
+):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < N
+    lse = _lse_over_splits(PART, offs, ok, N, SPLITS)
+    tl.store(LSE + offs, lse, mask=ok)
+    tl.store(OUT + offs, tl.load(OUT + offs, mask=ok, other=0.0) - lse, mask=ok)
+
+
 _linear_logprob_fwd_tuned = triton.autotune(configs=_GPU_CONFIGS, key=["V", "D", "SPLITS"])(_linear_logprob_fwd_kernel)
 
 
@@ -187,8 +219,8 @@ def _sm_count(index: int) -> int:
 # vocab ranges per token block on GPU even when N alone fills the machine: the adjacent programs of
 # one block share its hidden rows in L2, so DRAM traffic per step is ~(programs / SPLITS) hidden
 # blocks + SPLITS weight tiles instead of one hidden block per program. Costs 4 * SPLITS bytes per
-# token of transient partials. An untuned default: measure on the GPU (bench/bench_kernels.py).
-L2_SPLITS = 4
+# token of transient partials (3: 12 B + 4 B lse). An untuned default: measure on the GPU.
+L2_SPLITS = 3
 
 
 def _num_splits(n: int, v: int, device: torch.device, interpreting: bool) -> int:
@@ -199,11 +231,6 @@ def _num_splits(n: int, v: int, device: torch.device, interpreting: bool) -> int
     row_blocks = triton.cdiv(max(n, 1), 64)
     splits = max(triton.cdiv(2 * sms, row_blocks), L2_SPLITS)
     return int(max(1, min(splits, triton.cdiv(v, 2048), 64)))
-
-
-def _combine_splits(part: torch.Tensor) -> torch.Tensor:
-    """lse [N] from the per-range logsumexps [SPLITS, N]: a fixed-order logsumexp (deterministic)."""
-    return torch.logsumexp(part, dim=0)
 
 
 def _common_dtype(hidden: torch.Tensor, weight: torch.Tensor):
@@ -226,10 +253,8 @@ def linear_logprob_fwd(hidden, weight, targets, logit_scale=1.0, softcap=None, n
         return out, torch.empty_like(out)
     interp = _interpreting(hidden)
     splits = int(num_splits or _num_splits(n, v, hidden.device, interp))
-    if splits > 1:
-        lse, part = out, torch.empty(splits, n, dtype=torch.float32, device=hidden.device)  # lse: unused arg
-    else:
-        lse, part = torch.empty_like(out), out  # part: unused arg
+    lse = torch.empty_like(out)
+    part = torch.empty(splits, n, dtype=torch.float32, device=hidden.device) if splits > 1 else out  # else unused
     args = (hidden, weight, targets, out, lse, part, n, v, d, hidden.stride(0), weight.stride(0),
             float(logit_scale), float(softcap or 1.0))
     flags = dict(HAS_SOFTCAP=softcap is not None, SPLITS=splits, **_dot_flags(hidden.dtype, interp))
@@ -239,9 +264,9 @@ def linear_logprob_fwd(hidden, weight, targets, logit_scale=1.0, softcap=None, n
     else:
         grid = lambda meta: (splits * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
         _linear_logprob_fwd_tuned[grid](*args, **flags)
-    if splits > 1:  # out holds the target logits
-        lse = _combine_splits(part)
-        out.sub_(lse)
+    if splits > 1:  # out holds the target logits: a tiny second pass combines the ranges
+        _linear_logprob_combine_kernel[(triton.cdiv(n, _COMBINE_BLOCK),)](part, out, lse, n, SPLITS=splits,
+                                                                          BLOCK=_COMBINE_BLOCK)
     return out, lse
 
 

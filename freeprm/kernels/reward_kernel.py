@@ -11,7 +11,7 @@ Fused policy - reference rewards from hidden states, one launch reading both (h,
     r_t     = beta * (lp_t - lpref_t) * m_t
 Each program owns a block of tokens and one vocab range, runs the online (max, sum exp) of
 both models over that range and, with a single range, writes r_t directly; with several ranges
-it writes a per-range logsumexp per model and a fixed-order logsumexp in torch combines them.
+it writes a per-range logsumexp per model and a tiny second kernel combines them in a fixed order.
 Token blocks whose mask is all 0 skip the vocab loop. Forward only (the scorer runs under
 no_grad); with gradients on, the differentiable kernels are composed instead.
 """
@@ -26,8 +26,9 @@ from .linear_logprob_kernel import (
     _CPU_BLOCKS,
     _GPU_CONFIGS,
     _common_dtype,
-    _combine_splits,
+    _COMBINE_BLOCK,
     _interpreting,
+    _lse_over_splits,
     _num_splits,
     _range_lse,
     _row_block_partial,
@@ -204,6 +205,28 @@ def _policy_ref_reward_kernel(
         tl.store(ZT + N + rows, ztr, mask=holds)
 
 
+# r_t = beta ((zt^pol_t - lse^pol_t) - (zt^ref_t - lse^ref_t)) m_t, lse = logsumexp over the vocab ranges
+@triton.jit
+def _policy_ref_combine_kernel(
+    PART,  # [2, SPLITS, N] fp32 per-range logsumexp, policy then reference
+    ZT,  # [2, N] fp32 target logits, policy then reference
+    MASK,  # [N] bool (as uint8) or 0/1 numbers (read when HAS_MASK)
+    R,  # [N] fp32 out: rewards
+    N, beta,
+    HAS_MASK: tl.constexpr, SPLITS: tl.constexpr, BLOCK: tl.constexpr,
+):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < N
+    lse_p = _lse_over_splits(PART, offs, ok, N, SPLITS)
+    lse_r = _lse_over_splits(PART + SPLITS * N, offs, ok, N, SPLITS)
+    zt_p = tl.load(ZT + offs, mask=ok, other=0.0)
+    zt_r = tl.load(ZT + N + offs, mask=ok, other=0.0)
+    r = beta * ((zt_p - lse_p) - (zt_r - lse_r))
+    if HAS_MASK:
+        r = tl.where(tl.load(MASK + offs, mask=ok, other=0) != 0, r, 0.0)
+    tl.store(R + offs, r, mask=ok)
+
+
 _policy_ref_reward_tuned = triton.autotune(configs=_GPU_CONFIGS, key=["V", "DP", "DR", "SPLITS"])(
     _policy_ref_reward_kernel)
 
@@ -239,12 +262,10 @@ def policy_ref_reward_fwd(h_pol, w_pol, h_ref, w_ref, targets, beta, mask=None, 
     else:
         grid = lambda meta: (splits * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
         _policy_ref_reward_tuned[grid](*args, **flags)
-    if splits > 1:
-        lse_p = _combine_splits(part[0])
-        lse_r = _combine_splits(part[1])
-        r = beta * ((zt[0] - lse_p) - (zt[1] - lse_r))
-        if mask is not None:
-            r = torch.where(mask.reshape(-1).bool(), r, torch.zeros((), dtype=r.dtype, device=dev))
+    if splits > 1:  # tiny second pass over the per-range partials of both models
+        _policy_ref_combine_kernel[(triton.cdiv(n, _COMBINE_BLOCK),)](
+            part, zt, _mask_arg(mask, r), r, n, float(beta), HAS_MASK=mask is not None, SPLITS=splits,
+            BLOCK=_COMBINE_BLOCK)
     return r
 
 

@@ -81,7 +81,13 @@ def _compile_all():  # runs in the subprocess
                stride_wr="i32", scale="fp32", softcap="fp32", beta="fp32", HAS_SOFTCAP="constexpr",
                HAS_MASK="constexpr", SPLITS="constexpr", BLOCK_N="constexpr", BLOCK_V="constexpr",
                BLOCK_D="constexpr", UPCAST_DOT="constexpr", DOT_PREC="constexpr"),
-          dict(HAS_SOFTCAP=False, HAS_MASK=True, SPLITS=1, UPCAST_DOT=False, DOT_PREC="tf32", **tile))
+          dict(HAS_SOFTCAP=False, HAS_MASK=True, SPLITS=3, UPCAST_DOT=False, DOT_PREC="tf32", **tile))
+    build("combine", L._linear_logprob_combine_kernel,
+          dict(PART="*fp32", OUT="*fp32", LSE="*fp32", N="i32", SPLITS="constexpr", BLOCK="constexpr"),
+          dict(SPLITS=3, BLOCK=1024), 4)
+    build("policy_ref-combine", R._policy_ref_combine_kernel,
+          dict(PART="*fp32", ZT="*fp32", MASK="*u8", R="*fp32", N="i32", beta="fp32", HAS_MASK="constexpr",
+               SPLITS="constexpr", BLOCK="constexpr"), dict(HAS_MASK=True, SPLITS=3, BLOCK=1024), 4)
     build("token_reward-fwd", R._token_reward_fwd_kernel,
           dict(LP="*bf16", LPREF="*fp32", MASK="*u8", R="*fp32", N="i32", beta="fp32", HAS_REF="constexpr",
                HAS_MASK="constexpr", BLOCK="constexpr"), dict(HAS_REF=True, HAS_MASK=True, BLOCK=1024), 4)
