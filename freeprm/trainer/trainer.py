@@ -69,6 +69,7 @@ class TrainConfig:
     grad_accum: int = 1  # micro-batches per optimizer step
     max_grad_norm: float = 1.0  # 0 = no clipping
     grad_checkpointing: bool = False
+    train_last_layers: int | None = None  # train only the last N decoder layers + final norm (None = every parameter)
     bf16: str = "auto"  # auto (bf16 autocast on CUDA when supported) | true | false
     seed: int = 0
     max_length: int = 1024  # tokens per prompt + response (the response tail is cut)
@@ -95,6 +96,8 @@ class TrainConfig:
         for name in ("batch_size", "grad_accum", "epochs", "max_length", "keep_checkpoints", "log_every"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.train_last_layers is not None and self.train_last_layers < 1:
+            raise ValueError(f"train_last_layers must be >= 1 or None, got {self.train_last_layers}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"max_steps must be >= 1 or None, got {self.max_steps}")
         if not self.lr > 0 or self.weight_decay < 0 or self.max_grad_norm < 0:
@@ -125,6 +128,26 @@ def lr_lambda(step: int, total: int, warmup: int, schedule: str, min_ratio: floa
     frac = min(1.0, (step - warmup) / max(1, total - warmup))
     decay = 0.5 * (1 + math.cos(math.pi * frac)) if schedule == "cosine" else 1 - frac
     return min_ratio + (1 - min_ratio) * decay
+
+
+def freeze_all_but_last_layers(model: torch.nn.Module, n: int) -> int:
+    """Leave only the last ``n`` decoder layers and the final norm trainable; returns the trainable parameter count.
+
+    Embeddings and the LM head are frozen. Backward then stops below the first trainable layer.
+    """
+    base = getattr(model, getattr(model, "base_model_prefix", "model"), None)
+    layers = getattr(base, "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList):
+        raise ValueError(f"train_last_layers needs a decoder with base.layers (a ModuleList); {type(model).__name__} "
+                         "has none: train every parameter (train_last_layers=None)")
+    if n > len(layers):
+        raise ValueError(f"train_last_layers={n} but the model has {len(layers)} layers")
+    model.requires_grad_(False)
+    for layer in layers[len(layers) - n:]:
+        layer.requires_grad_(True)
+    if getattr(base, "norm", None) is not None:
+        base.norm.requires_grad_(True)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 def _rng_state() -> dict:
@@ -178,6 +201,8 @@ class Trainer:
         self.device = next(model.parameters()).device
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.pad_id = int(pad if pad is not None else 0)
+        if config.train_last_layers is not None:
+            freeze_all_but_last_layers(model, config.train_last_layers)
         if config.grad_checkpointing:  # recompute each layer's activations in backward
             if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
                 model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})

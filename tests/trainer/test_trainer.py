@@ -136,6 +136,17 @@ def test_checkpoint_loads_as_policy_and_scores(tiny_dir, data_path, tmp_path):
     assert len(out[0].step_rewards) == 2 and torch.isfinite(out[0].step_rewards).all()
 
 
+def test_train_last_layers_freezes_the_rest(tiny_dir, data_path, tmp_path):
+    res = train(tiny_dir, data_path, tmp_path / "out", config=_cfg(max_steps=2, train_last_layers=1,
+                                                                    ref_cache_dir=str(tmp_path / "rc")))
+    before, after = load_file(f"{tiny_dir}/model.safetensors"), load_file(str(res.final_dir / "model.safetensors"))
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith(("model.layers.1.", "model.norm.")) for k in changed), changed
+    assert any(k.startswith("model.layers.1.mlp") for k in changed)
+    with pytest.raises(ValueError, match="has 2 layers"):
+        train(tiny_dir, data_path, tmp_path / "o2", config=_cfg(train_last_layers=3, reference_free=True))
+
+
 def test_bad_config():
     with pytest.raises(ValueError, match="loss must be"):
         TrainConfig(loss="ppo").validate()
