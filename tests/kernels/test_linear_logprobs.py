@@ -5,6 +5,8 @@ oracle is ``reference.linear_logprobs`` run in fp64 and ``torch_in_dtype`` is th
 ``upcast=False`` computation in the test dtype. On CPU the kernel runs under TRITON_INTERPRET=1.
 """
 
+import os
+
 import pytest
 import torch
 
@@ -15,8 +17,11 @@ DTYPES = [torch.float32, torch.float16]
 TRANSFORMS = [dict(), dict(logit_scale=0.8, softcap=4.0)]
 ATOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 
+# CPU + interpreter by default; with FREEPRM_TEST_GPU=1 on a CUDA machine the same tests run compiled
+DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
 
-def _inputs(n, v, d, dtype, seed=0, device="cpu"):
+
+def _inputs(n, v, d, dtype, seed=0, device=DEVICE):
     g = torch.Generator().manual_seed(seed)
     hidden = torch.randn(n, d, generator=g).to(dtype)
     weight = (torch.randn(v, d, generator=g) / d**0.5 * 2).to(dtype)

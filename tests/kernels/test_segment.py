@@ -5,6 +5,8 @@ Offsets include empty and one-token segments, leading/trailing empties and one l
 (longer than the kernel's 1024-value chunk).
 """
 
+import os
+
 import pytest
 import torch
 
@@ -12,6 +14,9 @@ from freeprm.kernels import reference, segment_cumsum, segment_reduce, segment_s
 
 ATOL = {torch.float32: 1e-5, torch.float16: 2e-3}
 DTYPES = [torch.float32, torch.float16]
+
+# CPU + interpreter by default; with FREEPRM_TEST_GPU=1 on a CUDA machine the same tests run compiled
+DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
 LENGTHS = {
     "mixed": [0, 3, 1, 0, 7, 1, 12, 0],  # empty, one-token, empties at both ends
     "long": [1500, 2, 0, 1],  # spans two 1024-value chunks
@@ -20,7 +25,7 @@ LENGTHS = {
 
 
 def _cu(lengths, dtype=torch.int64):
-    return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=dtype)
+    return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=dtype, device=DEVICE)
 
 
 def _values(n, dtype, seed=0, ties=False):
@@ -28,7 +33,7 @@ def _values(n, dtype, seed=0, ties=False):
     v = torch.randn(n, generator=g)
     if ties:
         v = v.round()  # many ties, exercising min/max gradient splitting
-    return v.to(dtype)
+    return v.to(dtype).to(DEVICE)
 
 
 def assert_budget(name, got, oracle, torch_dt, atol):
@@ -50,7 +55,7 @@ def three_way(fn_impl, fn_ref, values, cu, grad_seed=7):
     for cast, fn in ((lambda x: x.double(), fn_ref), (lambda x: x.clone(), fn_ref), (lambda x: x.clone(), fn_impl)):
         v = cast(values).requires_grad_()
         out = fn(v, cu)
-        g = torch.randn(out.shape, generator=torch.Generator().manual_seed(grad_seed))
+        g = torch.randn(out.shape, generator=torch.Generator().manual_seed(grad_seed)).to(out.device)
         ok = ~out.detach().isnan()
         loss = (out * g.to(out.dtype))[ok].sum()  # NaN (empty) segments carry no gradient
         (dv,) = torch.autograd.grad(loss, v, allow_unused=True)
@@ -71,7 +76,7 @@ def test_segment_sum_and_cumsum(impl, dtype, layout):
         for part, a, o, t in zip(("out", "grad"), got, oracle, naive):
             assert_budget(f"{impl} {name} {part}", a, o, t, ATOL[dtype])
     if layout == "mixed":
-        assert (segment_sum(values, cu, impl=impl)[torch.tensor(LENGTHS[layout]) == 0] == 0).all()
+        assert (segment_sum(values, cu, impl=impl)[torch.tensor(LENGTHS[layout], device=DEVICE) == 0] == 0).all()
 
 
 @pytest.mark.parametrize("op", list(reference.SEGMENT_OPS))
@@ -84,7 +89,7 @@ def test_segment_reduce(impl, dtype, op):
         oracle, naive, got = three_way(lambda v, c: segment_reduce(v, c, op, impl=impl),
                                        lambda v, c: reference.segment_reduce(v, c, op, upcast=False), values, cu)
         assert got[0].shape == (len(cu) - 1,) and got[0].dtype == torch.float32
-        empty = torch.tensor(LENGTHS[layout]) == 0
+        empty = torch.tensor(LENGTHS[layout], device=DEVICE) == 0
         if op == "sum":
             assert (got[0][empty] == 0).all()
         else:
@@ -94,14 +99,14 @@ def test_segment_reduce(impl, dtype, op):
 
 
 def test_segment_no_segments_and_no_values():
-    cu0 = torch.zeros(1, dtype=torch.int64)
-    empty = torch.zeros(0)
+    cu0 = torch.zeros(1, dtype=torch.int64, device=DEVICE)
+    empty = torch.zeros(0, device=DEVICE)
     for impl in ("triton", "torch"):
         assert segment_sum(empty, cu0, impl=impl).shape == (0,)
         assert segment_cumsum(empty, cu0, impl=impl).shape == (0,)
         assert segment_reduce(empty, cu0, "max", impl=impl).shape == (0,)
-    cu = torch.tensor([0, 0, 0])
-    torch.testing.assert_close(segment_sum(empty, cu, impl="triton"), torch.zeros(2))
+    cu = torch.tensor([0, 0, 0], device=DEVICE)
+    torch.testing.assert_close(segment_sum(empty, cu, impl="triton"), torch.zeros(2, device=DEVICE))
     assert segment_reduce(empty, cu, "mean", impl="triton").isnan().all()
 
 

@@ -3,6 +3,8 @@
 Budget: max|impl - oracle| <= 2 * max|torch_in_dtype - oracle| + atol (house style).
 """
 
+import os
+
 import pytest
 import torch
 
@@ -10,6 +12,9 @@ from freeprm.kernels import policy_ref_rewards, reference, token_rewards
 
 ATOL = {torch.float32: 2e-5, torch.float16: 2e-3}
 DTYPES = [torch.float32, torch.float16]
+
+# CPU + interpreter by default; with FREEPRM_TEST_GPU=1 on a CUDA machine the same tests run compiled
+DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
 
 
 def assert_budget(name, got, oracle, torch_dt, atol):
@@ -42,6 +47,7 @@ def test_token_rewards_three_way(impl, dtype, shape, with_ref, mask_kind):
     lr = (-5 * torch.rand(shape, generator=g)).to(dtype) if with_ref else None
     mask = None if mask_kind == "none" else _mask(shape, mask_kind, g)
     grad_out = torch.randn(shape, generator=g)
+    lp, lr, mask, grad_out = (None if x is None else x.to(DEVICE) for x in (lp, lr, mask, grad_out))
     beta = 0.05
 
     def run(fn, cast):
@@ -63,10 +69,10 @@ def test_token_rewards_three_way(impl, dtype, shape, with_ref, mask_kind):
 
 
 def test_token_rewards_masked_nan_does_not_leak():
-    lp = torch.tensor([-1.0, float("nan"), -2.0])
-    mask = torch.tensor([True, False, True])
+    lp = torch.tensor([-1.0, float("nan"), -2.0], device=DEVICE)
+    mask = torch.tensor([True, False, True], device=DEVICE)
     out = token_rewards(lp, None, mask, 2.0, impl="triton")
-    assert torch.equal(out, torch.tensor([-2.0, 0.0, -4.0]))
+    assert torch.equal(out.cpu(), torch.tensor([-2.0, 0.0, -4.0]))
 
 
 def test_token_rewards_errors():
@@ -88,7 +94,7 @@ def _pair_inputs(n, v, dp, dr, dtype, seed=0):
     t = torch.randint(0, v, (n,), generator=g)
     mask = torch.rand(n, generator=g) > 0.25
     mask[:32] = False  # the first kernel row block is fully masked: its vocab loop is skipped
-    return hp, wp, hr, wr, t, mask
+    return tuple(x.to(DEVICE) for x in (hp, wp, hr, wr, t, mask))
 
 
 @pytest.mark.parametrize("splits", [None, 3])
@@ -118,7 +124,7 @@ def test_policy_ref_rewards_fused_three_way(use_mask, dtype, transform, splits):
 @pytest.mark.parametrize("impl", ["triton", "torch"])
 def test_policy_ref_rewards_grads(impl):
     hp, wp, hr, wr, t, mask = _pair_inputs(37, 1000, 64, 64, torch.float32, seed=3)
-    grad_out = torch.randn(37)
+    grad_out = torch.randn(37).to(DEVICE)
 
     def run(cast, fn):
         xs = [cast(x).requires_grad_() for x in (hp, wp, hr, wr)]
@@ -152,7 +158,6 @@ def test_policy_ref_rewards_errors():
 @pytest.mark.parametrize("v,d", [(128256, 4096), (49152, 576)])
 def test_policy_ref_rewards_bf16_real_shapes(v, d):
     hp, wp, hr, wr, t, mask = _pair_inputs(512, v, d, d, torch.bfloat16)
-    hp, wp, hr, wr, t, mask = (x.cuda() for x in (hp, wp, hr, wr, t, mask))
     oracle = reference.policy_ref_rewards(hp, wp, hr, wr, t, 0.1, mask, upcast=True)
     naive = reference.policy_ref_rewards(hp, wp, hr, wr, t, 0.1, mask, upcast=False)
     got = policy_ref_rewards(hp, wp, hr, wr, t, 0.1, mask, impl="triton")
