@@ -75,6 +75,17 @@ def sequence_logprobs(
     input_ids, attention_mask, target_mask: ``[B, T]`` (padding left or right). ``target_mask[:, 0]``
     must be False (the first token has no context). Differentiable w.r.t. the model parameters.
     """
+    rows, head, (b_idx, t_idx) = target_hidden(model, input_ids, attention_mask, target_mask)
+    lp = linear_logprobs(rows, head.weight, input_ids[b_idx, t_idx], logit_scale=head.logit_scale,
+                         softcap=head.softcap, impl=impl)  # [N] fp32
+    return scatter_rows(lp, b_idx, t_idx, input_ids.shape)
+
+
+def target_hidden(model, input_ids, attention_mask, target_mask):
+    """Hidden states that predict the target tokens: ``(rows [N, D], LMHead, (b_idx, t_idx))``.
+
+    Row ``n`` is the final hidden state at ``(b_idx[n], t_idx[n] - 1)``; its target is ``input_ids[b_idx[n], t_idx[n]]``.
+    """
     if input_ids.shape != attention_mask.shape or input_ids.shape != target_mask.shape:
         raise ValueError(f"input_ids, attention_mask and target_mask must share one [B, T] shape; got "
                          f"{tuple(input_ids.shape)}, {tuple(attention_mask.shape)}, {tuple(target_mask.shape)}")
@@ -86,11 +97,13 @@ def sequence_logprobs(
     base, head = split_lm(model)
     hs = hidden_states(base, input_ids, attention_mask)  # [B, T, D]
     b_idx, t_idx = target_mask.nonzero(as_tuple=True)  # targets at t, hidden at t-1
-    rows = hs[b_idx, t_idx - 1]  # [N, D]
-    lp = linear_logprobs(rows, head.weight, input_ids[b_idx, t_idx], logit_scale=head.logit_scale,
-                         softcap=head.softcap, impl=impl)  # [N] fp32
-    out = torch.zeros(input_ids.shape, dtype=torch.float32, device=input_ids.device)
-    return out.index_put((b_idx, t_idx), lp)
+    return hs[b_idx, t_idx - 1], head, (b_idx, t_idx)
+
+
+def scatter_rows(values: torch.Tensor, b_idx: torch.Tensor, t_idx: torch.Tensor, shape) -> torch.Tensor:
+    """``[N]`` values back into a zero ``[B, T]`` float32 tensor (differentiable)."""
+    out = torch.zeros(shape, dtype=torch.float32, device=values.device)
+    return out.index_put((b_idx, t_idx), values)
 
 
 def naive_sequence_logprobs(model, input_ids, attention_mask, target_mask) -> torch.Tensor:

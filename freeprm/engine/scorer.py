@@ -26,7 +26,7 @@ import torch
 
 from ..kernels import ops
 from .loading import DEFAULT_POLICY, load_model
-from .logprobs import sequence_logprobs, split_lm
+from .logprobs import scatter_rows, sequence_logprobs, split_lm, target_hidden
 from .steps import split_steps, token_steps
 from .tokenize import PROMPT_FORMATS, encode
 
@@ -62,8 +62,8 @@ class ScoreResult:
     response_start: int
     steps: list[str]  # text of each step
     step_spans: list[tuple[int, int]]  # (start, end) characters of each step in the response
-    token_logprobs: torch.Tensor  # [n] log pi
-    ref_logprobs: torch.Tensor | None = None  # [n] log pi_ref, or None (reference-free)
+    token_logprobs: torch.Tensor | None  # [n] log pi (None when the fused reward kernel ran)
+    ref_logprobs: torch.Tensor | None = None  # [n] log pi_ref, or None (reference-free, or fused kernel)
     beta: float = 1.0
     meta: dict = field(default_factory=dict)  # the item's other keys, passed through
 
@@ -130,6 +130,9 @@ class Scorer:
         max_batch_tokens: padded tokens per forward batch.
         padding_side: ``"right"`` or ``"left"``; results do not depend on it.
         impl: kernel dispatch for the log-prob op (``"auto" | "triton" | "torch"``).
+        fuse_reference: with a reference and the Triton path, compute ``beta * (log pi - log pi_ref)`` in one
+            kernel launch reading both models' hidden states and LM heads. The per-model log-probs are then
+            not kept (``ScoreResult.token_logprobs`` / ``ref_logprobs`` are None); pass False to keep them.
     """
 
     def __init__(
@@ -150,6 +153,7 @@ class Scorer:
         impl: str = "auto",
         trust_remote_code: bool = False,
         allow_pickle: bool = False,
+        fuse_reference: bool = True,
     ) -> None:
         if not isinstance(beta, (int, float)) or not math.isfinite(beta) or beta <= 0:
             raise ValueError(f"beta must be a positive finite number, got {beta!r}")
@@ -179,6 +183,7 @@ class Scorer:
         cfg = getattr(self.policy.config, "text_config", None) or self.policy.config
         self.max_length = int(max_length or getattr(cfg, "max_position_embeddings", None) or 4096)
         self.max_batch_tokens, self.padding_side, self.impl = max_batch_tokens, padding_side, impl
+        self.fuse_reference = fuse_reference
         self.vocab_size = split_lm(self.policy)[1].weight.shape[0]
         pad = self.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else (self.tokenizer.eos_token_id or 0)
@@ -250,15 +255,32 @@ class Scorer:
         """Tensor form for RL loops: ``(rewards, logp, logp_ref)``, each fp32 ``[B, T]``, 0 off ``response_mask``.
 
         ``rewards = beta * (logp - logp_ref) * response_mask``; inputs ``[B, T]`` on any padding side.
-        ``response_mask[:, 0]`` must be False.
+        ``response_mask[:, 0]`` must be False. ``logp_ref`` is None without a reference; both log-prob
+        tensors are None when the fused policy-reference kernel ran (see ``fuse_reference``).
         """
         input_ids, attention_mask, response_mask = (x.to(self.device) for x in (input_ids, attention_mask, response_mask))
+        if self._fuse_reference():
+            # one kernel launch reads both models' hidden states and LM heads (CUDA / Triton)
+            hp, head_p, (b_idx, t_idx) = target_hidden(self.policy, input_ids, attention_mask, response_mask)
+            hr, head_r, _ = target_hidden(self.reference, input_ids, attention_mask, response_mask)
+            r = ops.policy_ref_rewards(hp, head_p.weight, hr, head_r.weight, input_ids[b_idx, t_idx], self.beta,
+                                       logit_scale=head_p.logit_scale, softcap=head_p.softcap, impl=self.impl)
+            return scatter_rows(r, b_idx, t_idx, input_ids.shape), None, None
         lp = sequence_logprobs(self.policy, input_ids, attention_mask, response_mask, impl=self.impl)
         lpr = None
         if self.reference is not None:
             lpr = sequence_logprobs(self.reference, input_ids, attention_mask, response_mask, impl=self.impl)
         r = ops.token_rewards(lp, lpr, response_mask, self.beta, impl=self.impl)
         return r, lp, lpr
+
+    def _fuse_reference(self) -> bool:
+        """Use the fused policy-minus-reference kernel: Triton dispatch, a reference, the same logit transform."""
+        if self.reference is None or not self.fuse_reference:
+            return False
+        if self.impl == "torch" or (self.impl == "auto" and self.device.type != "cuda"):
+            return False
+        hp, hr = split_lm(self.policy)[1], split_lm(self.reference)[1]
+        return (hp.logit_scale, hp.softcap) == (hr.logit_scale, hr.softcap) and hp.weight.shape[0] == hr.weight.shape[0]
 
     def _run(self, prepared: list[_Prepared], progress: bool):
         """Per item (in input order): (token_rewards, logp, logp_ref) over its response tokens, on the CPU."""
@@ -272,11 +294,10 @@ class Scorer:
         for batch in batches:
             ids, am, tm, starts = self._collate(batch)
             r, lp, lpr = self.token_rewards_from_ids(ids, am, tm)
-            r, lp = r.cpu(), lp.cpu()
-            lpr = None if lpr is None else lpr.cpu()
+            r, lp, lpr = (None if x is None else x.cpu() for x in (r, lp, lpr))
             for b, p in enumerate(batch):
                 sl = slice(starts[b], starts[b] + len(p.input_ids) - p.response_start)
-                out[p.index] = (r[b, sl].clone(), lp[b, sl].clone(), None if lpr is None else lpr[b, sl].clone())
+                out[p.index] = tuple(None if x is None else x[b, sl].clone() for x in (r, lp, lpr))
             if bar is not None:
                 bar.update(len(batch))
         if bar is not None:

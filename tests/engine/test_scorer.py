@@ -215,3 +215,25 @@ def test_scores_are_finite(tiny_model_dir):
     for r in score(ITEMS, policy=tiny_model_dir):
         assert math.isfinite(r.score)
         assert bool(torch.isfinite(r.token_rewards).all())
+
+
+def test_fused_reference_kernel_path_matches_unfused(tiny_model_dir, tiny_ref_dir):
+    # impl="triton" on CPU runs the Triton interpreter (tests/conftest.py sets TRITON_INTERPRET=1)
+    fused = Scorer(tiny_model_dir, tiny_ref_dir, beta=0.5, impl="triton").score(ITEMS[:2])
+    plain = Scorer(tiny_model_dir, tiny_ref_dir, beta=0.5, impl="torch").score(ITEMS[:2])
+    for f, p in zip(fused, plain):
+        assert f.token_logprobs is None and p.token_logprobs is not None  # the fused kernel ran
+        assert (f.token_rewards - p.token_rewards).abs().max() <= 1e-4
+        assert f.score == pytest.approx(p.score, abs=1e-4)
+    unfused = Scorer(tiny_model_dir, tiny_ref_dir, beta=0.5, impl="triton", fuse_reference=False).score(ITEMS[:1])[0]
+    assert unfused.token_logprobs is not None
+    assert (unfused.token_rewards - plain[0].token_rewards).abs().max() <= 1e-4
+
+
+def test_bad_response_mask_raises(tiny_model_dir):
+    scorer = Scorer(tiny_model_dir)
+    ids = torch.tensor([[3, 4, 5, 6]])
+    with pytest.raises(ValueError, match="first token"):
+        scorer.token_rewards_from_ids(ids, torch.ones_like(ids), torch.ones_like(ids, dtype=torch.bool))
+    with pytest.raises(ValueError, match="padding"):
+        scorer.token_rewards_from_ids(ids, torch.tensor([[1, 1, 0, 0]]), torch.tensor([[False, True, True, True]]))
