@@ -312,10 +312,12 @@ class Scorer:
             n_steps.append(len(p.spans))
         cu_tok = torch.cat([torch.zeros(1, dtype=torch.long), torch.cat(counts).cumsum(0)])
         cu_items = torch.tensor([0] + n_steps, dtype=torch.long).cumsum(0)
-        values = torch.cat(rewards)
-        step_rewards = ops.segment_sum(values, cu_tok, impl="torch")
-        q = ops.segment_cumsum(step_rewards, cu_items, impl="torch")
-        return step_rewards, q, cu_items
+        # segmented reductions on the scoring device (Triton kernels on CUDA), results back on the CPU
+        dev = self.device
+        values = torch.cat(rewards).to(dev)
+        step_rewards = ops.segment_sum(values, cu_tok.to(dev), impl=self.impl)
+        q = ops.segment_cumsum(step_rewards, cu_items.to(dev), impl=self.impl)
+        return step_rewards.cpu(), q.cpu(), cu_items
 
     def score(self, items: Iterable[Mapping], *, aggregate: str | None = None, progress: bool = False) -> list[ScoreResult]:
         """Score each item (``{"prompt", "response"}`` and/or ``{"prompt", "steps"}``); results in input order.
