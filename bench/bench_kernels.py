@@ -67,6 +67,15 @@ def naive_logprobs(hidden, weight, targets):
     return torch.log_softmax(logits.float(), dim=-1).gather(-1, targets[:, None]).squeeze(-1)
 
 
+def _loss_tensor(out):
+    """Per-token loss from a provider's return value (a tensor, a tuple, or an output dataclass)."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if hasattr(out, "loss"):
+        return out.loss
+    return out[0]
+
+
 def make_provider(name: str, device: torch.device):
     if name == "naive":
         return naive_logprobs
@@ -88,7 +97,7 @@ def make_provider(name: str, device: torch.device):
             from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
         except ImportError as e:
             raise Skip(f"not installed ({e.name or e})") from None
-        return lambda h, w, t: -liger_fused_linear_cross_entropy(h, w, t, reduction="none").float()
+        return lambda h, w, t: -_loss_tensor(liger_fused_linear_cross_entropy(h, w, t, reduction="none")).float()
     if name == "cce":
         if device.type != "cuda":
             raise Skip("needs CUDA")
@@ -96,7 +105,7 @@ def make_provider(name: str, device: torch.device):
             from cut_cross_entropy import linear_cross_entropy
         except ImportError as e:
             raise Skip(f"not installed ({e.name or e})") from None
-        return lambda h, w, t: -linear_cross_entropy(h, w, t, reduction="none").float()
+        return lambda h, w, t: -_loss_tensor(linear_cross_entropy(h, w, t, reduction="none")).float()
     raise ValueError(name)
 
 
