@@ -5,8 +5,9 @@ extracted), a correctness flag and, for PRM methods, a score per engine aggregat
 
 Methods (names used in tables; ``<agg>`` is any of ``freeprm.engine.AGGREGATIONS``):
   * ``pass@N``          oracle: 1 if any candidate of the subset is correct;
-  * ``random``          the expected accuracy of a uniformly random pick (the subset's mean
-                        correctness, computed exactly rather than sampled);
+  * ``random``          the expected accuracy of a uniformly random pick: ``select`` gives the
+                        subset's mean correctness; ``accuracy_at_n`` uses its exact expectation
+                        over subsets, the problem's mean correctness (the same for every N);
   * ``majority``        majority vote over answer keys (``vote`` without weights);
   * ``bon:<agg>``       the candidate with the highest score under ``<agg>`` (``bon:min`` is the
                         paper's best-of-N by lowest step reward); ties go to the earliest candidate;
@@ -200,7 +201,10 @@ def accuracy_at_n(
         for n in ns:
             idxs = subsets(len(prob), n, n_subsets, rng)
             for m in methods:
-                per[m][n][pi] = float(np.mean([select(prob, idx, m) for idx in idxs]))
+                if m == "random":  # its expectation over subsets and picks is exact: the mean correctness
+                    per[m][n][pi] = float(prob.correct.mean())
+                else:
+                    per[m][n][pi] = float(np.mean([select(prob, idx, m) for idx in idxs]))
     boot = np.random.default_rng(seed + 1).integers(0, len(problems), size=(n_bootstrap, len(problems)))
     alpha = (1.0 - confidence) / 2
     out: dict[str, dict[int, Cell]] = {}

@@ -111,9 +111,10 @@ def test_accuracy_at_n_known_values():
     any_correct = np.mean([p.correct.any() for p in probs])
     assert res["random"][8].accuracy == pytest.approx(mean_correct)  # exact at N = Nmax (one subset)
     for n in (1, 2, 4):
-        assert res["random"][n].accuracy == pytest.approx(mean_correct, abs=0.03)
+        assert res["random"][n].accuracy == pytest.approx(mean_correct)  # exact expectation at every N
+        assert res["pass@N"][n].accuracy >= res["random"][n].accuracy - 0.03
     assert res["pass@N"][8].accuracy == pytest.approx(any_correct)
-    assert res["pass@N"][1].accuracy == pytest.approx(res["random"][1].accuracy)
+    assert res["pass@N"][1].accuracy == pytest.approx(res["random"][1].accuracy, abs=0.03)  # sampled subsets
     pass_at = [res["pass@N"][n].accuracy for n in (1, 2, 4, 8)]
     assert pass_at == sorted(pass_at)
     # scores that separate right from wrong: best-of-N reaches the oracle
