@@ -84,17 +84,26 @@ def segment_sum(values: torch.Tensor, cu: torch.Tensor, *, upcast: bool = True) 
     return out.index_add(0, _segment_ids(cu, len(v)), v)
 
 
+def _dense(v: torch.Tensor, cu: torch.Tensor, fill: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Segments laid out as rows of a ``[K, L_max]`` matrix padded with ``fill``; also (seg ids, positions)."""
+    lengths = (cu[1:] - cu[:-1]).long()
+    seg = _segment_ids(cu, len(v))
+    pos = torch.arange(len(v), device=v.device) - cu.long()[seg]
+    width = int(lengths.max()) if len(lengths) else 0
+    dense = torch.full((len(lengths), width), fill, dtype=v.dtype, device=v.device)
+    dense[seg, pos] = v
+    return dense, seg, pos
+
+
 def segment_cumsum(values: torch.Tensor, cu: torch.Tensor, *, upcast: bool = True) -> torch.Tensor:
     """Cumulative sum restarting at each segment: ``out[i] = sum(values[cu[k]:i+1])`` for i in segment k. ``[N]``.
 
     Applied to step rewards with response offsets, this gives the Q values ``q_t = sum_{i<=t} r_i``.
+    Equivalent loop: ``for k: out[cu[k]:cu[k+1]] = values[cu[k]:cu[k+1]].cumsum(0)``.
     """
     v = values.float() if upcast else values
-    out = torch.empty_like(v)
-    for k in range(len(cu) - 1):
-        a, b = int(cu[k]), int(cu[k + 1])
-        out[a:b] = torch.cumsum(v[a:b], 0)
-    return out
+    dense, seg, pos = _dense(v, cu, 0.0)
+    return dense.cumsum(1)[seg, pos]
 
 
 SEGMENT_OPS = ("min", "max", "last", "mean", "sum")
@@ -104,22 +113,25 @@ def segment_reduce(values: torch.Tensor, cu: torch.Tensor, op: str, *, upcast: b
     """One value per segment: min, max, last, mean or sum of ``values[cu[k]:cu[k+1]]``. ``[K]``.
 
     Empty segments give NaN for min, max, last and mean, and 0 for sum.
+    Equivalent loop: ``[getattr(values[cu[k]:cu[k+1]], op)() for k in range(K)]`` (``last``: ``[-1]``).
     """
     if op not in SEGMENT_OPS:
         raise ValueError(f"op must be one of {SEGMENT_OPS}, got {op!r}")
     v = values.float() if upcast else values
-    out = []
-    for k in range(len(cu) - 1):
-        seg = v[int(cu[k]) : int(cu[k + 1])]
-        if len(seg) == 0:
-            out.append(torch.tensor(0.0 if op == "sum" else float("nan"), dtype=v.dtype, device=v.device))
-        elif op == "last":
-            out.append(seg[-1])
-        else:
-            out.append(getattr(seg, op)())
-    if not out:
-        return torch.zeros(0, dtype=v.dtype, device=v.device)
-    return torch.stack(out)
+    lengths = (cu[1:] - cu[:-1]).long()
+    empty = lengths == 0
+    nan = torch.tensor(float("nan"), dtype=v.dtype, device=v.device)
+    if op == "sum":
+        return segment_sum(v, cu, upcast=False)
+    if op == "mean":
+        return torch.where(empty, nan, segment_sum(v, cu, upcast=False) / lengths.clamp(min=1).to(v.dtype))
+    if op == "last":
+        return torch.where(empty, nan, v[(cu[1:].long() - 1).clamp(min=0)] if len(v) else nan.expand(len(lengths)))
+    dense, _, _ = _dense(v, cu, float("inf") if op == "min" else float("-inf"))
+    if dense.shape[1] == 0:
+        return nan.expand(len(lengths)).clone()
+    red = dense.amin(1) if op == "min" else dense.amax(1)
+    return torch.where(empty, nan, red)
 
 
 def policy_ref_rewards(
