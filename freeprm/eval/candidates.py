@@ -133,6 +133,12 @@ def validate_record(rec: dict, where: str = "") -> dict:
     return rec
 
 
+def truncate_at_stop(text: str, stop: Sequence[str] | None) -> str:
+    """``text`` cut before the earliest occurrence of any stop string (unchanged without one)."""
+    cut = min((i for i in (text.find(t) for t in (stop or ()) if t) if i >= 0), default=len(text))
+    return text[:cut]
+
+
 # --------------------------------------------------------------------------- seeds
 
 def derive_seed(seed: int, problem_id: str, candidate_id: int) -> int:
@@ -179,15 +185,19 @@ class TransformersGenerator:
 
     @torch.inference_mode()
     def sample(self, prompt: str, n: int, *, seed: int, temperature: float = 0.7, top_p: float = 0.95,
-               max_new_tokens: int = 256) -> list[tuple[str, int]]:
+               max_new_tokens: int = 256, stop: Sequence[str] | None = None) -> list[tuple[str, int]]:
         """``n`` sampled continuations of ``prompt``: ``[(text, number of new tokens)]``."""
         return self.sample_many([prompt] * n, seed=seed, temperature=temperature, top_p=top_p,
-                                max_new_tokens=max_new_tokens)
+                                max_new_tokens=max_new_tokens, stop=stop)
 
     @torch.inference_mode()
     def sample_many(self, prompts: Sequence[str], *, seed: int, temperature: float = 0.7, top_p: float = 0.95,
-                    max_new_tokens: int = 256) -> list[tuple[str, int]]:
-        """One sampled continuation per prompt, in one left-padded ``generate`` call."""
+                    max_new_tokens: int = 256, stop: Sequence[str] | None = None) -> list[tuple[str, int]]:
+        """One sampled continuation per prompt, in one left-padded ``generate`` call.
+
+        ``stop``: strings that end a continuation (cut before them); the token count is then
+        that of the generated tokens up to the stop, as generated.
+        """
         rows = [self.prompt_ids(p) for p in prompts]
         t = max(len(r) for r in rows)
         input_ids = torch.full((len(rows), t), self.pad_id, dtype=torch.long)
@@ -201,6 +211,8 @@ class TransformersGenerator:
             kwargs.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
         else:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        if stop:
+            kwargs.update(stop_strings=list(stop), tokenizer=self.tokenizer)
         out = self.model.generate(input_ids=input_ids.to(self.device), attention_mask=attn.to(self.device), **kwargs)
         texts = []
         for row in out[:, t:].tolist():
@@ -209,12 +221,12 @@ class TransformersGenerator:
                 if tok_id in self.eos_ids:
                     n_tok = j
                     break
-            texts.append((self.tokenizer.decode(row[:n_tok], skip_special_tokens=True), n_tok))
+            texts.append((truncate_at_stop(self.tokenizer.decode(row[:n_tok], skip_special_tokens=True), stop), n_tok))
         return texts
 
 
 def _vllm_generate(problems: Sequence[Problem], todo: dict[str, list[int]], model: str, *, prompts: dict[str, str],
-                   seed: int, temperature: float, top_p: float, max_new_tokens: int):
+                   seed: int, temperature: float, top_p: float, max_new_tokens: int, stop=None):
     """vLLM backend (GPU only; untested on CPU machines): yields ``(problem, candidate_id, text, n_tokens)``."""
     from vllm import LLM, SamplingParams  # noqa: PLC0415
 
@@ -229,7 +241,7 @@ def _vllm_generate(problems: Sequence[Problem], todo: dict[str, list[int]], mode
         text = tok.apply_chat_template([{"role": "user", "content": prompts[p.problem_id]}], add_generation_prompt=True,
                                        tokenize=False) if getattr(tok, "chat_template", None) else prompts[p.problem_id]
         params = SamplingParams(n=len(cids), temperature=temperature, top_p=top_p, max_tokens=max_new_tokens,
-                                seed=derive_seed(seed, p.problem_id, cids[0]) % (2**31))
+                                seed=derive_seed(seed, p.problem_id, cids[0]) % (2**31), stop=list(stop) if stop else None)
         outs = llm.generate([text], params, use_tqdm=False)[0].outputs
         for cid, o in zip(cids, outs):
             yield p, cid, o.text, len(o.token_ids)
@@ -269,6 +281,7 @@ def generate_candidates(
     device: str | None = None,
     prompt_template: str | None = None,
     step_delimiter: str | None = "\n\n",
+    stop: Sequence[str] | None = None,
     progress: bool = True,
     generator: TransformersGenerator | None = None,
 ) -> dict:
@@ -277,6 +290,8 @@ def generate_candidates(
     Returns stats: ``{"generated", "reused", "new_tokens", "seconds", "tokens_per_s"}``.
     ``batch_size`` is the number of sequences per ``generate`` call: whole problems are packed
     into a call while they fit, and a problem with more missing candidates is split.
+    ``stop``: strings that end a response (e.g. ``"\\nQuestion:"`` when a few-shot prompt makes
+    the model invent the next question); the response is cut before them.
     """
     import time
 
@@ -298,6 +313,8 @@ def generate_candidates(
     prompts = {p.problem_id: p.prompt(prompt_template) for p in problems}
     gen_info = dict(model=str(model) if not isinstance(model, tuple) else "<object>", temperature=temperature,
                     top_p=top_p, max_new_tokens=max_new_tokens, seed=seed)
+    if stop:
+        gen_info["stop"] = list(stop)
     backend = resolve_backend(backend)
     bar = None
     if progress:
@@ -310,7 +327,7 @@ def generate_candidates(
             pending: dict[str, list[dict]] = {}
             for p, cid, text, ntok in _vllm_generate(problems, todo, model, prompts=prompts, seed=seed,
                                                      temperature=temperature, top_p=top_p,
-                                                     max_new_tokens=max_new_tokens):
+                                                     max_new_tokens=max_new_tokens, stop=stop):
                 rec = make_record(p, cid, prompts[p.problem_id], text, step_delimiter=step_delimiter,
                                   gen={**gen_info, "backend": "vllm", "new_tokens": ntok})
                 pending.setdefault(p.problem_id, []).append(rec)
@@ -326,7 +343,8 @@ def generate_candidates(
                 first_p, first_c = batch[0]
                 outs = gen.sample_many([prompts[p.problem_id] for p, _ in batch],
                                        seed=derive_seed(seed, first_p.problem_id, first_c),
-                                       temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens)
+                                       temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
+                                       stop=stop)
                 recs = []
                 for (p, cid), (text, ntok) in zip(batch, outs):
                     recs.append(make_record(p, cid, prompts[p.problem_id], text, step_delimiter=step_delimiter,

@@ -68,6 +68,8 @@ def _add_generate(p: argparse.ArgumentParser) -> None:
     g.add_argument("--gen-dtype", default="float32")
     g.add_argument("--device", default=None)
     g.add_argument("--prompt-template", default=None, help="user prompt with {question} (default: per task)")
+    g.add_argument("--stop", action="append", type=_unescape, default=None,
+                   help="stop string, repeatable, backslash escapes allowed (e.g. '\\nQuestion:')")
 
 
 def _add_score(p: argparse.ArgumentParser) -> None:
@@ -141,7 +143,7 @@ def stage_generate(args) -> None:
     st = generate_candidates(problems, _candidates_path(args), model=args.generator, n=args.n,
                              temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
                              seed=args.seed, batch_size=args.batch_size, backend=args.backend, dtype=args.gen_dtype,
-                             device=args.device, prompt_template=args.prompt_template,
+                             device=args.device, prompt_template=args.prompt_template, stop=args.stop,
                              progress=not args.no_progress)
     _log(f"generate: {st['generated']} new, {st['reused']} reused, {st['new_tokens']} tokens in "
          f"{st['seconds']:.0f} s ({st['tokens_per_s']:.1f} tokens/s)")

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from freeprm.eval.candidates import (_pack, append_jsonl, derive_seed, latest_by_key, make_record, read_jsonl,
-                                     validate_record)
+from freeprm.eval.candidates import (_pack, append_jsonl, derive_seed, generate_candidates, latest_by_key,
+                                     make_record, read_jsonl, truncate_at_stop, validate_record)
 from freeprm.eval.tasks import Problem
 
 
@@ -62,3 +62,24 @@ def test_pack_and_seeds():
         [("p2", 4)]]
     assert derive_seed(0, "p0", 0) == derive_seed(0, "p0", 0) != derive_seed(1, "p0", 0)
     assert 0 <= derive_seed(5, "x", 9) < 2**63
+
+
+def test_truncate_at_stop():
+    assert truncate_at_stop("a\n\nQuestion: b", ["\nQuestion:"]) == "a\n"
+    assert truncate_at_stop("xyz", ["q", "y", "z"]) == "x"  # the earliest stop wins
+    assert truncate_at_stop("xyz", None) == "xyz" and truncate_at_stop("xyz", [""]) == "xyz"
+
+
+def test_generate_is_seeded_and_honours_stop(tiny, tmp_path):
+    probs = [Problem(f"p{i}", "arith", f"What is {i} + 1?", str(i + 1)) for i in range(2)]
+    kw = dict(model=tiny, n=3, max_new_tokens=10, batch_size=3, progress=False)
+    generate_candidates(probs, tmp_path / "a.jsonl", **kw)
+    generate_candidates(probs, tmp_path / "b.jsonl", **kw)
+    a, b = read_jsonl(tmp_path / "a.jsonl"), read_jsonl(tmp_path / "b.jsonl")
+    assert [r["response"] for r in a] == [r["response"] for r in b]  # same seed, same candidates
+    assert len({r["response"] for r in a}) > 1  # sampled, not all equal
+    stop = ["e", "a", " "]
+    st = generate_candidates(probs, tmp_path / "s.jsonl", stop=stop, **kw)
+    assert st["generated"] == 6
+    for r in read_jsonl(tmp_path / "s.jsonl"):
+        assert not any(t in r["response"] for t in stop) and r["gen"]["stop"] == stop

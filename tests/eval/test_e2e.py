@@ -6,12 +6,6 @@ import pytest
 
 from freeprm.cli import main
 from freeprm.eval.candidates import append_jsonl, read_jsonl
-from freeprm.testing import make_tiny_model_dir
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return make_tiny_model_dir(tmp_path_factory.mktemp("tiny") / "model", seed=0)
 
 
 def _bon(stage, out, *extra):
