@@ -6,7 +6,8 @@ see that folder's README for provenance).
 
 ``arith`` problems are generated, seeded and of graded difficulty: a quantity goes through
 ``level`` events (gets more, gives away, buys packs, shares equally, doubles), with numbers
-that grow with the level. Level 1 is one addition or subtraction; level 4 chains four steps.
+below ``10 * level``. Level 1 is one single-digit addition or subtraction; level 4 chains four
+steps.
 """
 
 from __future__ import annotations
@@ -107,7 +108,7 @@ _ITEMS = ["apples", "marbles", "stickers", "pencils", "cookies", "stamps", "shel
 
 def _events(rng: random.Random, level: int, start: int, item: str, name: str) -> tuple[list[str], int]:
     x, sentences = start, []
-    hi = 10 * level
+    hi = 10 * level - 1  # level 1: single-digit numbers
     kinds = ["add", "sub"] if level == 1 else ["add", "sub", "packs", "share", "double"]
     for _ in range(level):
         kind = rng.choice(kinds)
@@ -118,7 +119,7 @@ def _events(rng: random.Random, level: int, start: int, item: str, name: str) ->
         if kind == "sub" and x < 2:
             kind = "add"
         if kind == "add":
-            k = rng.randint(2, hi)
+            k = rng.randint(1, hi)
             x += k
             sentences.append(rng.choice([f"Then {name} gets {k} more {item}.", f"A friend gives {name} {k} more {item}."]))
         elif kind == "sub":
@@ -148,7 +149,7 @@ def make_arith(n: int = 40, *, seed: int = 0, levels: tuple[int, ...] = (1, 2, 3
     for i in range(n):
         level = levels[i % len(levels)]
         name, item = rng.choice(_NAMES), rng.choice(_ITEMS)
-        start = rng.randint(2, 10 * level + 5)
+        start = rng.randint(2, 10 * level - 1)
         sentences, answer = _events(rng, level, start, item, name)
         question = f"{name} has {start} {item}. " + " ".join(sentences) + f" How many {item} does {name} have now?"
         out.append(Problem(f"arith-s{seed}-{i}", "arith", question, str(answer), {"level": level}))
