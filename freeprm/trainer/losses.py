@@ -98,7 +98,8 @@ def ce_weights(
     groups: torch.Tensor | None = None,
     positive_fraction: float | None = None,
 ) -> torch.Tensor:
-    """Per-example weights ``w`` ``[B]`` with ``sum(w) == B`` for the CE loss ``mean(w * l)``.
+    """Per-example weights ``w`` ``[B]`` for the CE loss ``mean(w * l)``; ``sum(w) == B`` (in expectation over
+    batches when ``positive_fraction`` is given).
 
     * ``"none"``: ``w = 1``.
     * ``"dataset"`` (dataset-wise balance): correct and incorrect responses carry equal total
