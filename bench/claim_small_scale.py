@@ -24,7 +24,7 @@ Evaluation on held-apart GSM8K-test problems built the same way, with the engine
     accuracy (the gold response scored above its corrupted twin) with the response reward and
     with the PRM's min-step score.
 
-Writes ``bench/results/claim_small_scale.{json,md}``. Run: ``python bench/claim_small_scale.py``
+Writes ``bench/results/<name>.{json,md}`` (``--name``, default ``claim_small_scale``). Run: ``python bench/claim_small_scale.py``
 (about 30 minutes on 2 shared CPU cores at the default size).
 """
 
@@ -227,6 +227,10 @@ def main() -> int:
     ap.add_argument("--train-last-layers", type=int, default=8,
                     help="train only the last N of SmolLM2's 30 layers (0 = all): what fits 2 shared CPU cores")
     ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--ce-balance", choices=("none", "dataset", "instruction"), default="instruction",
+                    help="instruction: the paper's instruction-wise balance; it also keeps a problem's gold and "
+                         "corrupted responses in one batch")
+    ap.add_argument("--name", default="claim_small_scale", help="results file stem")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--work", default="/tmp/freeprm_claim")
@@ -251,12 +255,12 @@ def main() -> int:
     (work / "test.jsonl").write_text("".join(json.dumps(it) + "\n" for it in test_items))
     print(f"data: {len(train_items)} train items ({args.n_train} problems), {len(test_items)} test items", flush=True)
 
-    cfg = TrainConfig(loss="ce", beta=args.beta, lr=args.lr, batch_size=args.batch_size, grad_accum=args.grad_accum,
+    cfg = TrainConfig(loss="ce", ce_balance=args.ce_balance, beta=args.beta, lr=args.lr, batch_size=args.batch_size, grad_accum=args.grad_accum,
                       epochs=args.epochs, warmup_ratio=0.1, schedule="cosine", max_length=args.max_length,
                       seed=args.seed, max_grad_norm=1.0, progress=True, ref_cache_dir=str(work / "refcache"),
                       train_last_layers=args.train_last_layers or None)
     t0 = time.time()
-    res = train(init_dir, work / "train.jsonl", work / "run", config=cfg)
+    res = train(init_dir, work / "train.jsonl", work / f"run-{args.name}", config=cfg)
     t_train = time.time() - t0
     m = res.metrics
     k = max(1, len(m) // 4)
@@ -292,6 +296,7 @@ def main() -> int:
     out = {
         "claim": "an implicit PRM trained with CE on response labels only puts its lowest step reward on the corrupted step",
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "git_sha": sha,
+        "command": "python bench/claim_small_scale.py " + " ".join(sys.argv[1:]),
         "device": f"CPU ({os.cpu_count()} cores, {args.threads} threads, shared machine)", "platform": platform.platform(),
         "torch": torch.__version__, "transformers": transformers.__version__,
         "size": {"policy": "SmolLM2-135M-Instruct (dequantized from the bundled Q4_1 GGUF)",
@@ -311,8 +316,8 @@ def main() -> int:
     }
     results = Path(args.results)
     results.mkdir(parents=True, exist_ok=True)
-    (results / "claim_small_scale.json").write_text(json.dumps(out, indent=2) + "\n")
-    (results / "claim_small_scale.md").write_text(markdown(out))
+    (results / f"{args.name}.json").write_text(json.dumps(out, indent=2) + "\n")
+    (results / f"{args.name}.md").write_text(markdown(out))
     print(markdown(out))
     return 0
 
@@ -325,7 +330,7 @@ def markdown(o: dict) -> str:
         "# Small-scale check: process rewards from outcome labels (CE), SmolLM2-135M on GSM8K",
         "",
         f"{o['date']}, git {o['git_sha']}, {o['device']}, torch {o['torch']}, transformers {o['transformers']}. "
-        "Produced by `python bench/claim_small_scale.py`; one run, one seed.",
+        f"Produced by `{o.get('command', 'python bench/claim_small_scale.py')}`; one run, one seed.",
         "",
         "**Size (small, state it with every number):** "
         f"{s['train_problems']} GSM8K-train problems -> {s['train_items']} responses (gold + one corrupted copy each), "
@@ -356,7 +361,7 @@ def markdown(o: dict) -> str:
         "",
         "## Training",
         "",
-        f"CE, beta {o['config']['beta']}, lr {o['config']['lr']} (10% warmup, cosine), batch "
+        f"CE ({o['config']['ce_balance']} balance), beta {o['config']['beta']}, lr {o['config']['lr']} (10% warmup, cosine), batch "
         f"{o['config']['batch_size']} x {o['config']['grad_accum']} accumulation, reference = the initial model with its "
         f"log-probs cached ({tr['ref_sequences_computed']} sequences computed once; no reference forward during training). "
         f"First quarter of steps: loss {tr['first_quarter']['loss']:.3f}, sign accuracy {tr['first_quarter']['accuracy']:.2f}; "
