@@ -47,6 +47,32 @@ def _check_cu(cu: torch.Tensor, n: int, what: str) -> None:
         raise ValueError(f"{what} must be non-decreasing (offsets of consecutive segments)")
 
 
+def _check_head(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, who: str = "") -> None:
+    """Shapes, dtypes and devices of one (hidden [N, D], weight [V, D]) pair."""
+    if hidden.dim() != 2 or weight.dim() != 2:
+        raise ValueError(f"{who}hidden must be [N, D] and weight [V, D]; got {tuple(hidden.shape)} and {tuple(weight.shape)}")
+    if hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"{who}hidden size mismatch: hidden has D={hidden.shape[1]}, weight has D={weight.shape[1]}")
+    if not (hidden.is_floating_point() and weight.is_floating_point()):
+        raise ValueError(f"{who}hidden and weight must be floating point")
+    if hidden.device != weight.device or targets.device != hidden.device:
+        raise ValueError(f"{who}hidden, weight and targets must be on the same device")
+
+
+def _check_targets(targets: torch.Tensor, n: int, vocab: int) -> None:
+    if targets.shape != (n,):
+        raise ValueError(f"targets must be [N]={n}, got {tuple(targets.shape)}")
+    if targets.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"targets must be int32/int64 token ids, got {targets.dtype}")
+    if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= vocab):
+        raise ValueError(f"targets must lie in [0, V={vocab}); mask padding before calling")
+
+
+def _check_softcap(softcap: float | None) -> None:
+    if softcap is not None and softcap <= 0:
+        raise ValueError(f"softcap must be positive or None, got {softcap}")
+
+
 def linear_logprobs(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -72,22 +98,9 @@ def linear_logprobs(
     Returns:
         float32 ``[N]``; differentiable w.r.t. ``hidden`` and ``weight``.
     """
-    if hidden.dim() != 2 or weight.dim() != 2:
-        raise ValueError(f"hidden must be [N, D] and weight [V, D]; got {tuple(hidden.shape)} and {tuple(weight.shape)}")
-    if hidden.shape[1] != weight.shape[1]:
-        raise ValueError(f"hidden size mismatch: hidden has D={hidden.shape[1]}, weight has D={weight.shape[1]}")
-    if targets.shape != hidden.shape[:1]:
-        raise ValueError(f"targets must be [N]={hidden.shape[0]}, got {tuple(targets.shape)}")
-    if targets.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"targets must be int32/int64 token ids, got {targets.dtype}")
-    if not (hidden.is_floating_point() and weight.is_floating_point()):
-        raise ValueError("hidden and weight must be floating point")
-    if hidden.device != weight.device or targets.device != hidden.device:
-        raise ValueError("hidden, weight and targets must be on the same device")
-    if softcap is not None and softcap <= 0:
-        raise ValueError(f"softcap must be positive or None, got {softcap}")
-    if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= weight.shape[0]):
-        raise ValueError(f"targets must lie in [0, V={weight.shape[0]}); mask padding before calling")
+    _check_head(hidden, weight, targets)
+    _check_targets(targets, hidden.shape[0], weight.shape[0])
+    _check_softcap(softcap)
     which = _resolve_impl(impl, hidden, weight)
     if which == "triton":
         from .linear_logprob_kernel import triton_linear_logprobs
@@ -192,28 +205,15 @@ def policy_ref_rewards(
     ``logit_scale`` / ``softcap`` applies to both models.
     """
     for name, h, w in (("policy", h_pol, w_pol), ("reference", h_ref, w_ref)):
-        if h.dim() != 2 or w.dim() != 2:
-            raise ValueError(f"{name} hidden must be [N, D] and weight [V, D]; got {tuple(h.shape)} and {tuple(w.shape)}")
-        if h.shape[1] != w.shape[1]:
-            raise ValueError(f"{name} hidden size mismatch: hidden has D={h.shape[1]}, weight has D={w.shape[1]}")
-        if not (h.is_floating_point() and w.is_floating_point()):
-            raise ValueError(f"{name} hidden and weight must be floating point")
-        if h.device != targets.device or w.device != targets.device:
-            raise ValueError("all hidden states, weights, targets and mask must be on the same device")
+        _check_head(h, w, targets, f"{name} ")
     if h_pol.shape[0] != h_ref.shape[0]:
         raise ValueError(f"policy and reference must score the same tokens: N={h_pol.shape[0]} vs N={h_ref.shape[0]}")
     if w_pol.shape[0] != w_ref.shape[0]:
         raise ValueError(f"policy and reference must share a vocabulary: V={w_pol.shape[0]} vs V={w_ref.shape[0]}")
-    if targets.shape != h_pol.shape[:1]:
-        raise ValueError(f"targets must be [N]={h_pol.shape[0]}, got {tuple(targets.shape)}")
-    if targets.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"targets must be int32/int64 token ids, got {targets.dtype}")
     if mask is not None and (mask.shape != targets.shape or mask.device != targets.device):
         raise ValueError(f"mask must be [N]={targets.shape[0]} on the targets' device, got {tuple(mask.shape)}")
-    if softcap is not None and softcap <= 0:
-        raise ValueError(f"softcap must be positive or None, got {softcap}")
-    if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= w_pol.shape[0]):
-        raise ValueError(f"targets must lie in [0, V={w_pol.shape[0]}); mask padding before calling")
+    _check_targets(targets, h_pol.shape[0], w_pol.shape[0])
+    _check_softcap(softcap)
     which = _resolve_impl(impl, h_pol, w_pol, h_ref, w_ref)
     if which == "triton":
         from .reward_kernel import triton_policy_ref_rewards
