@@ -21,6 +21,7 @@ Candidates without an extracted answer never win a vote; ``bon`` can pick one (i
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
@@ -155,9 +156,10 @@ def default_ns(n_max: int) -> list[int]:
 
 
 def subsets(n_total: int, n: int, k: int, rng: np.random.Generator) -> np.ndarray:
-    """``[k', n]`` candidate indices: ``k`` random ``n``-subsets of ``range(n_total)`` (one if ``n == n_total``)."""
-    if n == n_total:
-        return np.arange(n_total)[None, :]
+    """``[k', n]`` candidate indices: all ``n``-subsets of ``range(n_total)`` when there are at most
+    ``k`` of them (exact, in order; the rng is not used), else ``k`` random ones."""
+    if math.comb(n_total, n) <= k:
+        return np.array(list(itertools.combinations(range(n_total), n)), dtype=np.int64).reshape(-1, n)
     return np.stack([rng.choice(n_total, size=n, replace=False) for _ in range(k)])
 
 
@@ -181,9 +183,10 @@ def accuracy_at_n(
 ) -> dict[str, dict[int, Cell]]:
     """Accuracy@N of each method: ``{method: {N: Cell}}``.
 
-    For each problem and N, ``n_subsets`` random N-subsets of its candidates are drawn (the same
-    subsets for every method, so methods are compared on the same draws); the problem's accuracy
-    is the mean over them. The CI is a percentile bootstrap over problems (``n_bootstrap``
+    For each problem and N, ``n_subsets`` random N-subsets of its candidates are drawn, or all of
+    them when there are no more than ``n_subsets`` (then the value is exact); the same subsets
+    for every method, so methods are compared on the same draws. The problem's accuracy is the
+    mean over them. The CI is a percentile bootstrap over problems (``n_bootstrap``
     resamples), so it reflects problem sampling, the dominant source of variance. Deterministic
     for a given ``seed``. N above the smallest candidate count of any problem is refused.
     """
