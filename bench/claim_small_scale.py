@@ -363,7 +363,9 @@ def markdown(o: dict) -> str:
         "",
         f"CE ({o['config']['ce_balance']} balance), beta {o['config']['beta']}, lr {o['config']['lr']} (10% warmup, cosine), batch "
         f"{o['config']['batch_size']} x {o['config']['grad_accum']} accumulation, reference = the initial model with its "
-        f"log-probs cached ({tr['ref_sequences_computed']} sequences computed once; no reference forward during training). "
+        f"log-probs cached ({tr['ref_sequences_computed'] or 'none'} computed in this run"
+        f"{'' if tr['ref_sequences_computed'] else ', all read from the cache of an earlier run'}; "
+        "no reference forward during training). "
         f"First quarter of steps: loss {tr['first_quarter']['loss']:.3f}, sign accuracy {tr['first_quarter']['accuracy']:.2f}; "
         f"last quarter: loss {tr['last_quarter']['loss']:.3f}, sign accuracy {tr['last_quarter']['accuracy']:.2f}, "
         f"margin (mean r correct - mean r incorrect) {tr['last_quarter']['margin']:.3f}. "
