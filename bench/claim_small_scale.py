@@ -217,11 +217,11 @@ def reference_free_steps(res) -> torch.Tensor:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--n-train", type=int, default=80, help="train problems (2 items each)")
-    ap.add_argument("--n-test", type=int, default=50, help="test problems (2 items each)")
+    ap.add_argument("--n-train", type=int, default=60, help="train problems (2 items each)")
+    ap.add_argument("--n-test", type=int, default=40, help="test problems (2 items each)")
     ap.add_argument("--max-length", type=int, default=256)
     ap.add_argument("--beta", type=float, default=0.05)
-    ap.add_argument("--lr", type=float, default=1e-5)
+    ap.add_argument("--lr", type=float, default=2e-5)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--grad-accum", type=int, default=1)
     ap.add_argument("--train-last-layers", type=int, default=8,
