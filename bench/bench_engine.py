@@ -125,15 +125,18 @@ def main() -> None:
 
     scorer, items = load(args)
     providers, n_tokens, n_scored = make_providers(scorer, items)
-    # correctness first: the two agree
-    outs = {k: fn() for k, fn in providers.items()}  # also the warm-up
-    max_err = max(float((a - b).abs().max()) for a, b in zip(outs["naive"], outs["freeprm"]))
-    times = {k: [] for k in providers}
-    for _ in range(args.reps):
+    # rep 0 is the warm-up (not timed) and gives the outputs compared for correctness
+    times, outs = {k: [] for k in providers}, {}
+    for rep in range(args.reps + 1):
         for k, fn in providers.items():
             t0 = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t0)
+            out = fn()
+            if rep == 0:
+                outs[k] = out
+            else:
+                times[k].append(time.perf_counter() - t0)
+        print(f"rep {rep}: " + ", ".join(f"{k} {v[-1]:.1f}s" for k, v in times.items() if v), file=sys.stderr)
+    max_err = max(float((a - b).abs().max()) for a, b in zip(outs["naive"], outs["freeprm"]))
     mem = {}
     for k in providers:
         cmd = [sys.executable, __file__, "--child", k, "--policy", args.policy, "--batch", str(args.batch),
@@ -172,7 +175,7 @@ def main() -> None:
           "", f"- device: {env['device']}, {args.threads} threads", f"- torch {env['torch']}, transformers "
           f"{env['transformers']}, git {sha}, {env['date']}",
           f"- model: {args.policy} (V={scorer.vocab_size}), {n_tokens} tokens, {n_scored} scored; {args.reps} timed reps "
-          "interleaved after one warm-up; peak extra memory from one run per provider in a fresh process",
+          "interleaved after one warm-up rep (machine shared with other jobs: ratios only); peak extra memory from one run per provider in a fresh process",
           "", "| provider | tokens/s (median) | time min..max (s) | peak extra memory (MB) |", "|---|---|---|---|"]
     for r in rows:
         md.append(f"| {r['provider']} | {r['tokens_per_s']:.1f} | {r['min_s']:.2f}..{r['max_s']:.2f} | "

@@ -36,7 +36,6 @@ import math
 import os
 import platform
 import random
-import re
 import subprocess
 import sys
 import time
@@ -47,105 +46,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-DATA = Path(os.environ.get("FREEPRM_SHARED_DATA", "/work/shared/data"))
-ANNOT = re.compile(r"<<([^<>=]*)=([^<>]*)>>")
-NUM = re.compile(r"\d+(?:\.\d+)?")
-SAFE_EXPR = re.compile(r"^[\d\s+\-*/().]+$")
+from freeprm.gsm8k import corrupt, data_dir, gold_response, render_steps  # noqa: E402
 
-
-# ------------------------------------------------------------------------------------ data
-def _fmt(x: float) -> str | None:
-    if not math.isfinite(x):
-        return None
-    if abs(x - round(x)) < 1e-9:
-        return str(int(round(x)))
-    return f"{x:.2f}".rstrip("0").rstrip(".")
-
-
-def _eval(expr: str) -> float | None:
-    if not SAFE_EXPR.match(expr) or "**" in expr:
-        return None
-    try:
-        return float(eval(expr, {"__builtins__": {}}, {}))  # digits and + - * / ( ) only
-    except (SyntaxError, ZeroDivisionError, TypeError, ValueError):
-        return None
-
-
-def _sub_numbers(text: str, mapping: dict[str, str]) -> str:
-    return NUM.sub(lambda m: mapping.get(m.group(0), m.group(0)), text)
-
-
-def _strip(line: str) -> str:
-    return ANNOT.sub("", line)
-
-
-def gold_response(answer: str) -> tuple[list[str], str] | None:
-    """(body lines with annotations kept, final answer) of a GSM8K solution."""
-    lines = [ln for ln in answer.split("\n") if ln.strip()]
-    if len(lines) < 2 or not lines[-1].startswith("####"):
-        return None
-    final = lines[-1].removeprefix("####").strip().replace(",", "")
-    return lines[:-1], final
+DATA = data_dir()
 
 
 def render(body: list[str], final: str) -> str:
-    return "\n".join([_strip(ln).strip() for ln in body] + [f"The answer is {final}."])
-
-
-def corrupt(question: str, body: list[str], final: str, rng: random.Random) -> tuple[list[str], str, int] | None:
-    """Corrupt one calculation's result and propagate it; returns (body, final, step index) or None."""
-    protected = set(NUM.findall(question.replace(",", "")))  # numbers of the question are never remapped
-    cands = []
-    for k, ln in enumerate(body):
-        anns = list(ANNOT.finditer(ln))
-        if anns and anns[-1].group(2).strip() not in protected and re.fullmatch(r"\d+", anns[-1].group(2).strip()):
-            cands.append(k)
-    if not cands:
-        return None
-    k = rng.choice(cands)
-    ann = list(ANNOT.finditer(body[k]))[-1]
-    old = ann.group(2).strip()
-    taken = protected | set(NUM.findall(" ".join(body))) | {final}
-    deltas = [d for d in (1, 2, 3, 4, 5, 10, -1, -2, -3, -4, -5, -10) if int(old) + d > 0 and str(int(old) + d) not in taken]
-    if not deltas:
-        return None
-    new = str(int(old) + rng.choice(deltas))
-    line = body[k]
-    # corrupt the written result only: the annotation's result and the number right after it
-    tail = line[ann.end():]
-    m = re.match(r"\s*" + re.escape(old), tail)
-    if not m:
-        return None
-    body = list(body)
-    body[k] = line[:ann.start()] + f"<<{ann.group(1)}={new}>>" + tail[:m.end()].replace(old, new) + tail[m.end():]
-    mapping = {old: new}
-    for j in range(k + 1, len(body)):
-        out, pos, ln = [], 0, body[j]
-        for a in ANNOT.finditer(ln):
-            out.append(_sub_numbers(ln[pos:a.start()], mapping))
-            expr = _sub_numbers(a.group(1), mapping)
-            val = _eval(expr)
-            res = a.group(2).strip()
-            if val is None:
-                return None
-            new_res = _fmt(val)
-            if new_res is None:
-                return None
-            orig = _eval(a.group(1))
-            if not NUM.fullmatch(res) or orig is None or _fmt(orig) != _fmt(float(res)):
-                return None  # the original annotation does not evaluate to its own result: skip
-            if new_res != res:
-                if res in protected:
-                    return None  # ambiguous: the old value is also one of the question's numbers
-                mapping[res] = new_res
-            out.append(f"<<{expr}={new_res}>>")
-            pos = a.end()
-        out.append(_sub_numbers(ln[pos:], mapping))
-        body[j] = "".join(out)
-    new_final = mapping.get(final, final)
-    if new_final == final:
-        return None  # the error did not reach the answer
-    return body, new_final, k
+    return "\n".join(render_steps(body, final))
 
 
 def build_items(rows: list[dict], n: int, seed: int, tokenizer, max_length: int) -> list[dict]:

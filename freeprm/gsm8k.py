@@ -1,18 +1,20 @@
 """GSM8K solutions as step lists, and corrupted copies whose error propagates to the answer.
 
-GSM8K gold solutions are lines of reasoning with calculator annotations (``<<48/2=24>>``)
-and a last line ``#### 72``. ``gold_steps`` turns one into clean steps (annotations removed,
-the final line as "The answer is 72."). ``corrupt_steps`` changes the result of one
-calculation and recomputes every later annotated calculation that uses it, so the wrong
-number flows on to the final answer; a corruption that does not reach the final answer is
-rejected. This gives labeled candidates with a known first wrong step, built honestly
-from the gold data (used by the demo, the trainer's small-scale claim and tests).
+GSM8K gold solutions are lines of reasoning with calculator annotations (``<<48/2=24>>``) and a
+last line ``#### 72``. ``gold_steps`` turns one into clean steps (annotations removed, the final
+line written as "The answer is 72."). ``corrupt`` changes the result of one calculation line by a
+small seeded offset and propagates it: every later annotated calculation is re-evaluated with the
+new numbers, changed results replace the old ones in the text, and the final answer changes.
+Problems where that cannot be done unambiguously (a result that is also a number of the question,
+an annotation that does not evaluate to its own result, an error that does not reach the answer)
+give None. Used by the demo set, the trainer's small-scale claim and the engine benchmark.
 """
 
 from __future__ import annotations
 
 import ast
 import json
+import math
 import operator
 import os
 import random
@@ -20,11 +22,11 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-_ANNOT = re.compile(r"<<([^=<>]*)=([^<>]*)>>")
-_CUT = "\x01"  # marks where the annotation was, so the corrupted result is placed exactly
-_NUM = r"(?<![\d.]){}(?![\d]|\.\d)"
+ANNOT = re.compile(r"<<([^<>=]*)=([^<>]*)>>")
+NUM = re.compile(r"\d+(?:\.\d+)?")
+_SAFE_EXPR = re.compile(r"^[\d\s+\-*/().]+$")
 _OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
-        ast.USub: operator.neg, ast.UAdd: operator.pos, ast.Pow: operator.pow, ast.Mod: operator.mod}
+        ast.USub: operator.neg, ast.UAdd: operator.pos}
 
 
 def data_dir() -> Path:
@@ -48,7 +50,11 @@ def load_gsm8k(split: str = "test", limit: int | None = None) -> list[dict]:
     return out
 
 
-def _eval(expr: str) -> float:
+def _eval(expr: str) -> float | None:
+    """Value of a calculator expression (digits, + - * / and parentheses only), or None."""
+    if not _SAFE_EXPR.match(expr) or "**" in expr:
+        return None
+
     def ev(node):
         if isinstance(node, ast.Expression):
             return ev(node.body)
@@ -58,31 +64,105 @@ def _eval(expr: str) -> float:
             return _OPS[type(node.op)](ev(node.left), ev(node.right))
         if isinstance(node, ast.UnaryOp) and type(node.op) in _OPS:
             return _OPS[type(node.op)](ev(node.operand))
-        raise ValueError(f"unsupported expression {expr!r}")
+        raise ValueError(expr)
 
-    return float(ev(ast.parse(expr.replace(",", ""), mode="eval")))
+    try:
+        return float(ev(ast.parse(expr, mode="eval")))
+    except (SyntaxError, ZeroDivisionError, TypeError, ValueError):
+        return None
 
 
-def _fmt(x: float) -> str:
+def _fmt(x: float) -> str | None:
+    if not math.isfinite(x):
+        return None
     if abs(x - round(x)) < 1e-9:
         return str(int(round(x)))
     return f"{x:.2f}".rstrip("0").rstrip(".")
 
 
-def _strip(line: str) -> str:
-    """Visible text of a solution line: annotations removed, thousands separators dropped (80,000 -> 80000)."""
-    return re.sub(r"(?<=\d),(?=\d{3}(?!\d))", "", _ANNOT.sub("", line)).strip()
+def _sub_numbers(text: str, mapping: dict[str, str]) -> str:
+    return NUM.sub(lambda m: mapping.get(m.group(0), m.group(0)), text)
 
 
 def final_answer(answer: str) -> str:
     return answer.strip().split("####")[-1].strip().replace(",", "")
 
 
+def gold_response(answer: str) -> tuple[list[str], str] | None:
+    """(body lines with annotations kept, final answer) of a GSM8K solution, or None if malformed."""
+    lines = [ln for ln in answer.split("\n") if ln.strip()]
+    if len(lines) < 2 or not lines[-1].startswith("####"):
+        return None
+    return lines[:-1], lines[-1].removeprefix("####").strip().replace(",", "")
+
+
+def render_steps(body: list[str], final: str) -> list[str]:
+    """Clean steps: annotations removed, then ``The answer is {final}.``"""
+    return [ANNOT.sub("", ln).strip() for ln in body] + [f"The answer is {final}."]
+
+
 def gold_steps(answer: str) -> list[str]:
-    """Clean steps of a GSM8K solution: annotations removed, ``#### X`` as ``The answer is X.``"""
-    body, _, _ = answer.rpartition("####")
-    steps = [_strip(line) for line in body.strip().split("\n") if _strip(line)]
-    return steps + [f"The answer is {final_answer(answer)}."]
+    """Clean steps of a GSM8K solution (see ``render_steps``)."""
+    g = gold_response(answer)
+    if g is None:
+        raise ValueError("not a GSM8K solution: expected reasoning lines and a last line '#### <answer>'")
+    return render_steps(*g)
+
+
+def corrupt(question: str, body: list[str], final: str, rng: random.Random) -> tuple[list[str], str, int] | None:
+    """Corrupt one calculation's result and propagate it; returns (annotated body, final, step index) or None."""
+    protected = set(NUM.findall(question.replace(",", "")))  # numbers of the question are never remapped
+    cands = []
+    for k, ln in enumerate(body):
+        anns = list(ANNOT.finditer(ln))
+        if anns and anns[-1].group(2).strip() not in protected and re.fullmatch(r"\d+", anns[-1].group(2).strip()):
+            cands.append(k)
+    if not cands:
+        return None
+    k = rng.choice(cands)
+    ann = list(ANNOT.finditer(body[k]))[-1]
+    old = ann.group(2).strip()
+    taken = protected | set(NUM.findall(" ".join(body))) | {final}
+    deltas = [d for d in (1, 2, 3, 4, 5, 10, -1, -2, -3, -4, -5, -10) if int(old) + d > 0 and str(int(old) + d) not in taken]
+    if not deltas:
+        return None
+    new = str(int(old) + rng.choice(deltas))
+    line = body[k]
+    # corrupt the written result only: the annotation's result and the number right after it
+    tail = line[ann.end():]
+    m = re.match(r"\s*" + re.escape(old), tail)
+    if not m:
+        return None
+    body = list(body)
+    body[k] = line[:ann.start()] + f"<<{ann.group(1)}={new}>>" + tail[:m.end()].replace(old, new) + tail[m.end():]
+    mapping = {old: new}
+    for j in range(k + 1, len(body)):
+        out, pos, ln = [], 0, body[j]
+        for a in ANNOT.finditer(ln):
+            out.append(_sub_numbers(ln[pos:a.start()], mapping))
+            expr = _sub_numbers(a.group(1), mapping)
+            val = _eval(expr)
+            res = a.group(2).strip()
+            if val is None:
+                return None
+            new_res = _fmt(val)
+            if new_res is None:
+                return None
+            orig = _eval(a.group(1))
+            if not NUM.fullmatch(res) or orig is None or _fmt(orig) != _fmt(float(res)):
+                return None  # the original annotation does not evaluate to its own result: skip
+            if new_res != res:
+                if res in protected:
+                    return None  # ambiguous: the old value is also one of the question's numbers
+                mapping[res] = new_res
+            out.append(f"<<{expr}={new_res}>>")
+            pos = a.end()
+        out.append(_sub_numbers(ln[pos:], mapping))
+        body[j] = "".join(out)
+    new_final = mapping.get(final, final)
+    if new_final == final:
+        return None  # the error did not reach the answer
+    return body, new_final, k
 
 
 @dataclass
@@ -92,57 +172,13 @@ class Corrupted:
     step_index: int  # index of the first wrong step
 
 
-def _sub_numbers(text: str, mapping: dict[str, str]) -> str:
-    for old in sorted(mapping, key=len, reverse=True):
-        text = re.sub(_NUM.format(re.escape(old)), "\0" + mapping[old] + "\0", text)
-    return text.replace("\0", "")
-
-
-def corrupt_steps(answer: str, rng: random.Random, tries: int = 20) -> Corrupted | None:
-    """One corrupted copy of a GSM8K solution (see the module docstring), or None if none propagates."""
-    body, _, _ = answer.rpartition("####")
-    lines = [line for line in body.strip().split("\n") if _strip(line)]
-    gold_final = final_answer(answer)
-    annotated = [i for i, line in enumerate(lines) if _ANNOT.search(line)]
-    for _ in range(tries):
-        if not annotated:
-            return None
-        k = rng.choice(annotated)
-        m = rng.choice(list(_ANNOT.finditer(lines[k])))
-        try:
-            old = _eval(m.group(1))
-        except (ValueError, SyntaxError, ZeroDivisionError):
-            continue
-        new = old + rng.choice([-1, 1]) * rng.choice([1, 2, 3, 5, 10])
-        if new < 0 or _fmt(new) == _fmt(old):
-            continue
-        mapping = {_fmt(old): _fmt(new)}
-        out = [_strip(x) for x in lines]
-        # step k: the stated result is wrong (the expression stays as written)
-        after = lines[k][m.end():]
-        res_txt = re.match(r"\s*(\d[\d,]*(?:\.\d+)?)", after)
-        if res_txt is None:
-            continue
-        visible = lines[k][:m.start()] + _CUT + lines[k][m.end():m.end() + res_txt.start(1)] + _fmt(new) \
-            + lines[k][m.end() + res_txt.end(1):]
-        out[k] = _strip(visible).replace(_CUT, "")
-        ok = True
-        for j in range(k + 1, len(lines)):
-            line = lines[j]
-            for a in _ANNOT.finditer(line):
-                try:
-                    o = _eval(a.group(1))
-                    n = _eval(_sub_numbers(a.group(1), mapping))
-                except (ValueError, SyntaxError, ZeroDivisionError):
-                    ok = False
-                    break
-                if _fmt(o) != _fmt(n):
-                    mapping[_fmt(o)] = _fmt(n)
-            out[j] = _sub_numbers(_strip(line), mapping)
-        if not ok:
-            continue
-        wrong_final = mapping.get(gold_final.replace(",", ""))
-        if wrong_final is None or wrong_final == gold_final:
-            continue
-        return Corrupted(out + [f"The answer is {wrong_final}."], wrong_final, k)
-    return None
+def corrupt_steps(question: str, answer: str, rng: random.Random) -> Corrupted | None:
+    """A corrupted copy of a GSM8K solution as clean steps (see ``corrupt``), or None."""
+    g = gold_response(answer)
+    if g is None:
+        return None
+    c = corrupt(question, *g, rng)
+    if c is None:
+        return None
+    body, final, k = c
+    return Corrupted(render_steps(body, final), final, k)

@@ -28,7 +28,7 @@ def main():
             continue
         variants, seen = [], set()
         for _ in range(10 * args.corrupted):
-            c = corrupt_steps(rec["answer"], rng)
+            c = corrupt_steps(rec["question"], rec["answer"], rng)
             if c is not None and c.answer not in seen:
                 seen.add(c.answer)
                 variants.append(c)
