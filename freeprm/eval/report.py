@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -126,13 +127,13 @@ def plot_table(table: dict, path: str | os.PathLike, title: str | None = None) -
     ax.set_xticklabels([str(n) for n in ns])
     ax.set_xlabel("N (candidates per problem)")
     ax.set_ylabel("accuracy (%)")
-    ax.set_title(title or "best-of-N accuracy")
+    ax.set_title(textwrap.fill(title or "best-of-N accuracy", 60), fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    fig.savefig(path, bbox_inches="tight")  # keeps the outside legend and a long title
     plt.close(fig)
     return str(path)
 
