@@ -62,7 +62,6 @@ def build_problems(candidates: Sequence[dict], scores: dict[tuple[str, int], dic
 def build_table(problems: Sequence[Problem], methods: Sequence[str] | None = None, ns: Sequence[int] | None = None, *,
                 n_subsets: int = 100, n_bootstrap: int = 1000, seed: int = 0, meta: dict | None = None) -> dict:
     """The JSON-ready table: ``{"meta", "ns", "methods": [{"method", "label", "cells": {N: {...}}}]}``."""
-    aggs = sorted({parse_method(m)[1] for m in (methods or []) if parse_method(m)[1]})
     if methods is None:
         aggs = sorted(problems[0].scores) if problems and problems[0].scores else []
         methods = default_methods(aggs or ("min",), scored=bool(aggs))
