@@ -75,7 +75,8 @@ def _add_generate(p: argparse.ArgumentParser) -> None:
 def _add_score(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("score")
     g.add_argument("--policy", default="smollm2", help="implicit PRM policy (HF dir, .gguf, smollm2)")
-    g.add_argument("--reference", default=None, help="reference model (default: none, reference-free)")
+    g.add_argument("--reference", default=None, type=lambda s: None if s.lower() == "none" else s,
+                   help="reference model, or 'none' (the default: reference-free)")
     g.add_argument("--beta", type=float, default=1.0)
     g.add_argument("--step-delimiter", default="\n\n", type=_unescape,
                    help="step delimiter, backslash escapes allowed (default: '\\n\\n', a blank line)")
