@@ -18,6 +18,7 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..gsm8k import data_dir as _shared_data_dir
 from .grading import gold_from_gsm8k
 
 TASK_NAMES = ("gsm8k", "math500", "arith")
@@ -56,11 +57,7 @@ class Problem:
         return (template or PROMPTS[self.task]).format(question=self.question)
 
 
-def default_data_dir() -> Path:
-    env = os.environ.get("FREEPRM_DATA")
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parents[2].parent / "shared" / "data"
+default_data_dir = _shared_data_dir  # $FREEPRM_DATA, else ../shared/data beside the repository
 
 
 def _read_jsonl(path: Path) -> list[dict]:
