@@ -8,25 +8,30 @@ Gradient, with g_i = d loss / d out_i and p = softmax(z_i):
     dx_iv  = dz_iv * dz/dx      (scale, times 1 - tanh^2 under soft-cap)
     dh_i   = sum_v dx_iv W_v               d_hidden = dx @ W        [N, D]
     dW_v   = sum_i dx_iv h_i               d_weight = dx^T @ h      [V, D]
-Only ``lse`` ([N] fp32) is saved; the ``[chunk, V]`` logits are recomputed in backward, so
-the full ``[N, V]`` matrix never exists, in forward or backward.
+Only ``lse`` ([N] fp32) is saved; ``[chunk, vocab block]`` tiles of logits are recomputed in
+backward, so the full ``[N, V]`` matrix never exists, in forward or backward. The logsumexp is
+taken online over vocab blocks: m <- max(m, max_tile z); s <- s * exp(m_old - m) + sum exp(z - m).
 """
 
 from __future__ import annotations
 
 import torch
 
-# rows per chunk are chosen so one fp32 [rows, V] tile stays near this many bytes
-DEFAULT_CHUNK_BYTES = 32 * 2**20
+# Tiles: token chunks of CHUNK_ROWS rows x vocab blocks sized so one fp32 [rows, block] tile stays
+# near TILE_BYTES. The weight is then read once per token chunk (not once per few rows, which made
+# the pass memory-bound on large vocabularies), and the logsumexp runs online across vocab blocks.
+DEFAULT_CHUNK_ROWS = 2048
+TILE_BYTES = 32 * 2**20
+MIN_VOCAB_BLOCK = 1024
 
 
-def default_chunk_rows(vocab: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
-    return max(16, chunk_bytes // (4 * max(vocab, 1)))
+def _vocab_block(rows: int, vocab: int) -> int:
+    return max(MIN_VOCAB_BLOCK, min(vocab, TILE_BYTES // (4 * max(rows, 1))))
 
 
 def _logits(h: torch.Tensor, w32: torch.Tensor, logit_scale: float, softcap: float | None):
-    """fp32 logits of one chunk and, under soft-cap, tanh (needed for the gradient)."""
-    x = h.float() @ w32.T  # [C, V] fp32
+    """fp32 logits of one tile and, under soft-cap, tanh (needed for the gradient)."""
+    x = h.float() @ w32.T  # [C, Vb] fp32
     if logit_scale != 1.0:
         x = x * logit_scale
     if softcap is None:
@@ -35,19 +40,36 @@ def _logits(h: torch.Tensor, w32: torch.Tensor, logit_scale: float, softcap: flo
     return softcap * th, th
 
 
+def _tiles(n: int, vocab: int, chunk_rows: int | None):
+    rows = chunk_rows or DEFAULT_CHUNK_ROWS
+    block = _vocab_block(min(rows, max(n, 1)), vocab)
+    for a in range(0, n, rows):
+        yield a, min(a + rows, n), [(v, min(v + block, vocab)) for v in range(0, vocab, block)]
+
+
 def chunked_linear_logprobs_fwd(hidden, weight, targets, logit_scale=1.0, softcap=None, chunk_rows=None):
     """Returns (logp [N] fp32, lse [N] fp32)."""
     n = hidden.shape[0]
-    chunk_rows = chunk_rows or default_chunk_rows(weight.shape[0])
     w32 = weight.float()
+    tgt = targets.long()
     logp = torch.empty(n, dtype=torch.float32, device=hidden.device)
     lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
-    for a in range(0, n, chunk_rows):
-        b = min(a + chunk_rows, n)
-        z, _ = _logits(hidden[a:b], w32, logit_scale, softcap)
-        lse_c = torch.logsumexp(z, dim=-1)
-        lse[a:b] = lse_c
-        logp[a:b] = z.gather(-1, targets[a:b].long().unsqueeze(-1)).squeeze(-1) - lse_c
+    for a, b, blocks in _tiles(n, weight.shape[0], chunk_rows):
+        h, t = hidden[a:b], tgt[a:b]
+        m = torch.full((b - a,), float("-inf"), device=hidden.device)  # running max
+        s = torch.zeros(b - a, device=hidden.device)  # running sum of exp(z - m)
+        zt = torch.zeros(b - a, device=hidden.device)  # target logit
+        for v0, v1 in blocks:
+            z, _ = _logits(h, w32[v0:v1], logit_scale, softcap)  # [C, Vb]
+            m_new = torch.maximum(m, z.amax(-1))
+            s = s * torch.exp(m - m_new) + torch.exp(z - m_new[:, None]).sum(-1)
+            m = m_new
+            inb = (t >= v0) & (t < v1)
+            if bool(inb.any()):
+                rows = inb.nonzero(as_tuple=True)[0]
+                zt[rows] = z[rows, t[rows] - v0]
+        lse[a:b] = m + torch.log(s)
+        logp[a:b] = zt - lse[a:b]
     return logp, lse
 
 
@@ -55,25 +77,31 @@ def chunked_linear_logprobs_bwd(grad, hidden, weight, targets, lse, logit_scale=
                                 chunk_rows=None, need_hidden=True, need_weight=True):
     """Returns (d_hidden [N, D] in hidden's dtype or None, d_weight [V, D] in weight's dtype or None)."""
     n = hidden.shape[0]
-    chunk_rows = chunk_rows or default_chunk_rows(weight.shape[0])
     w32 = weight.float()
+    tgt = targets.long()
     dh = torch.empty_like(hidden) if need_hidden else None
     dw32 = torch.zeros_like(w32) if need_weight else None
     g = grad.float()
-    for a in range(0, n, chunk_rows):
-        b = min(a + chunk_rows, n)
-        z, th = _logits(hidden[a:b], w32, logit_scale, softcap)
-        p = torch.exp(z - lse[a:b, None])  # softmax, [C, V]
-        dz = p.mul_(-g[a:b, None])
-        dz.scatter_add_(-1, targets[a:b].long().unsqueeze(-1), g[a:b, None])
-        if softcap is not None:
-            dz.mul_(1.0 - th * th)
-        if logit_scale != 1.0:
-            dz.mul_(logit_scale)
+    for a, b, blocks in _tiles(n, weight.shape[0], chunk_rows):
+        h32, t, ga = hidden[a:b].float(), tgt[a:b], g[a:b]
+        dh32 = torch.zeros_like(h32) if need_hidden else None
+        for v0, v1 in blocks:
+            z, th = _logits(h32, w32[v0:v1], logit_scale, softcap)
+            dz = torch.exp(z - lse[a:b, None]).mul_(-ga[:, None])  # -g * softmax, [C, Vb]
+            inb = (t >= v0) & (t < v1)
+            if bool(inb.any()):
+                rows = inb.nonzero(as_tuple=True)[0]
+                dz[rows, t[rows] - v0] += ga[rows]
+            if softcap is not None:
+                dz.mul_(1.0 - th * th)
+            if logit_scale != 1.0:
+                dz.mul_(logit_scale)
+            if need_hidden:
+                dh32.addmm_(dz, w32[v0:v1])
+            if need_weight:
+                dw32[v0:v1].addmm_(dz.T, h32)
         if need_hidden:
-            dh[a:b] = (dz @ w32).to(hidden.dtype)
-        if need_weight:
-            dw32.addmm_(dz.T, hidden[a:b].float())
+            dh[a:b] = dh32.to(hidden.dtype)
     dw = None if dw32 is None else dw32.to(weight.dtype)
     return dh, dw
 
