@@ -169,7 +169,8 @@ def main() -> None:
              "tokens": n_tokens, "scored_tokens": n_scored, "vocab": scorer.vocab_size}
     out = {"env": env, "setup": setup, "results": rows, "summary": summary}
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    stem = Path(args.out) / f"engine_cpu_b{args.batch}x{args.seq}"
+    tag = "" if args.policy == "smollm2" else f"{Path(args.policy).name}_"
+    stem = Path(args.out) / f"engine_cpu_{tag}b{args.batch}x{args.seq}"
     stem.with_suffix(".json").write_text(json.dumps(out, indent=2))
     md = [f"# Engine benchmark: score() vs naive HF, {args.batch} x {args.seq} tokens, fp32",
           "", f"- device: {env['device']}, {args.threads} threads", f"- torch {env['torch']}, transformers "
