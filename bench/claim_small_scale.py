@@ -46,9 +46,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from freeprm.gsm8k import corrupt, data_dir, gold_response, render_steps  # noqa: E402
+from freeprm.gsm8k import corrupt, gold_response, load_gsm8k, render_steps  # noqa: E402
 
-DATA = data_dir()
 
 
 def render(body: list[str], final: str) -> str:
@@ -85,10 +84,6 @@ def build_items(rows: list[dict], n: int, seed: int, tokenizer, max_length: int)
         out.append({"prompt": row["question"], "response": bad, "label": 0, "steps": n_steps, "bad_step": k, "problem": i})
         used += 1
     return out
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
 
 
 # ------------------------------------------------------------------------------------ eval
@@ -154,7 +149,7 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     init_dir = resolve_spec("smollm2")  # the cached safetensors copy of the bundled GGUF
     _, tok = load_model(init_dir)
-    train_rows, test_rows = read_jsonl(DATA / "gsm8k_train.jsonl"), read_jsonl(DATA / "gsm8k_test.jsonl")
+    train_rows, test_rows = load_gsm8k("train"), load_gsm8k("test")
     train_items = build_items(train_rows, args.n_train, args.seed, tok, args.max_length)
     test_items = build_items(test_rows, args.n_test, args.seed + 1, tok, args.max_length)
     (work / "train.jsonl").write_text("".join(json.dumps({k: it[k] for k in ("prompt", "response", "label")}) + "\n"
