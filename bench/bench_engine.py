@@ -71,10 +71,14 @@ def build_items(tokenizer, batch: int, seq: int) -> list[dict]:
 
 
 def make_providers(scorer, items):
+    from freeprm.engine.batching import pad_batch
     from freeprm.engine.logprobs import naive_sequence_logprobs
 
     prepared = [scorer.prepare(it, i) for i, it in enumerate(items)]
-    ids, am, tm, starts = scorer._collate(prepared)
+    batch = pad_batch([p.input_ids for p in prepared], scorer.pad_id, target_starts=[p.response_start for p in prepared],
+                      device=scorer.device)
+    ids, am, tm = batch.input_ids, batch.attention_mask, batch.target_mask
+    starts = [batch.offsets[b] + p.response_start for b, p in enumerate(prepared)]
 
     def naive():
         with torch.inference_mode():

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..kernels import ops
+from .batching import length_batches, pad_batch, pad_id_of
 from .loading import DEFAULT_POLICY, load_model
 from .logprobs import scatter_rows, sequence_logprobs, split_lm, target_hidden
 from .steps import split_steps, token_steps
@@ -185,8 +186,7 @@ class Scorer:
         self.max_batch_tokens, self.padding_side, self.impl = max_batch_tokens, padding_side, impl
         self.fuse_reference = fuse_reference
         self.vocab_size = split_lm(self.policy)[1].weight.shape[0]
-        pad = self.tokenizer.pad_token_id
-        self.pad_id = pad if pad is not None else (self.tokenizer.eos_token_id or 0)
+        self.pad_id = pad_id_of(self.tokenizer)
 
     # ------------------------------------------------------------------ inputs
     def prepare(self, item: Mapping, index: int = 0) -> _Prepared:
@@ -220,33 +220,6 @@ class Scorer:
         meta = {k: v for k, v in item.items() if k not in ("prompt", "response", "steps")}
         return _Prepared(index, enc.input_ids, enc.response_start, token_steps(enc.offsets, spans),
                          [response[a:b] for a, b in spans], spans, meta)
-
-    def _batches(self, prepared: list[_Prepared]) -> list[list[_Prepared]]:
-        order = sorted(prepared, key=lambda p: -len(p.input_ids))
-        batches, cur = [], []
-        for p in order:
-            if cur and (len(cur) + 1) * len(cur[0].input_ids) > self.max_batch_tokens:
-                batches.append(cur)
-                cur = []
-            cur.append(p)
-        if cur:
-            batches.append(cur)
-        return batches
-
-    def _collate(self, batch: list[_Prepared]):
-        t = max(len(p.input_ids) for p in batch)
-        ids = torch.full((len(batch), t), self.pad_id, dtype=torch.long)
-        am = torch.zeros((len(batch), t), dtype=torch.long)
-        tm = torch.zeros((len(batch), t), dtype=torch.bool)
-        starts = []
-        for b, p in enumerate(batch):
-            n = len(p.input_ids)
-            o = t - n if self.padding_side == "left" else 0
-            ids[b, o:o + n] = torch.tensor(p.input_ids)
-            am[b, o:o + n] = 1
-            tm[b, o + p.response_start:o + n] = True
-            starts.append(o + p.response_start)
-        return ids.to(self.device), am.to(self.device), tm.to(self.device), starts
 
     # ------------------------------------------------------------------ compute
     @torch.inference_mode()
@@ -285,19 +258,20 @@ class Scorer:
     def _run(self, prepared: list[_Prepared], progress: bool):
         """Per item (in input order): (token_rewards, logp, logp_ref) over its response tokens, on the CPU."""
         out: list = [None] * len(prepared)
-        batches = self._batches(prepared)
         bar = None
         if progress:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=len(prepared), desc="scoring", unit="resp")
-        for batch in batches:
-            ids, am, tm, starts = self._collate(batch)
-            r, lp, lpr = self.token_rewards_from_ids(ids, am, tm)
+        for idx in length_batches([len(p.input_ids) for p in prepared], self.max_batch_tokens):
+            batch = [prepared[i] for i in idx]
+            pb = pad_batch([p.input_ids for p in batch], self.pad_id, side=self.padding_side,
+                           target_starts=[p.response_start for p in batch], device=self.device)
+            r, lp, lpr = self.token_rewards_from_ids(pb.input_ids, pb.attention_mask, pb.target_mask)
             r, lp, lpr = (None if x is None else x.cpu() for x in (r, lp, lpr))
             for b, p in enumerate(batch):
-                sl = slice(starts[b], starts[b] + len(p.input_ids) - p.response_start)
-                out[p.index] = tuple(None if x is None else x[b, sl].clone() for x in (r, lp, lpr))
+                out[p.index] = tuple(None if x is None else pb.unpad(x, b, p.response_start).clone()
+                                     for x in (r, lp, lpr))
             if bar is not None:
                 bar.update(len(batch))
         if bar is not None:
