@@ -44,10 +44,10 @@ def _rss_kb(field: str) -> int:
 
 def build_items(tokenizer, batch: int, seq: int) -> list[dict]:
     """``batch`` GSM8K-based items of exactly ``seq`` tokens each (prompt = a question, response = solutions)."""
-    from freeprm.engine.tokenize import encode, prompt_ids
-    from freeprm.gsm8k import gold_steps, load_gsm8k
+    from freeprm.engine.tokenization import encode, prompt_ids
+    from freeprm.gsm8k import gold_steps, read_gsm8k
 
-    recs = load_gsm8k("test", limit=400)
+    recs = read_gsm8k("test", limit=400)
     items = []
     for b in range(batch):
         prompt = recs[b]["question"]

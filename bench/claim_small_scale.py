@@ -46,7 +46,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from freeprm.gsm8k import corrupt, gold_response, load_gsm8k, render_steps  # noqa: E402
+from freeprm.gsm8k import corrupt, gold_response, read_gsm8k, render_steps  # noqa: E402
 
 
 
@@ -57,7 +57,7 @@ def render(body: list[str], final: str) -> str:
 def build_items(rows: list[dict], n: int, seed: int, tokenizer, max_length: int) -> list[dict]:
     """Up to ``n`` problems -> [{prompt, response, label, steps, bad_step, problem}], gold then corrupted."""
     from freeprm.engine.steps import split_steps
-    from freeprm.engine.tokenize import encode
+    from freeprm.engine.tokenization import encode
 
     rng = random.Random(seed)
     out, used = [], 0
@@ -149,7 +149,7 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     init_dir = resolve_spec("smollm2")  # the cached safetensors copy of the bundled GGUF
     _, tok = load_model(init_dir)
-    train_rows, test_rows = load_gsm8k("train"), load_gsm8k("test")
+    train_rows, test_rows = read_gsm8k("train"), read_gsm8k("test")
     train_items = build_items(train_rows, args.n_train, args.seed, tok, args.max_length)
     test_items = build_items(test_rows, args.n_test, args.seed + 1, tok, args.max_length)
     (work / "train.jsonl").write_text("".join(json.dumps({k: it[k] for k in ("prompt", "response", "label")}) + "\n"

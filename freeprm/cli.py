@@ -10,7 +10,8 @@ import argparse
 import importlib
 import sys
 
-# subcommand modules, imported lazily so ``freeprm --help`` stays fast
+# subcommand modules, all imported when the parser is built (so ``freeprm --help`` imports torch through the
+# subpackages' ``__init__``); each keeps model loading and other heavy work inside its command function
 _COMMAND_MODULES = (
     "freeprm.engine.cli",   # score, demo
     "freeprm.trainer.cli",  # train

@@ -35,8 +35,11 @@ def data_dir() -> Path:
     return Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
-def load_gsm8k(split: str = "test", limit: int | None = None) -> list[dict]:
-    """Records ``{question, answer}`` of ``gsm8k_{split}.jsonl`` from ``data_dir()``."""
+def read_gsm8k(split: str = "test", limit: int | None = None) -> list[dict]:
+    """Raw records ``{question, answer}`` of ``gsm8k_{split}.jsonl`` from ``data_dir()``.
+
+    For evaluation problems (id, task, gold answer) use ``freeprm.eval.tasks.load_gsm8k``.
+    """
     path = data_dir() / f"gsm8k_{split}.jsonl"
     if not path.is_file():
         raise ValueError(f"{path} not found: set FREEPRM_DATA to the folder holding gsm8k_{split}.jsonl")

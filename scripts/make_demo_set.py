@@ -9,7 +9,7 @@ import json
 import random
 from pathlib import Path
 
-from freeprm.gsm8k import corrupt_steps, final_answer, gold_steps, load_gsm8k
+from freeprm.gsm8k import corrupt_steps, final_answer, gold_steps, read_gsm8k
 
 
 def main():
@@ -22,7 +22,7 @@ def main():
     args = ap.parse_args()
     rng = random.Random(args.seed)
     rows, n = [], 0
-    for idx, rec in enumerate(load_gsm8k("test")):
+    for idx, rec in enumerate(read_gsm8k("test")):
         steps = gold_steps(rec["answer"])
         if not 3 <= len(steps) <= args.max_steps:
             continue

@@ -3,7 +3,7 @@
 import random
 import re
 
-from freeprm.gsm8k import _eval, corrupt_steps, final_answer, gold_steps, load_gsm8k
+from freeprm.gsm8k import _eval, corrupt_steps, final_answer, gold_steps, read_gsm8k
 
 QUESTION = "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May."
 SOLUTION = ("Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n"
@@ -51,7 +51,7 @@ def test_safe_eval_refuses_code():
 
 
 def test_real_test_split_mostly_corruptible():
-    recs = load_gsm8k("test", limit=100)
+    recs = read_gsm8k("test", limit=100)
     rng = random.Random(0)
     made = [corrupt_steps(r["question"], r["answer"], rng) for r in recs]
     ok = [(r, c) for r, c in zip(recs, made) if c is not None]

@@ -11,7 +11,7 @@ Log-probs come from the LM head applied only at response positions, chunked, fp3
 never a ``[tokens x vocab]`` tensor. Items are batched by length with padding and position
 ids that restart at each row's first real token, so a response's score does not depend on
 what it is batched with. Step segmentation rules are in ``steps.py``, tokenization in
-``tokenize.py``.
+``tokenization.py``.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from .batching import length_batches, pad_batch, pad_id_of
 from .loading import DEFAULT_POLICY, load_model
 from .logprobs import scatter_rows, sequence_logprobs, split_lm, target_hidden
 from .steps import split_steps, token_steps
-from .tokenize import PROMPT_FORMATS, encode
+from .tokenization import PROMPT_FORMATS, encode
 
 AGGREGATIONS = ("min", "last", "mean", "sum", "q_min", "q_last", "q_mean", "q_sum")
 
@@ -125,7 +125,7 @@ class Scorer:
         beta: reward scale.
         step_delimiter / step_pattern: how responses split into steps (see ``steps.py``).
         aggregate: default aggregation, one of ``AGGREGATIONS``.
-        prompt_format: ``"auto" | "chat" | "raw"`` (see ``tokenize.py``).
+        prompt_format: ``"auto" | "chat" | "raw"`` (see ``tokenization.py``).
         dtype, device: where the models run (device defaults to CUDA when available).
         max_length: longest prompt+response in tokens (default: the model's max positions).
         max_batch_tokens: padded tokens per forward batch.

@@ -7,7 +7,7 @@ Schema, one JSON object per line (see docs/eval.md)::
 
 Backends:
   * ``transformers``: ``model.generate`` with sampling, the prompts batched (left padding) and
-    formatted exactly as the scorer formats them (``freeprm.engine.tokenize.prompt_ids``, chat
+    formatted exactly as the scorer formats them (``freeprm.engine.tokenization.prompt_ids``, chat
     template when the tokenizer has one), so the scorer sees the prompt the generator saw.
     Whole problems are packed into batches of up to ``batch_size`` sequences (left padding);
     each batch is drawn after ``torch.manual_seed`` with a seed derived from ``(seed, its first
@@ -179,7 +179,7 @@ class TransformersGenerator:
         self.eos_ids = sorted(eos)
 
     def prompt_ids(self, prompt: str) -> list[int]:
-        from ..engine.tokenize import prompt_ids
+        from ..engine.tokenization import prompt_ids
 
         return prompt_ids(self.tokenizer, prompt, self.prompt_format)
 

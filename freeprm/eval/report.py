@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from .grading import group_answers
-from .selection import Cell, Problem, accuracy_at_n, default_methods, parse_method
+from .selection import Cell, CandidateSet, accuracy_at_n, default_methods, parse_method
 from .tasks import GRADER_TASK
 
 METHOD_LABELS = {"random": "random pick (pass@1)", "majority": "majority vote", "pass@N": "pass@N (oracle)"}
@@ -30,8 +30,8 @@ def method_label(method: str) -> str:
 
 
 def build_problems(candidates: Sequence[dict], scores: dict[tuple[str, int], dict] | None = None,
-                   aggregations: Sequence[str] = ()) -> list[Problem]:
-    """Group candidate records by problem (candidate_id order) into ``selection.Problem`` objects.
+                   aggregations: Sequence[str] = ()) -> list[CandidateSet]:
+    """Group candidate records by problem (candidate_id order) into ``selection.CandidateSet`` objects.
 
     Voting keys come from ``grading.group_answers`` (equivalent MATH answers merged). When
     ``aggregations`` are asked for, every candidate must have a score line in ``scores``.
@@ -55,11 +55,11 @@ def build_problems(candidates: Sequence[dict], scores: dict[tuple[str, int], dic
                 v = line["aggregates"].get(agg)
                 vals.append(-math.inf if v is None else float(v))
             sc[agg] = np.array(vals)
-        out.append(Problem(pid, keys, np.array(correct), sc))
+        out.append(CandidateSet(pid, keys, np.array(correct), sc))
     return out
 
 
-def build_table(problems: Sequence[Problem], methods: Sequence[str] | None = None, ns: Sequence[int] | None = None, *,
+def build_table(problems: Sequence[CandidateSet], methods: Sequence[str] | None = None, ns: Sequence[int] | None = None, *,
                 n_subsets: int = 100, n_bootstrap: int = 1000, seed: int = 0, meta: dict | None = None) -> dict:
     """The JSON-ready table: ``{"meta", "ns", "methods": [{"method", "label", "cells": {N: {...}}}]}``."""
     if methods is None:

@@ -76,7 +76,7 @@ def weights_from_scores(scores: np.ndarray, weighting: str) -> np.ndarray:
 
 
 @dataclass
-class Problem:
+class CandidateSet:
     """The candidates of one problem, ready for selection."""
 
     problem_id: str
@@ -118,7 +118,7 @@ def parse_method(method: str) -> tuple[str, str | None, str | None]:
                      f"wmv:<aggregation>:<{'|'.join(WEIGHTINGS)}>")
 
 
-def select(problem: Problem, idx: Sequence[int], method: str) -> float:
+def select(problem: CandidateSet, idx: Sequence[int], method: str) -> float:
     """Accuracy (0/1, or an expectation for ``random``) of ``method`` on the candidates ``idx``."""
     kind, agg, weighting = parse_method(method)
     idx = np.asarray(idx, dtype=np.int64)
@@ -172,7 +172,7 @@ class Cell:
 
 
 def accuracy_at_n(
-    problems: Sequence[Problem],
+    problems: Sequence[CandidateSet],
     methods: Sequence[str],
     ns: Sequence[int] | None = None,
     *,

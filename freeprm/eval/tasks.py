@@ -79,7 +79,10 @@ def _take(rows: list, limit: int | None, offset: int, shuffle_seed: int | None) 
 
 def load_gsm8k(split: str = "test", *, limit: int | None = None, offset: int = 0, shuffle_seed: int | None = None,
                data_dir: str | os.PathLike | None = None) -> list[Problem]:
-    """GSM8K problems (``problem_id`` = ``gsm8k-<split>-<line index>``), gold = the ``####`` number."""
+    """GSM8K problems (``problem_id`` = ``gsm8k-<split>-<line index>``), gold = the ``####`` number.
+
+    (The raw ``{question, answer}`` records: ``freeprm.gsm8k.read_gsm8k``.)
+    """
     if split not in ("test", "train"):
         raise ValueError(f"split must be 'test' or 'train', got {split!r}")
     rows = _read_jsonl(Path(data_dir or default_data_dir()) / f"gsm8k_{split}.jsonl")

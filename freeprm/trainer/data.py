@@ -9,7 +9,7 @@ correct response with an incorrect one (a seeded shuffle, then zip; leftovers un
 paper does. Labeled losses read pair rows as one correct and one incorrect response. Any bad
 row raises ``ValueError("<path>:<line>: ...")`` saying what is wrong with it.
 
-Tokenization is ``freeprm.engine.tokenize.encode``, the scorer's, so training and scoring see
+Tokenization is ``freeprm.engine.tokenization.encode``, the scorer's, so training and scoring see
 the same token ids.
 """
 
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from ..engine.tokenize import encode
+from ..engine.tokenization import encode
 
 
 @dataclass(frozen=True)

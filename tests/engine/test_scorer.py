@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from freeprm.engine import AGGREGATIONS, Scorer, load_model, naive_sequence_logprobs, score
-from freeprm.engine.tokenize import encode
+from freeprm.engine.tokenization import encode
 
 ITEMS = [
     {"prompt": "What is 48 / 2?", "response": "Step 1: 48 / 2 = 24.\n\nThe answer is 24.", "id": "a"},

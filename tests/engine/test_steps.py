@@ -5,7 +5,7 @@ import re
 import pytest
 
 from freeprm.engine.steps import split_steps, token_steps
-from freeprm.engine.tokenize import encode, response_tokens
+from freeprm.engine.tokenization import encode, response_tokens
 
 
 def texts(response, spans):

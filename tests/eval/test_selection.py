@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from freeprm.eval.selection import (Problem, accuracy_at_n, default_methods, default_ns, parse_method, select, vote,
+from freeprm.eval.selection import (CandidateSet, accuracy_at_n, default_methods, default_ns, parse_method, select, vote,
                                     weights_from_scores)
 
 
@@ -45,7 +45,7 @@ def _problem():
     keys = ["B", "A", "B", "B", None]
     correct = [False, True, False, False, False]
     scores = {"min": np.array([-3.0, -0.5, -2.0, -2.5, -0.1]), "last": np.array([5.0, 1.0, 0.0, 0.0, 0.0])}
-    return Problem("p", keys, correct, scores)
+    return CandidateSet("p", keys, correct, scores)
 
 
 def test_select_known_answers():
@@ -69,7 +69,7 @@ def test_select_known_answers():
 
 
 def test_bon_ties_go_to_first_candidate():
-    p = Problem("t", ["a", "b"], [True, False], {"min": np.array([1.0, 1.0])})
+    p = CandidateSet("t", ["a", "b"], [True, False], {"min": np.array([1.0, 1.0])})
     assert select(p, [0, 1], "bon:min") == 1.0
     assert select(p, [1, 0], "bon:min") == 0.0
 
@@ -98,7 +98,7 @@ def _synthetic(n_problems=40, n_cand=8, seed=0, signal=1.0):
         wrong_answers = rng.integers(1, 4, n_cand)  # wrong answers spread over 3 values
         keys = [0 if c else int(w) for c, w in zip(correct, wrong_answers)]
         score = signal * correct + rng.normal(0, 0.3, n_cand)
-        probs.append(Problem(f"p{i}", keys, correct, {"min": score}))
+        probs.append(CandidateSet(f"p{i}", keys, correct, {"min": score}))
     return probs
 
 
@@ -150,7 +150,7 @@ def test_accuracy_at_n_validates():
     with pytest.raises(ValueError, match="no problems"):
         accuracy_at_n([], ["random"])
     with pytest.raises(ValueError, match="entries for"):
-        Problem("x", ["a"], [True], {"min": [1.0, 2.0]})
+        CandidateSet("x", ["a"], [True], {"min": [1.0, 2.0]})
 
 
 def test_subsets_enumerate_when_few():

@@ -74,7 +74,7 @@ def test_pairs_and_auto_pairing(tmp_path):
 def test_tokenization_matches_engine_and_truncates(tiny_dir):
     from transformers import AutoTokenizer
 
-    from freeprm.engine.tokenize import encode
+    from freeprm.engine.tokenization import encode
 
     tok = AutoTokenizer.from_pretrained(tiny_dir)
     ex = [Labeled("What is 3 + 4?", "3 + 4 = 7.\nThe answer is 7.", 1.0, 1)]
