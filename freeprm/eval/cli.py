@@ -179,7 +179,8 @@ def stage_report(args) -> dict:
     meta = {"candidates_file": str(_candidates_path(args))}
     if aggs:
         tag = scorer_tag(getattr(args, "policy", None) or "smollm2", getattr(args, "reference", None),
-                         getattr(args, "beta", 1.0), getattr(args, "step_delimiter", "\n\n"))
+                         getattr(args, "beta", 1.0), getattr(args, "step_delimiter", "\n\n"),
+                         dtype=getattr(args, "score_dtype", "float32"))
         scores = load_scores(Path(args.out) / "scores.jsonl", tag if args.stage == "all" else None)
         tags = {s["scorer"] for s in scores.values()}
         if len(tags) > 1:

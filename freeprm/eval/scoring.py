@@ -5,8 +5,11 @@ Scores are appended to ``scores.jsonl``, one line per candidate::
     problem_id, candidate_id, scorer (config string), aggregates {name: float for AGGREGATIONS},
     step_rewards [float], num_tokens
 
-A line is reused on a rerun when its ``(problem_id, candidate_id)`` and ``scorer`` string match
-(the policy, reference, beta and step delimiter), so changing the PRM rescores. Candidates with
+A line is reused on a rerun when its ``(problem_id, candidate_id)`` and ``scorer`` string match.
+The string (``scorer_tag``) covers every option that changes scores: policy, reference, beta,
+step delimiter, step pattern, prompt format and dtype, so changing any of them rescores. A model
+is named by its spec, or, inside an already-built ``Scorer``, by the path it was loaded from
+(``config._name_or_path``); weights changed in place under the same name are not detected. Candidates with
 an empty response are not sent to the engine; they get ``null`` (read as ``-inf``) for every aggregation (never
 picked by best-of-N while any other candidate has a score, weight 0 in voting).
 """
@@ -19,9 +22,39 @@ from collections.abc import Sequence
 from .candidates import append_jsonl, key_of, read_jsonl
 
 
-def scorer_tag(policy, reference, beta: float, step_delimiter: str | None) -> str:
-    name = lambda m: "none" if m is None else (str(m) if not isinstance(m, tuple) else "<object>")  # noqa: E731
-    return f"policy={name(policy)};reference={name(reference)};beta={float(beta):g};delim={step_delimiter!r}"
+def _model_name(model) -> str:
+    """A spec as given; a ``(model, tokenizer)`` pair or a bare model by the path it was loaded from."""
+    if model is None:
+        return "none"
+    if isinstance(model, (str, os.PathLike)):
+        return str(model)
+    m = model[0] if isinstance(model, tuple) else model
+    return getattr(getattr(m, "config", None), "_name_or_path", None) or "<object>"
+
+
+def _dtype_name(dtype) -> str:
+    from ..engine.loading import resolve_dtype
+
+    return str(resolve_dtype(dtype)).removeprefix("torch.")
+
+
+def scorer_tag(policy, reference, beta: float, step_delimiter: str | None, *, step_pattern=None,
+               prompt_format: str = "auto", dtype="float32") -> str:
+    """The scorer config string of ``scores.jsonl`` lines: every ``Scorer`` option that changes scores.
+
+    Options that do not change scores (device, impl, batching, padding side, aggregate) are left
+    out. ``step_pattern`` may be a string or a compiled pattern; ``dtype`` a name or ``torch.dtype``.
+    """
+    pattern = getattr(step_pattern, "pattern", step_pattern)
+    return (f"policy={_model_name(policy)};reference={_model_name(reference)};beta={float(beta):g};"
+            f"delim={step_delimiter!r};pattern={pattern!r};format={prompt_format};dtype={_dtype_name(dtype)}")
+
+
+def scorer_tag_of(scorer) -> str:
+    """``scorer_tag`` of a built ``freeprm.engine.Scorer``, from its own models and settings."""
+    dtype = next(scorer.policy.parameters()).dtype
+    return scorer_tag(scorer.policy, scorer.reference, scorer.beta, scorer.step_delimiter,
+                      step_pattern=scorer.step_pattern, prompt_format=scorer.prompt_format, dtype=dtype)
 
 
 def empty_score(rec: dict, tag: str) -> dict:
@@ -55,14 +88,20 @@ def score_candidates(
 ) -> dict:
     """Score the candidates not yet in ``out_path`` (for this scorer config); append their lines.
 
-    ``scorer``: an already-built ``freeprm.engine.Scorer`` to use (its ``policy``/``reference``
-    arguments here only name it in the tag). Work is done ``chunk_size`` candidates at a time,
+    ``scorer``: an already-built ``freeprm.engine.Scorer`` to use; the tag then comes from its own
+    config (``scorer_tag_of``) and ``policy``, ``reference``, ``beta``, ``step_delimiter`` and
+    ``scorer_kwargs`` are ignored. Work is done ``chunk_size`` candidates at a time,
     each chunk appended and flushed, so an interrupted run loses at most one chunk.
     Returns ``{"scored", "reused", "empty", "seconds"}``.
     """
     import time
 
-    tag = scorer_tag(policy, reference, beta, step_delimiter)
+    if scorer is not None:
+        tag = scorer_tag_of(scorer)
+    else:
+        tag = scorer_tag(policy, reference, beta, step_delimiter, step_pattern=scorer_kwargs.get("step_pattern"),
+                         prompt_format=scorer_kwargs.get("prompt_format", "auto"),
+                         dtype=scorer_kwargs.get("dtype", "float32"))
     done = load_scores(out_path, tag)
     todo = [c for c in candidates if key_of(c) not in done]
     stats = {"scored": 0, "reused": len(candidates) - len(todo), "empty": 0, "seconds": 0.0}

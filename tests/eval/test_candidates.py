@@ -4,8 +4,9 @@ import json
 
 import pytest
 
-from freeprm.eval.candidates import (_pack, append_jsonl, derive_seed, generate_candidates, latest_by_key,
-                                     make_record, read_jsonl, truncate_at_stop, validate_record)
+from freeprm.eval.candidates import (append_jsonl, derive_seed, generate_candidates, latest_by_key, make_record,
+                                     read_jsonl, truncate_at_stop, validate_record)
+from freeprm.eval.generation import TransformersGenerator, pack_batches
 from freeprm.eval.tasks import Problem
 
 
@@ -56,12 +57,25 @@ def test_validate_user_record():
 def test_pack_and_seeds():
     probs = [Problem(f"p{i}", "arith", "q", "1") for i in range(3)]
     todo = {"p0": [0, 1, 2], "p1": [1, 2], "p2": [0, 1, 2, 3, 4]}
-    batches = list(_pack(probs, todo, 4))
+    batches = list(pack_batches(probs, todo, 4))
     assert [[(p.problem_id, c) for p, c in b] for b in batches] == [
         [("p0", 0), ("p0", 1), ("p0", 2)], [("p1", 1), ("p1", 2)], [("p2", 0), ("p2", 1), ("p2", 2), ("p2", 3)],
         [("p2", 4)]]
-    assert derive_seed(0, "p0", 0) == derive_seed(0, "p0", 0) != derive_seed(1, "p0", 0)
+    base = derive_seed(0, "p0", 0)
+    assert len({base, derive_seed(1, "p0", 0), derive_seed(0, "p1", 0), derive_seed(0, "p0", 1)}) == 4
     assert 0 <= derive_seed(5, "x", 9) < 2**63
+
+
+def test_derive_seed_is_stable_across_processes():
+    # a seed from Python's salted hash() would differ between interpreters; resumed runs need the same seeds
+    import os
+    import subprocess
+    import sys
+
+    code = "from freeprm.eval.candidates import derive_seed; print(derive_seed(3, 'gsm8k-test-7', 2))"
+    outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                           env={**os.environ, "PYTHONHASHSEED": str(h)}).stdout.strip() for h in (1, 2)}
+    assert outs == {str(derive_seed(3, "gsm8k-test-7", 2))}
 
 
 def test_truncate_at_stop():
@@ -83,3 +97,51 @@ def test_generate_is_seeded_and_honours_stop(tiny, tmp_path):
     assert st["generated"] == 6
     for r in read_jsonl(tmp_path / "s.jsonl"):
         assert not any(t in r["response"] for t in stop) and r["gen"]["stop"] == stop
+
+
+class _FakeVLLM:
+    """Stands in for the ``vllm`` module: records what the backend hands to ``LLM.generate``."""
+
+    def __init__(self, tokenizer):
+        import types
+
+        self.calls = []
+        fake = self
+
+        class LLM:
+            def __init__(self, model, seed):
+                pass
+
+            def get_tokenizer(self):
+                return tokenizer
+
+            def generate(self, prompts, params, use_tqdm=False):
+                fake.calls.append(prompts)
+                out = types.SimpleNamespace(text="2 + 2 = 4.\n\nThe answer is 4.", token_ids=[1, 2, 3])
+                return [types.SimpleNamespace(outputs=[out] * params.n)]
+
+        def sampling_params(**kw):
+            return types.SimpleNamespace(**kw)
+
+        self.module = types.SimpleNamespace(LLM=LLM, SamplingParams=sampling_params)
+
+
+@pytest.mark.parametrize("prompt_format", ["chat", "raw"])
+def test_vllm_and_transformers_format_the_same_prompt(tiny, tmp_path, monkeypatch, prompt_format):
+    import sys
+
+    from transformers import AutoTokenizer
+
+    fake = _FakeVLLM(AutoTokenizer.from_pretrained(tiny))
+    monkeypatch.setitem(sys.modules, "vllm", fake.module)
+    probs = [Problem("p0", "arith", "What is 2 + 2?", "4")]
+    st = generate_candidates(probs, tmp_path / "v.jsonl", model=tiny, n=2, backend="vllm", prompt_format=prompt_format,
+                             progress=False)
+    assert st["generated"] == 2
+    (sent,) = fake.calls
+    hf = TransformersGenerator(tiny, prompt_format=prompt_format)
+    assert sent == [{"prompt_token_ids": hf.prompt_ids(probs[0].prompt())}]
+    other = "raw" if prompt_format == "chat" else "chat"
+    assert sent[0]["prompt_token_ids"] != TransformersGenerator(tiny, prompt_format=other).prompt_ids(probs[0].prompt())
+    recs = read_jsonl(tmp_path / "v.jsonl")
+    assert [r["gen"]["backend"] for r in recs] == ["vllm", "vllm"] and recs[0]["gen"]["prompt_format"] == prompt_format

@@ -1,0 +1,153 @@
+"""Candidate generation backends: sampling with ``transformers`` or vLLM, seeds and batching.
+
+Both backends format the prompt with the scorer's own formatter,
+``freeprm.engine.tokenization.prompt_ids(tokenizer, prompt, prompt_format)`` (chat template or
+raw text, see there), and hand the generator its token ids, so the scorer sees exactly the
+prompt the generator saw, whichever backend sampled it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+from collections.abc import Sequence
+
+import torch
+
+from ..engine.tokenization import prompt_ids
+from .tasks import Problem
+
+BACKENDS = ("auto", "transformers", "vllm")
+
+
+def truncate_at_stop(text: str, stop: Sequence[str] | None) -> str:
+    """``text`` cut before the earliest occurrence of any stop string (unchanged without one)."""
+    cut = min((i for i in (text.find(t) for t in (stop or ()) if t) if i >= 0), default=len(text))
+    return text[:cut]
+
+
+def derive_seed(seed: int, problem_id: str, candidate_id: int) -> int:
+    h = hashlib.sha256(f"{seed}:{problem_id}:{candidate_id}".encode()).digest()
+    return int.from_bytes(h[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def resolve_backend(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        has_vllm = importlib.util.find_spec("vllm") is not None
+        return "vllm" if has_vllm and torch.cuda.is_available() else "transformers"
+    return backend
+
+
+# --------------------------------------------------------------------------- transformers backend
+
+class TransformersGenerator:
+    """Sampling with ``model.generate``; keeps the model loaded across calls."""
+
+    def __init__(self, model="smollm2", *, dtype: str = "float32", device: str | None = None,
+                 prompt_format: str = "auto", trust_remote_code: bool = False):
+        from ..engine.loading import load_model
+
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model, self.tokenizer = load_model(model, dtype=dtype, device=self.device,
+                                                trust_remote_code=trust_remote_code)
+        self.prompt_format = prompt_format
+        tok = self.tokenizer
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        if self.pad_id is None:
+            raise ValueError("the tokenizer has neither a pad nor an EOS token; generation cannot pad or stop")
+        eos = {tok.eos_token_id} if tok.eos_token_id is not None else set()
+        gen_eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        if gen_eos is not None:
+            eos |= set(gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos])
+        self.eos_ids = sorted(eos)
+
+    def prompt_ids(self, prompt: str) -> list[int]:
+        """The prompt's token ids, formatted as the scorer formats it (``prompt_format``)."""
+        return prompt_ids(self.tokenizer, prompt, self.prompt_format)
+
+    @torch.inference_mode()
+    def sample(self, prompt: str, n: int, *, seed: int, temperature: float = 0.7, top_p: float = 0.95,
+               max_new_tokens: int = 256, stop: Sequence[str] | None = None) -> list[tuple[str, int]]:
+        """``n`` sampled continuations of ``prompt``: ``[(text, number of new tokens)]``."""
+        return self.sample_many([prompt] * n, seed=seed, temperature=temperature, top_p=top_p,
+                                max_new_tokens=max_new_tokens, stop=stop)
+
+    @torch.inference_mode()
+    def sample_many(self, prompts: Sequence[str], *, seed: int, temperature: float = 0.7, top_p: float = 0.95,
+                    max_new_tokens: int = 256, stop: Sequence[str] | None = None) -> list[tuple[str, int]]:
+        """One sampled continuation per prompt, in one left-padded ``generate`` call.
+
+        ``stop``: strings that end a continuation (cut before them); the token count is then
+        that of the generated tokens up to the stop, as generated.
+        """
+        rows = [self.prompt_ids(p) for p in prompts]
+        t = max(len(r) for r in rows)
+        input_ids = torch.full((len(rows), t), self.pad_id, dtype=torch.long)
+        attn = torch.zeros((len(rows), t), dtype=torch.long)
+        for b, r in enumerate(rows):  # [B, T] left padding
+            input_ids[b, t - len(r):] = torch.tensor(r)
+            attn[b, t - len(r):] = 1
+        torch.manual_seed(seed)
+        kwargs = dict(max_new_tokens=max_new_tokens, pad_token_id=self.pad_id, eos_token_id=self.eos_ids or None)
+        if temperature > 0:
+            kwargs.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
+        else:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        if stop:
+            kwargs.update(stop_strings=list(stop), tokenizer=self.tokenizer)
+        out = self.model.generate(input_ids=input_ids.to(self.device), attention_mask=attn.to(self.device), **kwargs)
+        texts = []
+        for row in out[:, t:].tolist():
+            n_tok = len(row)
+            for j, tok_id in enumerate(row):
+                if tok_id in self.eos_ids:
+                    n_tok = j
+                    break
+            texts.append((truncate_at_stop(self.tokenizer.decode(row[:n_tok], skip_special_tokens=True), stop), n_tok))
+        return texts
+
+
+def vllm_generate(problems: Sequence[Problem], todo: dict[str, list[int]], model: str, *, prompts: dict[str, str],
+                  seed: int, temperature: float, top_p: float, max_new_tokens: int, stop=None,
+                  prompt_format: str = "auto"):
+    """vLLM backend (GPU only): yields ``(problem, candidate_id, text, n_tokens)``.
+
+    Prompts go to vLLM as token ids from ``prompt_ids`` (as the transformers backend and the
+    scorer format them), never as text for vLLM to template or tokenize again.
+    """
+    from vllm import LLM, SamplingParams  # noqa: PLC0415
+
+    from ..engine.loading import resolve_spec
+
+    llm = LLM(model=resolve_spec(model), seed=seed)
+    tok = llm.get_tokenizer()
+    for p in problems:
+        cids = todo.get(p.problem_id)
+        if not cids:
+            continue
+        ids = prompt_ids(tok, prompts[p.problem_id], prompt_format)
+        params = SamplingParams(n=len(cids), temperature=temperature, top_p=top_p, max_tokens=max_new_tokens,
+                                seed=derive_seed(seed, p.problem_id, cids[0]) % (2**31), stop=list(stop) if stop else None)
+        outs = llm.generate([{"prompt_token_ids": ids}], params, use_tqdm=False)[0].outputs
+        for cid, o in zip(cids, outs):
+            yield p, cid, o.text, len(o.token_ids)
+
+
+def pack_batches(problems: Sequence[Problem], todo: dict[str, list[int]], batch_size: int):
+    """Batches of ``(problem, candidate_id)``: whole problems packed up to ``batch_size`` rows
+    (a problem with more missing candidates than that is split into chunks)."""
+    cur: list = []
+    for p in problems:
+        cids = todo[p.problem_id]
+        if cur and len(cur) + len(cids) > batch_size:
+            yield cur
+            cur = []
+        for c in cids:
+            cur.append((p, c))
+            if len(cur) == batch_size:
+                yield cur
+                cur = []
+    if cur:
+        yield cur
