@@ -40,6 +40,22 @@ def tiny_ref_dir(tmp_path_factory, tiny_model_dir):
     return make_tiny_model_dir(tmp_path_factory.mktemp("tiny") / "reference", seed=1, tokenizer=tok)
 
 
+@pytest.fixture
+def shared_data():
+    """``shared_data(*names)``: the shared data folder ($FREEPRM_DATA, else ../shared/data beside the repository),
+    skipping the test unless every named file is there (a fresh clone or a worktree may not have it)."""
+    from freeprm.gsm8k import data_dir
+
+    def need(*names):
+        root = data_dir()
+        missing = [n for n in names if not (root / n).is_file()]
+        if missing:
+            pytest.skip(f"shared data not available: {', '.join(str(root / n) for n in missing)} (set FREEPRM_DATA)")
+        return root
+
+    return need
+
+
 @pytest.fixture(scope="session")
 def smollm2_dir():
     """SmolLM2-135M-Instruct as a cached safetensors directory (dequantized once, ~25 s)."""

@@ -50,7 +50,8 @@ def test_safe_eval_refuses_code():
     assert _eval("1/0") is None
 
 
-def test_real_test_split_mostly_corruptible():
+def test_real_test_split_mostly_corruptible(shared_data):
+    shared_data("gsm8k_test.jsonl")
     recs = read_gsm8k("test", limit=100)
     rng = random.Random(0)
     made = [corrupt_steps(r["question"], r["answer"], rng) for r in recs]

@@ -6,7 +6,6 @@ import pytest
 
 from freeprm.eval.grading import (answer_key, extract_answer, gold_from_gsm8k, grade, group_answers, is_equiv,
                                   last_boxed, parse_number)
-from freeprm.eval.tasks import default_data_dir
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -112,15 +111,12 @@ def test_grade_returns_answer_and_flag():
     assert grade("I do not know", "24", "gsm8k") == (None, False)
 
 
-def _rows(name):
-    path = default_data_dir() / name
-    if not path.is_file():
-        pytest.skip(f"{path} not available")
-    with open(path) as f:
+def _rows(root, name):
+    with open(root / name) as f:
         return [json.loads(line) for line in f]
 
 
-def test_math500_reference_answers_grade_equal():
+def test_math500_reference_answers_grade_equal(shared_data):
     """Each reference solution's boxed answer must grade equal to the `answer` field.
 
     Measured: 500/500 through ``grade`` (string match or math-verify) and 500/500 through
@@ -130,7 +126,7 @@ def test_math500_reference_answers_grade_equal():
 
     from freeprm.eval.grading import _mv_parse
 
-    rows = _rows("math500.jsonl")
+    rows = _rows(shared_data("math500.jsonl"), "math500.jsonl")
     full = [grade(r["solution"], r["answer"], "math")[1] for r in rows]
     mv_only = []
     for r in rows:
@@ -146,8 +142,8 @@ def test_math500_reference_answers_grade_equal():
     assert wrong <= 3
 
 
-def test_gsm8k_reference_answers_grade_equal():
-    rows = _rows("gsm8k_test.jsonl")
+def test_gsm8k_reference_answers_grade_equal(shared_data):
+    rows = _rows(shared_data("gsm8k_test.jsonl"), "gsm8k_test.jsonl")
     ok = [grade(r["answer"], gold_from_gsm8k(r["answer"]), "gsm8k")[1] for r in rows]
     assert len(rows) == 1319 and sum(ok) == len(rows)
     shifted = sum(grade(a["answer"], gold_from_gsm8k(b["answer"]), "gsm8k")[1] for a, b in zip(rows, rows[1:]))

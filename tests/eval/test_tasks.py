@@ -54,9 +54,8 @@ def test_data_dir_from_env(tmp_path, monkeypatch):
         load_math500()
 
 
-def test_shared_data_loaders():
-    if not (default_data_dir() / "math500.jsonl").is_file():
-        pytest.skip("shared data not available")
+def test_shared_data_loaders(shared_data):
+    shared_data("math500.jsonl", "gsm8k_test.jsonl")
     m = load_math500(limit=3)
     assert m[0].problem_id == "test/precalculus/807.json" and m[0].task == "math500" and m[0].grader_task == "math"
     g = load_gsm8k(limit=2)
