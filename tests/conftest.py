@@ -1,6 +1,7 @@
 """Test-wide set-up: Triton runs in its interpreter on CPU; BLAS stays single-threaded and deterministic."""
 
 import os
+import random
 
 # must be set before triton is imported anywhere
 if os.environ.get("FREEPRM_TEST_GPU") != "1":
@@ -10,6 +11,13 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 torch.set_num_threads(int(os.environ.get("FREEPRM_TEST_THREADS", "1")))
+
+
+@pytest.fixture(autouse=True)
+def seed():
+    """Every test starts from the same RNG state (torch and Python ``random``), whatever ran before it."""
+    random.seed(0)
+    torch.manual_seed(0)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 import torch
 
+from ..engine.batching import pad_batch, pad_id_of
 from ..engine.tokenization import prompt_ids
 from .tasks import Problem
 
@@ -54,9 +55,9 @@ class TransformersGenerator:
                                                 trust_remote_code=trust_remote_code)
         self.prompt_format = prompt_format
         tok = self.tokenizer
-        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        if self.pad_id is None:
+        if tok.pad_token_id is None and tok.eos_token_id is None:
             raise ValueError("the tokenizer has neither a pad nor an EOS token; generation cannot pad or stop")
+        self.pad_id = pad_id_of(tok)
         eos = {tok.eos_token_id} if tok.eos_token_id is not None else set()
         gen_eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
         if gen_eos is not None:
@@ -82,13 +83,8 @@ class TransformersGenerator:
         ``stop``: strings that end a continuation (cut before them); the token count is then
         that of the generated tokens up to the stop, as generated.
         """
-        rows = [self.prompt_ids(p) for p in prompts]
-        t = max(len(r) for r in rows)
-        input_ids = torch.full((len(rows), t), self.pad_id, dtype=torch.long)
-        attn = torch.zeros((len(rows), t), dtype=torch.long)
-        for b, r in enumerate(rows):  # [B, T] left padding
-            input_ids[b, t - len(r):] = torch.tensor(r)
-            attn[b, t - len(r):] = 1
+        batch = pad_batch([self.prompt_ids(p) for p in prompts], self.pad_id, side="left")  # [B, T]
+        t = batch.input_ids.shape[1]
         torch.manual_seed(seed)
         kwargs = dict(max_new_tokens=max_new_tokens, pad_token_id=self.pad_id, eos_token_id=self.eos_ids or None)
         if temperature > 0:
@@ -97,7 +93,8 @@ class TransformersGenerator:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         if stop:
             kwargs.update(stop_strings=list(stop), tokenizer=self.tokenizer)
-        out = self.model.generate(input_ids=input_ids.to(self.device), attention_mask=attn.to(self.device), **kwargs)
+        out = self.model.generate(input_ids=batch.input_ids.to(self.device),
+                                  attention_mask=batch.attention_mask.to(self.device), **kwargs)
         texts = []
         for row in out[:, t:].tolist():
             n_tok = len(row)

@@ -7,7 +7,7 @@ import json
 import sys
 
 from .losses import CE_BALANCE, LOSSES
-from .trainer import SCHEDULES, TrainConfig
+from .config import SCHEDULES, TrainConfig
 
 
 def register(subparsers) -> None:
@@ -56,7 +56,7 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from .trainer import train
+    from .run import train
 
     config = TrainConfig(
         loss=args.loss, beta=args.beta, reference_free=args.reference_free, ce_balance=args.ce_balance,

@@ -25,7 +25,9 @@ from pathlib import Path
 
 import torch
 
+from ..engine.batching import pad_batch
 from ..engine.tokenization import encode
+from .losses import get_loss
 
 
 @dataclass(frozen=True)
@@ -156,22 +158,21 @@ def pair_labeled(examples: Sequence[Labeled], *, seed: int = 0) -> list[Pair]:
 
 
 def load_examples(path: str | Path, loss: str, *, seed: int = 0) -> list[Labeled] | list[Pair]:
-    """Examples of ``path`` in the form ``loss`` needs (``Labeled`` for ce/kto, ``Pair`` for dpo/nca)."""
+    """Examples of ``path`` in the form ``loss`` needs (``Pair`` for pair losses, dpo/nca; ``Labeled`` else)."""
+    spec = get_loss(loss)
     rows = read_jsonl(path)
-    if loss in ("ce", "kto"):
+    if not spec.pairs:
         out = as_labeled(rows)
-        if loss == "kto" and any(ex.label not in (0.0, 1.0) for ex in out):
+        if spec.binary_labels and any(ex.label not in (0.0, 1.0) for ex in out):
             bad = next(ex for ex in out if ex.label not in (0.0, 1.0))
-            raise ValueError(f"{path}:{bad.line}: KTO needs labels 0 or 1, got {bad.label}")
+            raise ValueError(f"{path}:{bad.line}: {loss.upper()} needs labels 0 or 1, got {bad.label}")
         return out
-    if loss in ("dpo", "nca"):
-        pairs = [r for r in rows if isinstance(r, Pair)]
-        pairs += pair_labeled([r for r in rows if isinstance(r, Labeled)], seed=seed)
-        if not pairs:
-            raise ValueError(f"{path}: no pairs for {loss}: give {{prompt, chosen, rejected}} rows, or labeled rows "
-                             "with both a correct and an incorrect response for some prompt")
-        return pairs
-    raise ValueError(f"loss must be one of ce, dpo, kto, nca; got {loss!r}")
+    pairs = [r for r in rows if isinstance(r, Pair)]
+    pairs += pair_labeled([r for r in rows if isinstance(r, Labeled)], seed=seed)
+    if not pairs:
+        raise ValueError(f"{path}: no pairs for {loss}: give {{prompt, chosen, rejected}} rows, or labeled rows "
+                         "with both a correct and an incorrect response for some prompt")
+    return pairs
 
 
 # ------------------------------------------------------------------------------------ tokenizing
@@ -191,8 +192,9 @@ def build_items(tokenizer, examples: Sequence[Labeled] | Sequence[Pair], loss: s
                 prompt_format: str = "auto", seed: int = 0) -> tuple[list[TrainItem], int]:
     """Tokenized training items for ``loss``; also returns how many sequences were truncated.
 
-    KTO items carry a second, mismatched sequence: this item's prompt with the response of
-    another prompt's item (fixed by ``seed``), used only to estimate the reference point z0.
+    Items of a loss that needs mismatched sequences (KTO) carry a second one: this item's prompt
+    with the response of another prompt's item (fixed by ``seed``), used only to estimate the
+    reference point z0.
     """
     groups: dict[str, int] = {}
     items, n_trunc = [], 0
@@ -210,9 +212,10 @@ def build_items(tokenizer, examples: Sequence[Labeled] | Sequence[Pair], loss: s
             items.append(TrainItem((enc(ex.prompt, ex.chosen, ex.line), enc(ex.prompt, ex.rejected, ex.line)), 1.0, g))
         else:
             items.append(TrainItem((enc(ex.prompt, ex.response, ex.line),), ex.label, g))
-    if loss == "kto":
+    if get_loss(loss).needs_mismatched:
         if len(groups) < 2:
-            raise ValueError("KTO needs at least two distinct prompts (its reference point uses mismatched prompt/response pairs)")
+            raise ValueError(f"{loss.upper()} needs at least two distinct prompts (its reference point uses mismatched "
+                             "prompt/response pairs)")
         order = list(range(len(examples)))
         random.Random(seed).shuffle(order)
         for pos, i in enumerate(order):
@@ -236,21 +239,16 @@ class Batch:
 
 def collate(seqs: Sequence[Seq], pad_id: int, ref: Sequence[torch.Tensor] | None = None,
             device: str | torch.device = "cpu") -> Batch:
-    """Right-pad sequences into a batch; ``ref[i]`` holds seq i's ``[n_response]`` reference log-probs."""
-    t = max(len(s.input_ids) for s in seqs)
-    b = len(seqs)
-    ids = torch.full((b, t), pad_id, dtype=torch.long)
-    attn = torch.zeros((b, t), dtype=torch.long)
-    tgt = torch.zeros((b, t), dtype=torch.bool)
-    ref_lp = torch.zeros((b, t), dtype=torch.float32) if ref is not None else None
-    for i, s in enumerate(seqs):
-        n = len(s.input_ids)
-        ids[i, :n] = torch.tensor(s.input_ids)
-        attn[i, :n] = 1
-        tgt[i, s.response_start:n] = True
-        if ref is not None:
+    """Right-pad sequences into a batch (``engine.batching.pad_batch``); ``ref[i]`` holds seq i's
+    ``[n_response]`` reference log-probs."""
+    p = pad_batch([s.input_ids for s in seqs], pad_id, side="right", target_starts=[s.response_start for s in seqs])
+    ref_lp = None
+    if ref is not None:
+        ref_lp = torch.zeros(p.input_ids.shape, dtype=torch.float32)
+        for i, s in enumerate(seqs):
             if ref[i].shape != (s.n_response,):
                 raise ValueError(f"reference log-probs for sequence {i} have shape {tuple(ref[i].shape)}, expected "
                                  f"({s.n_response},); the reference cache is stale: delete it")
-            ref_lp[i, s.response_start:n] = ref[i]
-    return Batch(ids.to(device), attn.to(device), tgt.to(device), None if ref_lp is None else ref_lp.to(device))
+            ref_lp[i, s.response_start:len(s.input_ids)] = ref[i]
+    return Batch(p.input_ids.to(device), p.attention_mask.to(device), p.target_mask.to(device),
+                 None if ref_lp is None else ref_lp.to(device))

@@ -17,9 +17,17 @@ Losses (l = log, s = sigmoid):
   * DPO  ``-l s(r_c - r_r)``  (Rafailov et al. 2023);
   * NCA  ``-l s(r_c) - 0.5 l s(-r_c) - 0.5 l s(-r_r)``  (Chen et al. 2024, NCA for pairs);
   * KTO  ``w_D (1 - s(r - z0))`` if y = 1, ``w_U (1 - s(z0 - r))`` if y = 0  (Ethayarajh et al. 2024).
+
+``REGISTRY`` maps each loss name to a ``LossSpec``: the function over ``LossInputs`` and the data
+it needs (pairs or labeled responses, 0/1 labels, mismatched sequences, balancing). The trainer
+and the data pipeline read these instead of branching on names; a new loss is one entry.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -228,5 +236,67 @@ def kto_loss(
     return per.mean()
 
 
-LOSSES = ("ce", "dpo", "nca", "kto")
-PAIR_LOSSES = ("dpo", "nca")
+# -------------------------------------------------------------------------------------- registry
+@dataclass
+class LossInputs:
+    """What a registered loss reads, all float32 ``[B]`` on one device except the integer ``groups``.
+
+    rewards: the differentiable rewards of the items' first sequences (the chosen ones for pairs);
+    rejected: pairs only, the rejected responses' rewards; labels: labeled items, in ``[0, 1]``;
+    groups: labeled items, prompt ids; mismatched: losses with ``needs_mismatched``, the rewards of
+    the items' (prompt, another prompt's response) sequences, without grad; positive_fraction:
+    the data set's fraction of correct responses (dataset-wise CE balance), or None.
+    """
+
+    rewards: torch.Tensor
+    rejected: torch.Tensor | None = None
+    labels: torch.Tensor | None = None
+    groups: torch.Tensor | None = None
+    mismatched: torch.Tensor | None = None
+    positive_fraction: float | None = None
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """A training loss and the data it needs.
+
+    fn(inputs, options) -> scalar: ``options`` is any object with the loss's settings as attributes
+    (``TrainConfig``: ``ce_balance``, ``kto_desirable_weight``, ...). pairs: items are
+    (chosen, rejected) pairs, else labeled responses; binary_labels: labels must be exactly 0/1;
+    needs_mismatched: items carry a second (prompt, other prompt's response) sequence, scored
+    without grad into ``inputs.mismatched``; balanced: the loss honours ``ce_balance`` (item order
+    grouped by prompt under instruction-wise balance, the data set's positive fraction under
+    dataset-wise balance).
+    """
+
+    fn: Callable[[LossInputs, Any], torch.Tensor]
+    pairs: bool = False
+    binary_labels: bool = False
+    needs_mismatched: bool = False
+    balanced: bool = False
+
+
+def _ce(x: LossInputs, opt) -> torch.Tensor:
+    return ce_loss(x.rewards, x.labels, balance=opt.ce_balance, groups=x.groups, positive_fraction=x.positive_fraction)
+
+
+def _kto(x: LossInputs, opt) -> torch.Tensor:
+    return kto_loss(x.rewards, x.labels, kto_ref_point(x.mismatched), opt.kto_desirable_weight,
+                    opt.kto_undesirable_weight)
+
+
+REGISTRY: dict[str, LossSpec] = {
+    "ce": LossSpec(_ce, balanced=True),
+    "dpo": LossSpec(lambda x, opt: dpo_loss(x.rewards, x.rejected), pairs=True),
+    "nca": LossSpec(lambda x, opt: nca_loss(x.rewards, x.rejected), pairs=True),
+    "kto": LossSpec(_kto, binary_labels=True, needs_mismatched=True),
+}
+LOSSES = tuple(REGISTRY)
+PAIR_LOSSES = tuple(name for name, spec in REGISTRY.items() if spec.pairs)
+
+
+def get_loss(name: str) -> LossSpec:
+    """The registered loss ``name`` (one of ``LOSSES``)."""
+    if name not in REGISTRY:
+        raise ValueError(f"loss must be one of {LOSSES}, got {name!r}")
+    return REGISTRY[name]

@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 from ..engine import sequence_logprobs
+from ..engine.batching import length_batches
 from .data import Seq, collate
 
 FORMAT = "freeprm-ref-1"
@@ -75,18 +76,13 @@ def compute_ref_logprobs(model, seqs: Sequence[Seq], *, pad_id: int = 0, max_bat
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i].input_ids))
     out: list[torch.Tensor | None] = [None] * len(seqs)
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(seqs), desc="reference log-probs", unit="seq")
-    i = 0
-    while i < len(order):
-        t = len(seqs[order[i]].input_ids)
-        n = max(1, max_batch_tokens // t)
-        idx = order[i:i + n]
+    for idx in length_batches([len(s.input_ids) for s in seqs], max_batch_tokens):  # longest first
         batch = collate([seqs[j] for j in idx], pad_id, device=device)
         lp = sequence_logprobs(model, batch.input_ids, batch.attention_mask, batch.target_mask, impl=impl)  # [B, T]
         for b, j in enumerate(idx):
@@ -94,7 +90,6 @@ def compute_ref_logprobs(model, seqs: Sequence[Seq], *, pad_id: int = 0, max_bat
             out[j] = lp[b, s.response_start:len(s.input_ids)].float().cpu().clone()
         if bar is not None:
             bar.update(len(idx))
-        i += n
     if bar is not None:
         bar.close()
     model.train(was_training)

@@ -1,22 +1,23 @@
-"""Each loss against an independent float64 formula written with plain loops / log(sigmoid), values and grads."""
+"""Each loss against an independent float64 formula written with plain loops / log(sigmoid), values and grads.
+
+Random inputs come from the global RNG, seeded before each test (the autouse ``seed`` fixture of tests/conftest.py).
+"""
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from freeprm.trainer import losses
 
-G = torch.Generator().manual_seed(0)
-
-
 def _rand(n, scale=3.0):
-    return (torch.randn(n, generator=G, dtype=torch.float64) * scale).float().requires_grad_()
+    return (torch.randn(n, dtype=torch.float64) * scale).float().requires_grad_()
 
 
 def _grad_check(fn_impl, fn_ref, *tensors):
     """Both sides: value, and gradient of (random grad_output) * loss w.r.t. every input."""
-    go = float(torch.randn((), generator=G)) * 2.0
+    go = float(torch.randn(())) * 2.0
     out = fn_impl(*tensors)
     assert out.dim() == 0 and out.dtype == torch.float32
     (go * out).backward()
@@ -33,7 +34,7 @@ def _grad_check(fn_impl, fn_ref, *tensors):
 
 @pytest.mark.parametrize("n", [1, 8, 37])
 def test_ce_none(n):
-    y = (torch.rand(n, generator=G) > 0.4).float()
+    y = (torch.rand(n) > 0.4).float()
     y[0] = 0.3 if n > 1 else y[0]  # soft label allowed without balancing
 
     def ref(r):
@@ -47,7 +48,7 @@ def test_ce_none(n):
 @pytest.mark.parametrize("pf", [None, 0.2])
 def test_ce_dataset_balanced(pf):
     n = 37
-    y = (torch.rand(n, generator=G) > 0.7).float()
+    y = (torch.rand(n) > 0.7).float()
     y[:2] = torch.tensor([0.0, 1.0])
 
     def ref(r):
@@ -103,7 +104,7 @@ def test_nca(n):
 @pytest.mark.parametrize("z0,wd,wu", [(0.0, 1.0, 1.0), (0.7, 1.0, 1.33)])
 def test_kto(z0, wd, wu):
     n = 37
-    y = (torch.rand(n, generator=G) > 0.5).float()
+    y = (torch.rand(n) > 0.5).float()
 
     def ref(r):
         t = [wd * (1 - torch.sigmoid(r[i] - z0)) if y[i] == 1 else wu * (1 - torch.sigmoid(z0 - r[i])) for i in range(n)]
@@ -134,8 +135,8 @@ def test_extreme_rewards_are_finite():
 
 
 def test_response_rewards_and_reference_free():
-    lp = torch.randn(3, 5, generator=G)
-    lpr = torch.randn(3, 5, generator=G)
+    lp = torch.randn(3, 5)
+    lpr = torch.randn(3, 5)
     mask = torch.zeros(3, 5, dtype=torch.bool)
     mask[:, 2:] = True
     mask[2, 4] = False
@@ -164,3 +165,20 @@ def test_response_rewards_and_reference_free():
 def test_bad_input_raises(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def test_registry_feeds_each_loss_its_inputs_and_options():
+    """The registered functions pass the right inputs and the config's options (asymmetric, so swaps show)."""
+    r, rej, mis = _rand(6), _rand(6), _rand(6)
+    y = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0, 0.0])
+    g = torch.tensor([0, 0, 1, 1, 2, 2])
+    opt = SimpleNamespace(ce_balance="instruction", kto_desirable_weight=2.0, kto_undesirable_weight=0.5)
+    x = losses.LossInputs(r, rejected=rej, labels=y, groups=g, mismatched=mis)
+    reg = losses.REGISTRY
+    assert set(losses.LOSSES) == set(reg) and set(losses.PAIR_LOSSES) == {n for n in reg if reg[n].pairs}
+    torch.testing.assert_close(reg["ce"].fn(x, opt), losses.ce_loss(r, y, balance="instruction", groups=g))
+    torch.testing.assert_close(reg["dpo"].fn(x, opt), losses.dpo_loss(r, rej))
+    torch.testing.assert_close(reg["nca"].fn(x, opt), losses.nca_loss(r, rej))
+    torch.testing.assert_close(reg["kto"].fn(x, opt), losses.kto_loss(r, y, losses.kto_ref_point(mis), 2.0, 0.5))
+    with pytest.raises(ValueError, match="loss must be one of"):
+        losses.get_loss("ppo")

@@ -1,0 +1,99 @@
+"""Checkpoint I/O: ``checkpoint-<step>/`` directories, the trainer state, RNG states, metrics rewind.
+
+A checkpoint is the policy as a Hugging Face directory (``save_pretrained`` safetensors +
+tokenizer, loadable by ``load_model``), ``trainer_state.json`` (format, step, data position,
+config, reference fingerprints) and ``optimizer.pt`` (optimizer, scheduler and RNG states),
+written to a temporary directory and renamed into place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import torch
+
+STATE_FORMAT = "freeprm-trainer-1"
+
+
+def rng_state() -> dict:
+    s = random.getstate()
+    st = {"python": [s[0], list(s[1]), s[2]], "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def set_rng_state(st: dict) -> None:
+    py = st["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    torch.set_rng_state(st["torch"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def save_model(model, tokenizer, path: str | os.PathLike) -> None:
+    """The policy as a Hugging Face directory (safetensors + tokenizer) that ``load_model`` loads."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+
+
+def save_checkpoint(path: str | os.PathLike, model, tokenizer, state: dict, optimizer, scheduler) -> None:
+    """Model + tokenizer + ``trainer_state.json`` (``state`` plus the format) + ``optimizer.pt``, atomically."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    save_model(model, tokenizer, tmp)
+    (tmp / "trainer_state.json").write_text(json.dumps({"format": STATE_FORMAT, **state}, indent=2))
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "rng": rng_state()}, tmp / "optimizer.pt")
+    if path.exists():
+        shutil.rmtree(path)
+    os.replace(tmp, path)
+
+
+def load_optimizer_state(path: str | os.PathLike, device) -> dict:
+    """``optimizer.pt`` of a checkpoint: ``{"optimizer", "scheduler", "rng"}``."""
+    return torch.load(Path(path) / "optimizer.pt", map_location=device, weights_only=True)
+
+
+def _checkpoints(out: str | os.PathLike) -> list[Path]:
+    """``checkpoint-<step>`` directories of ``out``, by step."""
+    return sorted(Path(out).glob("checkpoint-*[0-9]"), key=lambda p: int(p.name.split("-")[-1]))
+
+
+def prune_checkpoints(out: str | os.PathLike, keep: int) -> None:
+    """Delete all but the ``keep`` latest checkpoints in ``out``."""
+    for p in _checkpoints(out)[:-keep]:
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def read_state(path: str | os.PathLike) -> dict:
+    """``trainer_state.json`` of a checkpoint; ``ValueError`` if ``path`` is not one of this format."""
+    p = Path(path) / "trainer_state.json"
+    if not p.is_file():
+        raise ValueError(f"{path} is not a trainer checkpoint (no trainer_state.json)")
+    state = json.loads(p.read_text())
+    if state.get("format") != STATE_FORMAT:
+        raise ValueError(f"{p} has format {state.get('format')!r}, expected {STATE_FORMAT!r}")
+    return state
+
+
+def latest_checkpoint(out: str | os.PathLike) -> Path | None:
+    """The checkpoint of ``out`` with the highest step (one with a ``trainer_state.json``), or None."""
+    ckpts = [p for p in _checkpoints(out) if (p / "trainer_state.json").is_file()]
+    return ckpts[-1] if ckpts else None
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop metric rows past the checkpoint being resumed (steps that will be redone)."""
+    if not path.is_file():
+        return
+    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
+    path.write_text("".join(ln + "\n" for ln in keep))
