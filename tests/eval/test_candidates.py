@@ -84,9 +84,9 @@ def test_truncate_at_stop():
     assert truncate_at_stop("xyz", None) == "xyz" and truncate_at_stop("xyz", [""]) == "xyz"
 
 
-def test_generate_is_seeded_and_honours_stop(tiny, tmp_path):
+def test_generate_is_seeded_and_honours_stop(tiny_model_dir, tmp_path):
     probs = [Problem(f"p{i}", "arith", f"What is {i} + 1?", str(i + 1)) for i in range(2)]
-    kw = dict(model=tiny, n=3, max_new_tokens=10, batch_size=3, progress=False)
+    kw = dict(model=tiny_model_dir, n=3, max_new_tokens=10, batch_size=3, progress=False)
     generate_candidates(probs, tmp_path / "a.jsonl", **kw)
     generate_candidates(probs, tmp_path / "b.jsonl", **kw)
     a, b = read_jsonl(tmp_path / "a.jsonl"), read_jsonl(tmp_path / "b.jsonl")
@@ -127,21 +127,21 @@ class _FakeVLLM:
 
 
 @pytest.mark.parametrize("prompt_format", ["chat", "raw"])
-def test_vllm_and_transformers_format_the_same_prompt(tiny, tmp_path, monkeypatch, prompt_format):
+def test_vllm_and_transformers_format_the_same_prompt(tiny_model_dir, tmp_path, monkeypatch, prompt_format):
     import sys
 
     from transformers import AutoTokenizer
 
-    fake = _FakeVLLM(AutoTokenizer.from_pretrained(tiny))
+    fake = _FakeVLLM(AutoTokenizer.from_pretrained(tiny_model_dir))
     monkeypatch.setitem(sys.modules, "vllm", fake.module)
     probs = [Problem("p0", "arith", "What is 2 + 2?", "4")]
-    st = generate_candidates(probs, tmp_path / "v.jsonl", model=tiny, n=2, backend="vllm", prompt_format=prompt_format,
+    st = generate_candidates(probs, tmp_path / "v.jsonl", model=tiny_model_dir, n=2, backend="vllm", prompt_format=prompt_format,
                              progress=False)
     assert st["generated"] == 2
     (sent,) = fake.calls
-    hf = TransformersGenerator(tiny, prompt_format=prompt_format)
+    hf = TransformersGenerator(tiny_model_dir, prompt_format=prompt_format)
     assert sent == [{"prompt_token_ids": hf.prompt_ids(probs[0].prompt())}]
     other = "raw" if prompt_format == "chat" else "chat"
-    assert sent[0]["prompt_token_ids"] != TransformersGenerator(tiny, prompt_format=other).prompt_ids(probs[0].prompt())
+    assert sent[0]["prompt_token_ids"] != TransformersGenerator(tiny_model_dir, prompt_format=other).prompt_ids(probs[0].prompt())
     recs = read_jsonl(tmp_path / "v.jsonl")
     assert [r["gen"]["backend"] for r in recs] == ["vllm", "vllm"] and recs[0]["gen"]["prompt_format"] == prompt_format

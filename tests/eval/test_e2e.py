@@ -12,10 +12,10 @@ def _bon(stage, out, *extra):
     return main(["bon", stage, "--out", str(out), "--no-progress", *extra])
 
 
-def test_bon_all_tiny_end_to_end(tiny, tmp_path, capsys):
+def test_bon_all_tiny_end_to_end(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "run"
     args = ["--task", "arith", "--limit", "3", "--levels", "1,2", "--n", "4", "--max-new-tokens", "12",
-            "--batch-size", "5", "--generator", tiny, "--policy", tiny, "--n-subsets", "10", "--bootstrap", "50"]
+            "--batch-size", "5", "--generator", tiny_model_dir, "--policy", tiny_model_dir, "--n-subsets", "10", "--bootstrap", "50"]
     assert _bon("all", out, *args) == 0
     cands = read_jsonl(out / "candidates.jsonl")
     assert len(cands) == 12 and {c["candidate_id"] for c in cands} == {0, 1, 2, 3}
@@ -59,7 +59,7 @@ def test_bon_all_tiny_end_to_end(tiny, tmp_path, capsys):
     assert json.loads((out / "bon_table.json").read_text())["ns"] == [1, 2, 4, 6]
 
 
-def test_bring_your_own_candidates(tiny, tmp_path, capsys):
+def test_bring_your_own_candidates(tiny_model_dir, tmp_path, capsys):
     own = tmp_path / "mine.jsonl"
     recs = []
     for pid, gold in (("q1", "4"), ("q2", "10")):
@@ -69,7 +69,7 @@ def test_bring_your_own_candidates(tiny, tmp_path, capsys):
                          "task": "gsm8k", "gold": gold})
     append_jsonl(own, recs)
     out = tmp_path / "own"
-    assert _bon("score", out, "--candidates", str(own), "--policy", tiny) == 0
+    assert _bon("score", out, "--candidates", str(own), "--policy", tiny_model_dir) == 0
     assert _bon("report", out, "--candidates", str(own), "--n-subsets", "5", "--bootstrap", "20",
                 "--aggregations", "min,q_last") == 0
     table = json.loads((out / "bon_table.json").read_text())
@@ -81,7 +81,7 @@ def test_bring_your_own_candidates(tiny, tmp_path, capsys):
     assert rows["majority"]["cells"]["3"]["accuracy"] == 50.0  # 3-way tie: the first answer (4) wins
 
 
-def test_report_without_scores_and_errors(tiny, tmp_path, capsys):
+def test_report_without_scores_and_errors(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "x"
     assert _bon("report", out) == 2
     assert "no candidates" in capsys.readouterr().err

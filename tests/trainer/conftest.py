@@ -1,4 +1,4 @@
-"""Shared fixtures: one tiny random Llama directory and a small labeled arithmetic data set."""
+"""Trainer fixtures: a small labeled arithmetic data set (the tiny model is ``tiny_model_dir`` of tests/conftest.py)."""
 
 import json
 
@@ -19,13 +19,6 @@ def arithmetic_rows(n_prompts: int = 8):
 def write_jsonl(path, rows):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
-
-
-@pytest.fixture(scope="session")
-def tiny_dir(tmp_path_factory):
-    from freeprm.testing import make_tiny_model_dir
-
-    return make_tiny_model_dir(tmp_path_factory.mktemp("tiny") / "model", seed=0)
 
 
 @pytest.fixture

@@ -71,12 +71,12 @@ def test_pairs_and_auto_pairing(tmp_path):
         pair_labeled([Labeled("q", "a", 0.5, 3)])
 
 
-def test_tokenization_matches_engine_and_truncates(tiny_dir):
+def test_tokenization_matches_engine_and_truncates(tiny_model_dir):
     from transformers import AutoTokenizer
 
     from freeprm.engine.tokenization import encode
 
-    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     ex = [Labeled("What is 3 + 4?", "3 + 4 = 7.\nThe answer is 7.", 1.0, 1)]
     items, n_trunc = build_items(tok, ex, "ce", max_length=1024)
     enc = encode(tok, ex[0].prompt, ex[0].response)
