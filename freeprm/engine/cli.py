@@ -15,21 +15,36 @@ object per scored input line, in input order::
      "q_min": ..., "q_last": ..., "q_mean": ..., "q_sum": ...}, "num_tokens": int, "beta": float}
 
 With ``--tokens``: also ``token_rewards``, ``token_steps``, ``input_ids``, ``response_start``.
-A malformed line (bad JSON, missing fields, over-length, steps that are not the response) is
-reported on stderr with its line number and skipped (counted in the summary); with
-``--strict`` it is fatal and nothing is written. The output file is written atomically
-(a temporary file renamed into place when all lines are scored).
+Input keys named like an output key (``line``, ``score``, ``aggregation``, ... or ``meta``) are not
+overwritten: they go under ``"meta"`` (a dict of those keys only). Output is standard JSON: a
+NaN or infinite number is written as ``null``.
+
+A bad line is reported on stderr as ``PATH:LINE: why`` and skipped (counted in the summary);
+with ``--strict`` it is fatal and nothing is written. Bad: not UTF-8, not one standard JSON
+object (``NaN`` literals, raw control characters in strings, a lone ``\ud800`` surrogate, nesting
+deeper than 200), longer than ``--max-line-bytes``, missing or mistyped fields, over
+``--max-length`` tokens, steps that are not the response, no step, a ``--step-pattern`` split
+slower than ``--pattern-timeout``. Blank lines are skipped silently; a UTF-8 BOM is ignored;
+lines are split on ``\n`` only. Options are checked before any model is loaded: the device
+exists, the pattern compiles, ``-o`` is not ``-i`` (nor a link to it), not a directory, and its
+folder is writable. ``-i -`` / ``-o -`` read stdin / write stdout. The output file is written
+atomically (a temporary file beside it, renamed into place when all lines are scored; new
+files get mode ``0666 & ~umask``, a replaced file keeps its mode). See ``freeprm/io.py``.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
+import contextlib
+import dataclasses
+import re
+import signal
 import sys
-import tempfile
+import threading
 from pathlib import Path
 
+from ..cliargs import check_device, escapes_arg, positive_float, positive_int
+from ..io import STDIO, AtomicJsonlWriter, LineError, check_input, iter_jsonl, load_jsonl
 from .loading import DEFAULT_POLICY
 
 DEMO_SET = Path(__file__).resolve().parents[1] / "data" / "demo_gsm8k.jsonl"
@@ -40,86 +55,177 @@ def _scorer_args(p: argparse.ArgumentParser) -> None:
                    help="HF dir, hub id, .gguf file, or 'smollm2' (bundled default)")
     p.add_argument("--reference", default=None, help="reference model (same kinds); omit for reference-free")
     p.add_argument("--beta", type=float, default=1.0)
-    p.add_argument("--step-delimiter", default="\n\n", help="step delimiter (escapes like \\n are understood)")
-    p.add_argument("--step-pattern", default=None, help="regex that splits steps (overrides --step-delimiter)")
+    p.add_argument("--step-delimiter", default="\n\n", type=escapes_arg,
+                   help="step delimiter; \\n \\t \\r \\\\ \\uXXXX are understood, other text is taken as is")
+    p.add_argument("--step-pattern", default=None, help="regex that splits steps (overrides --step-delimiter); "
+                   "each line's split is limited to --pattern-timeout seconds")
+    p.add_argument("--pattern-timeout", type=positive_float, default=2.0,
+                   help="seconds one line's --step-pattern split may take before the line is reported and skipped")
     p.add_argument("--aggregate", default="min", help="min, last, mean, sum, q_min, q_last, q_mean, q_sum")
     p.add_argument("--prompt-format", default="auto", choices=["auto", "chat", "raw"])
     p.add_argument("--dtype", default="float32")
-    p.add_argument("--device", default=None)
-    p.add_argument("--max-length", type=int, default=None)
-    p.add_argument("--max-batch-tokens", type=int, default=8192)
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N, mps (default: cuda when available)")
+    p.add_argument("--max-length", type=positive_int, default=None, help="longest prompt+response in tokens")
+    p.add_argument("--max-batch-tokens", type=positive_int, default=8192)
     p.add_argument("--trust-remote-code", action="store_true")
     p.add_argument("--allow-pickle", action="store_true", help="allow pickle (*.bin) checkpoints")
+
+
+def _check_scorer_args(args) -> None:
+    """Checks that need no model (device, step pattern), so a bad option fails before loading."""
+    check_device(args.device)
+    if args.step_pattern is not None:
+        try:
+            pattern = re.compile(args.step_pattern)
+        except re.error as e:
+            raise ValueError(f"--step-pattern {args.step_pattern!r} is not a valid regex: {e}") from None
+        if pattern.search("") is not None:
+            print(f"freeprm: warning: --step-pattern {args.step_pattern!r} matches the empty string; zero-width "
+                  "matches never split a response (they are ignored): only its non-empty matches are step "
+                  "boundaries", file=sys.stderr)
 
 
 def _make_scorer(args):
     from .scorer import Scorer
 
-    delim = args.step_delimiter.encode().decode("unicode_escape") if args.step_delimiter else None
-    return Scorer(args.policy, args.reference, beta=args.beta, step_delimiter=delim, step_pattern=args.step_pattern,
-                  aggregate=args.aggregate, prompt_format=args.prompt_format, dtype=args.dtype, device=args.device,
-                  max_length=args.max_length, max_batch_tokens=args.max_batch_tokens,
-                  trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle)
+    return Scorer(args.policy, args.reference, beta=args.beta, step_delimiter=args.step_delimiter or None,
+                  step_pattern=args.step_pattern, aggregate=args.aggregate, prompt_format=args.prompt_format,
+                  dtype=args.dtype, device=args.device, max_length=args.max_length,
+                  max_batch_tokens=args.max_batch_tokens, trust_remote_code=args.trust_remote_code,
+                  allow_pickle=args.allow_pickle)
 
 
-def read_items(path: str, scorer, strict: bool):
-    """Parse and validate every line; returns (prepared items, their line numbers, [(line, error)])."""
-    prepared, lines, errors = [], [], []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                item = json.loads(line)
-                p = scorer.prepare(item, lineno)
-            except (json.JSONDecodeError, ValueError) as e:
-                msg = str(e).removeprefix(f"item {lineno}: ")
-                if isinstance(e, json.JSONDecodeError):
-                    msg = f"invalid JSON: {e.msg} (column {e.colno})"
-                if strict:
-                    raise ValueError(f"{path}:{lineno}: {msg}") from None
-                errors.append((lineno, msg))
-                print(f"freeprm score: skipping {path}:{lineno}: {msg}", file=sys.stderr)
-                continue
+class _PatternTimeout(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def _time_limit(seconds: float | None):
+    """Raise ``_PatternTimeout`` in the block after ``seconds`` (SIGALRM; interrupts ``re`` too).
+
+    Only in the main thread of a Unix process; elsewhere the block runs unbounded.
+    """
+    if not seconds or not hasattr(signal, "setitimer") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def _raise(signum, frame):
+        raise _PatternTimeout
+
+    old = signal.signal(signal.SIGALRM, _raise)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def default_max_line_bytes(max_length: int) -> int:
+    """The default raw line limit: 32 bytes per token of ``max_length``, at least 1 MiB."""
+    return max(1 << 20, 32 * int(max_length))
+
+
+def read_items(path: str, scorer, strict: bool, *, max_line_bytes: int | None = None,
+               pattern_timeout: float | None = 2.0, report=None):
+    """Read, parse and validate every line (no model work); returns (prepared items, their line numbers, errors).
+
+    ``errors``: ``[(line, message)]``. A bad line (see ``freeprm.io.iter_jsonl`` for the file-level
+    checks, then ``Scorer.prepare``) is reported through ``report`` (default: stderr) and skipped;
+    with ``strict`` the first one raises ``ValueError("PATH:LINE: ...")``. ``max_line_bytes``
+    (default ``default_max_line_bytes(scorer.max_length)``) rejects long lines before they are
+    parsed or tokenized. With a ``step_pattern`` each line's split runs under ``pattern_timeout``.
+    """
+    report = report or (lambda msg: print(msg, file=sys.stderr))
+    name = "<stdin>" if str(path) == STDIO else path
+    if max_line_bytes is None:
+        max_line_bytes = default_max_line_bytes(scorer.max_length)
+    pattern = getattr(scorer, "step_pattern", None)
+    prepared, lines, errors, zero_width = [], [], [], []
+    for lineno, item in iter_jsonl(path, max_line_bytes=max_line_bytes):
+        try:
+            if isinstance(item, LineError):
+                raise ValueError(item.message)
+            if pattern is not None and isinstance(item.get("response"), str) and item.get("steps") is None:
+                try:
+                    with _time_limit(pattern_timeout):
+                        widths = [m.end() - m.start() for m in pattern.finditer(item["response"])]
+                except _PatternTimeout:
+                    raise ValueError(f"--step-pattern took over {pattern_timeout:g} s on this line (catastrophic "
+                                     "backtracking?); simplify the pattern or raise --pattern-timeout") from None
+                if widths and not any(widths):
+                    zero_width.append(lineno)
+            p = scorer.prepare(item, lineno)
+        except ValueError as e:
+            msg = str(e).removeprefix(f"item {lineno}: ")
+        except Exception as e:  # noqa: BLE001  a tokenizer or splitter failure on odd text: report the line
+            msg = f"{type(e).__name__}: {e}"
+        else:
             prepared.append(p)
             lines.append(lineno)
+            continue
+        if strict:
+            raise ValueError(f"{name}:{lineno}: {msg}")
+        errors.append((lineno, msg))
+        report(f"freeprm score: skipping {name}:{lineno}: {msg}")
+    if zero_width:
+        report(f"freeprm score: warning: --step-pattern matched only empty text on {len(zero_width)} line(s) "
+               f"(first: {name}:{zero_width[0]}); zero-width matches (lookaheads, \\b, x*) do not split steps, so "
+               "those responses have no split there; make the pattern consume the separator")
     return prepared, lines, errors
 
 
-def write_jsonl_atomic(path: str, rows) -> None:
-    """Write rows as JSONL to a temporary file beside ``path``, then rename it into place."""
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        os.replace(tmp, out)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+# keys of an output row; input keys with these names are kept under "meta" instead of being overwritten
+OUTPUT_KEYS = ("line", "score", "aggregation", "steps", "step_rewards", "q_values", "aggregates", "num_tokens", "beta",
+               "token_rewards", "token_steps", "input_ids", "response_start", "meta")
+
+
+def output_row(result, lineno: int, tokens: bool = False) -> tuple[dict, list[str]]:
+    """The output row of one scored line and the input keys moved under ``"meta"`` (name clashes)."""
+    base = dataclasses.replace(result, meta={}).to_dict(tokens=tokens)
+    row, clash = {}, {}
+    for k, v in result.meta.items():
+        if k in OUTPUT_KEYS or k in base:
+            clash[k] = v
+        else:
+            row[k] = v
+    row.update(base)
+    row["line"] = lineno
+    if clash:
+        row["meta"] = clash
+    return row, list(clash)
 
 
 def cmd_score(args) -> int:
-    if not os.path.isfile(args.input):
-        print(f"freeprm score: input file not found: {args.input}", file=sys.stderr)
-        return 2
+    writer = None
     try:
+        check_input(args.input)
+        _check_scorer_args(args)
+        writer = AtomicJsonlWriter(args.output, inputs=[args.input])  # before any model work
         scorer = _make_scorer(args)
-        prepared, lines, errors = read_items(args.input, scorer, args.strict)
+        prepared, lines, errors = read_items(args.input, scorer, args.strict, max_line_bytes=args.max_line_bytes,
+                                             pattern_timeout=args.pattern_timeout)
     except ValueError as e:
+        if writer is not None:
+            writer.abort()
         print(f"freeprm score: {e}", file=sys.stderr)
         return 2
-    results = scorer.score_prepared(prepared, progress=not args.no_progress)
-    rows = []
-    for lineno, r in zip(lines, results):
-        row = r.to_dict(tokens=args.tokens)
-        row["line"] = lineno
-        rows.append(row)
-    write_jsonl_atomic(args.output, rows)
-    print(f"freeprm score: scored {len(rows)} responses, skipped {len(errors)} malformed lines -> {args.output}",
+    try:
+        results = scorer.score_prepared(prepared, progress=not args.no_progress)
+        first_clash = None
+        for lineno, r in zip(lines, results):
+            row, clash = output_row(r, lineno, tokens=args.tokens)
+            if clash and first_clash is None:
+                first_clash = (lineno, clash)
+            writer.write(row)
+    except BaseException:
+        writer.abort()
+        raise
+    writer.commit()
+    if first_clash:
+        print(f"freeprm score: note: input keys {first_clash[1]} (first on line {first_clash[0]}) clash with output "
+              "keys; they are written under \"meta\"", file=sys.stderr)
+    print(f"freeprm score: scored {writer.rows} responses, skipped {len(errors)} malformed lines -> {args.output}",
           file=sys.stderr)
     return 0
 
@@ -133,9 +239,9 @@ def cmd_demo(args) -> int:
     from collections import defaultdict
 
     path = args.input or str(DEMO_SET)
-    with open(path, encoding="utf-8") as f:
-        items = [json.loads(line) for line in f if line.strip()]
+    items = [obj for _, obj in load_jsonl(path, on_error="raise")]
     args.step_delimiter = "\n\n"
+    _check_scorer_args(args)
     scorer = _make_scorer(args)
     print(f"freeprm demo: scoring {len(items)} candidates with policy={args.policy!r} "
           f"reference={args.reference!r} beta={args.beta} aggregate={args.aggregate}")
@@ -175,9 +281,12 @@ def register(sub) -> None:
     p = sub.add_parser("score", help="score a JSONL file of (prompt, response/steps) items",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     _scorer_args(p)
-    p.add_argument("--input", "-i", required=True, help="input JSONL")
-    p.add_argument("--output", "-o", required=True, help="output JSONL (written atomically)")
+    p.add_argument("--input", "-i", required=True, help="input JSONL, or - for stdin")
+    p.add_argument("--output", "-o", required=True, help="output JSONL (written atomically), or - for stdout")
     p.add_argument("--strict", action="store_true", help="a malformed line is fatal (nothing is written)")
+    p.add_argument("--max-line-bytes", type=positive_int, default=None,
+                   help="longer input lines are reported and skipped unread (default: 32 bytes per token of "
+                        "max-length, at least 1 MiB)")
     p.add_argument("--tokens", action="store_true", help="also write per-token rewards and ids")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_score)

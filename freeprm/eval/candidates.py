@@ -25,12 +25,11 @@ re-exported here.
 
 from __future__ import annotations
 
-import json
 import os
-from collections.abc import Iterable, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 
 from ..engine.tokenization import PROMPT_FORMATS
+from ..io import append_jsonl, load_jsonl  # noqa: F401  (append_jsonl: re-exported, the candidates' writer)
 from .generation import (BACKENDS, TransformersGenerator, derive_seed, pack_batches, resolve_backend,  # noqa: F401
                          truncate_at_stop, vllm_generate)
 from .records import (REQUIRED_FIELDS, key_of, latest_by_key, make_record, split_response_steps,  # noqa: F401
@@ -40,39 +39,17 @@ from .tasks import Problem
 # --------------------------------------------------------------------------- JSONL I/O
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
-    """Records of a JSONL file; a truncated last line (an interrupted write) is skipped."""
-    path = Path(path)
-    if not path.is_file():
-        return []
-    out = []
-    with open(path, encoding="utf-8") as f:
-        lines = f.read().split("\n")
-    for n, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            if n >= len(lines) - 2:  # the last line, cut by an interrupted run
-                continue
-            raise ValueError(f"{path}:{n + 1}: not valid JSON ({e})") from None
-    return out
+    """Records of a candidates/scores JSONL file (``[]`` when it does not exist), through ``freeprm.io``.
+
+    Strict: a bad line raises ``ValueError("PATH:LINE: ...")``, except a cut last line (no final
+    newline: an interrupted append), which is dropped with a warning on stderr.
+    """
+    return [obj for _, obj in read_jsonl_lines(path)]
 
 
-def append_jsonl(path: str | os.PathLike, records: Iterable[dict]) -> None:
-    """Append records, one line each, flushed; a cut last line (an interrupted write) is dropped first."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.is_file() and path.stat().st_size > 0:
-        data = path.read_bytes()
-        if not data.endswith(b"\n"):
-            with open(path, "r+b") as f:
-                f.truncate(data.rfind(b"\n") + 1)
-    with open(path, "a", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+def read_jsonl_lines(path: str | os.PathLike) -> list[tuple[int, dict]]:
+    """``read_jsonl`` with each record's 1-based line number: ``[(line, record)]``."""
+    return load_jsonl(path, on_error="raise", allow_truncated_tail=True, missing_ok=True, allow_nan=True)
 
 
 def generate_candidates(

@@ -32,7 +32,10 @@ def _ints(s: str) -> list[int]:
 
 
 def _unescape(s: str) -> str:
-    return s.encode("utf-8").decode("unicode_escape") if "\\" in s else s
+    """Backslash escapes (\\n \\t \\r \\\\ \\uXXXX) decoded; other text, non-ASCII included, kept as is."""
+    from ..cliargs import escapes_arg
+
+    return escapes_arg(s)
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -122,13 +125,25 @@ def _candidates_path(args) -> Path:
     return Path(args.candidates) if args.candidates else Path(args.out) / "candidates.jsonl"
 
 
-def _load_candidates(path: Path) -> list[dict]:
-    from .candidates import latest_by_key, read_jsonl, validate_record
+def _load_candidates(path: Path, where: dict | None = None) -> list[dict]:
+    """The latest record of each candidate; ``where`` (if given) gets ``key -> "PATH:LINE"`` of each."""
+    from .candidates import key_of, read_jsonl_lines, validate_record
 
-    recs = read_jsonl(path)
+    recs = read_jsonl_lines(path)
     if not recs:
         raise ValueError(f"no candidates in {path}; run `freeprm bon generate` or pass --candidates")
-    return [validate_record(r, f"{path}: ") for r in latest_by_key(recs).values()]
+    latest: dict = {}  # key -> (line, record): the last record of each key, in first-seen order
+    for line, r in recs:
+        if "problem_id" not in r or "candidate_id" not in r:
+            validate_record(r, f"{path}:{line}: ")  # raises, naming what is missing
+        try:
+            latest[key_of(r)] = (line, r)
+        except (TypeError, ValueError):
+            raise ValueError(f"{path}:{line}: candidate_id must be an integer, got {r['candidate_id']!r}") from None
+    out = [validate_record(r, f"{path}:{line}: ") for line, r in latest.values()]
+    if where is not None:
+        where.update({k: f"{path}:{line}" for k, (line, _) in latest.items()})
+    return out
 
 
 def _log(msg: str) -> None:
@@ -153,10 +168,11 @@ def stage_generate(args) -> None:
 def stage_score(args) -> None:
     from .scoring import score_candidates
 
-    cands = _load_candidates(_candidates_path(args))
+    where: dict = {}
+    cands = _load_candidates(_candidates_path(args), where)
     st = score_candidates(cands, Path(args.out) / "scores.jsonl", policy=args.policy, reference=args.reference,
                           beta=args.beta, step_delimiter=args.step_delimiter, chunk_size=args.score_chunk,
-                          progress=not args.no_progress, dtype=args.score_dtype)
+                          progress=not args.no_progress, dtype=args.score_dtype, where=where)
     _log(f"score: {st['scored']} scored, {st['reused']} reused, {st['empty']} empty responses "
          f"({st['seconds']:.0f} s)")
 
@@ -212,6 +228,9 @@ def run(args) -> int:
 
         torch.set_num_threads(args.threads)
     try:
+        from ..cliargs import check_device
+
+        check_device(getattr(args, "device", None))
         if args.stage in ("generate", "all"):
             stage_generate(args)
         if args.stage in ("score", "all"):

@@ -84,6 +84,7 @@ def score_candidates(
     chunk_size: int = 16,
     progress: bool = True,
     scorer=None,
+    where: dict | None = None,
     **scorer_kwargs,
 ) -> dict:
     """Score the candidates not yet in ``out_path`` (for this scorer config); append their lines.
@@ -92,6 +93,8 @@ def score_candidates(
     config (``scorer_tag_of``) and ``policy``, ``reference``, ``beta``, ``step_delimiter`` and
     ``scorer_kwargs`` are ignored. Work is done ``chunk_size`` candidates at a time,
     each chunk appended and flushed, so an interrupted run loses at most one chunk.
+    Every candidate is validated (``Scorer.prepare``) before any model work; a bad one raises
+    ``ValueError`` named by ``where[key]`` (e.g. ``"candidates.jsonl:12"``, from the CLI) or its key.
     Returns ``{"scored", "reused", "empty", "seconds"}``.
     """
     import time
@@ -127,15 +130,19 @@ def score_candidates(
 
         bar = tqdm(total=len(todo), desc="scoring", unit="cand")
     try:
+        prepared = []
+        for c in todo:
+            item = {"prompt": c["prompt"], "response": c["response"]}
+            if c.get("steps"):
+                item["steps"] = c["steps"]
+            label = (where or {}).get(key_of(c)) or f"candidate {key_of(c)}"
+            try:
+                prepared.append(scorer.prepare(item, 0))
+            except ValueError as e:
+                raise ValueError(f"{label}: {str(e).removeprefix('item 0: ')}") from None
         for i in range(0, len(todo), chunk_size):
             chunk = todo[i:i + chunk_size]
-            items = []
-            for c in chunk:
-                item = {"prompt": c["prompt"], "response": c["response"]}
-                if c.get("steps"):
-                    item["steps"] = c["steps"]
-                items.append(item)
-            results = scorer.score(items)
+            results = scorer.score_prepared(prepared[i:i + chunk_size])
             lines = []
             for c, r in zip(chunk, results):
                 lines.append({"problem_id": c["problem_id"], "candidate_id": c["candidate_id"], "scorer": tag,

@@ -92,8 +92,14 @@ def latest_checkpoint(out: str | os.PathLike) -> Path | None:
 
 
 def truncate_metrics(path: Path, step: int) -> None:
-    """Drop metric rows past the checkpoint being resumed (steps that will be redone)."""
+    """Drop metric rows past the checkpoint being resumed (steps that will be redone).
+
+    Read through ``freeprm.io``: a cut last line (a kill during a write) is dropped with a
+    warning naming the file and line; a corrupt line before it is a ``ValueError`` naming them.
+    """
     if not path.is_file():
         return
-    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
-    path.write_text("".join(ln + "\n" for ln in keep))
+    from ..io import load_jsonl, write_jsonl_atomic
+
+    rows = load_jsonl(path, on_error="raise", allow_truncated_tail=True, allow_nan=True)
+    write_jsonl_atomic(path, [r for _, r in rows if r.get("step", 0) <= step])

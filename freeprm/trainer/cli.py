@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 
+from ..cliargs import check_device, positive_int
 from .losses import CE_BALANCE, LOSSES
 from .config import SCHEDULES, TrainConfig
 
@@ -41,6 +42,8 @@ def register(subparsers) -> None:
     p.add_argument("--grad-accum", type=int, default=d.grad_accum)
     p.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm)
     p.add_argument("--grad-checkpointing", action="store_true")
+    p.add_argument("--train-last-layers", type=positive_int, default=d.train_last_layers,
+                   help="train only the last N decoder layers + final norm (default: every parameter)")
     p.add_argument("--bf16", choices=("auto", "true", "false"), default=d.bf16)
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--max-length", type=int, default=d.max_length)
@@ -64,10 +67,11 @@ def run(args) -> int:
         lr=args.lr, weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, warmup_ratio=args.warmup_ratio,
         schedule=args.schedule, min_lr_ratio=args.min_lr_ratio, epochs=args.epochs, max_steps=args.max_steps,
         batch_size=args.batch_size, grad_accum=args.grad_accum, max_grad_norm=args.max_grad_norm,
-        grad_checkpointing=args.grad_checkpointing, bf16=args.bf16, seed=args.seed, max_length=args.max_length,
+        grad_checkpointing=args.grad_checkpointing, train_last_layers=args.train_last_layers, bf16=args.bf16, seed=args.seed, max_length=args.max_length,
         prompt_format=args.prompt_format, save_every=args.save_every, keep_checkpoints=args.keep_checkpoints,
         progress=not args.no_progress, ref_cache_dir=args.ref_cache_dir)
     try:
+        check_device(args.device)
         config.validate()
         res = train(args.policy, args.data, args.out, config=config, reference=args.reference, resume=args.resume,
                     device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)

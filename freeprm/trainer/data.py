@@ -15,7 +15,6 @@ the same token ids.
 
 from __future__ import annotations
 
-import json
 import math
 import random
 from collections import defaultdict
@@ -27,6 +26,7 @@ import torch
 
 from ..engine.batching import pad_batch
 from ..engine.tokenization import encode
+from ..io import load_jsonl
 from .losses import get_loss
 
 
@@ -106,21 +106,12 @@ def parse_row(row, where: str) -> Labeled | Pair:
 
 
 def read_jsonl(path: str | Path) -> list[Labeled | Pair]:
-    """All rows of a JSONL file as examples; ``ValueError("path:line: ...")`` on the first bad row."""
+    """All rows of a JSONL file as examples (``freeprm.io`` reader, strict): ``ValueError("path:line: ...")``
+    on the first bad line or row, so training never starts on a partly read file."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"data file not found: {path}")
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for i, text in enumerate(f, 1):
-            if not text.strip():
-                continue
-            where = f"{path}:{i}"
-            try:
-                row = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-            out.append(parse_row(row, where))
+    out = [parse_row(row, f"{path}:{i}") for i, row in load_jsonl(path, on_error="raise")]
     if not out:
         raise ValueError(f"{path} holds no rows")
     return out

@@ -22,7 +22,7 @@ def test_jsonl_resume_after_cut_line(tmp_path):
     latest = latest_by_key(read_jsonl(path))
     assert latest[("a", 0)]["x"] == 2 and len(latest) == 2
     path.write_text('{"a": 1}\nnot json\n{"b": 2}\n')
-    with pytest.raises(ValueError, match=":2: not valid JSON"):
+    with pytest.raises(ValueError, match=":2: invalid JSON"):
         read_jsonl(path)
     assert read_jsonl(tmp_path / "missing.jsonl") == []
 

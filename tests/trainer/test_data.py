@@ -18,7 +18,7 @@ GOOD = json.dumps({"prompt": "q", "response": "a", "label": 1})
 
 
 @pytest.mark.parametrize("bad,match", [
-    ("{not json", "not valid JSON"),
+    ("{not json", "invalid JSON"),
     ("[1, 2]", "must be a JSON object"),
     (json.dumps({"response": "a", "label": 1}), "missing 'prompt'"),
     (json.dumps({"prompt": "q", "response": "a"}), "missing 'label'"),

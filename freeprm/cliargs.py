@@ -1,0 +1,105 @@
+"""Command-line argument checks shared by ``freeprm score``, ``bon`` and ``train``.
+
+Each raises ``ValueError`` (or ``argparse.ArgumentTypeError`` when used as an argparse
+``type=``) with a message that says what to pass instead; all run before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
+
+
+def decode_escapes(text: str) -> str:
+    r"""Interpret ``\n``, ``\t``, ``\r``, ``\\`` and ``\uXXXX`` in ``text``; every other character is kept as is.
+
+    Unlike ``codecs``' ``unicode_escape`` this never touches non-ASCII text ("。", U+2028 stay
+    themselves). A backslash followed by anything else, a lone trailing backslash, a short
+    ``\u`` or a ``\u`` naming a surrogate raise ``ValueError``.
+    """
+    out, i = [], 0
+    while i < len(text):
+        c = text[i]
+        if c != "\\":
+            out.append(c)
+            i += 1
+            continue
+        if i + 1 == len(text):
+            raise ValueError(f"{text!r} ends with a lone backslash; write \\\\ for a literal backslash")
+        e = text[i + 1]
+        if e in _ESCAPES:
+            out.append(_ESCAPES[e])
+            i += 2
+        elif e == "u":
+            hexd = text[i + 2:i + 6]
+            if len(hexd) != 4 or any(h not in "0123456789abcdefABCDEF" for h in hexd):
+                raise ValueError(f"{text!r}: \\u must be followed by 4 hex digits, e.g. \\u3002")
+            cp = int(hexd, 16)
+            if 0xD800 <= cp <= 0xDFFF:
+                raise ValueError(f"{text!r}: \\u{hexd} is a surrogate, not a character")
+            out.append(chr(cp))
+            i += 6
+        else:
+            raise ValueError(f"{text!r}: unknown escape \\{e}; understood: \\n \\t \\r \\\\ \\uXXXX "
+                             "(write \\\\ for a literal backslash)")
+    return "".join(out)
+
+
+def escapes_arg(text: str) -> str:
+    """``decode_escapes`` as an argparse ``type=``."""
+    try:
+        return decode_escapes(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def positive_int(text: str) -> int:
+    """An argparse ``type=`` for integers >= 1."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
+
+def positive_float(text: str) -> float:
+    """An argparse ``type=`` for finite numbers > 0."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
+    if not (v > 0 and v != float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
+    return v
+
+
+def check_device(device: str | None) -> None:
+    """``ValueError`` unless ``device`` (``None`` = automatic) names a device this machine has."""
+    if device is None:
+        return
+    import torch
+
+    try:
+        d = torch.device(device)
+    except (RuntimeError, ValueError) as e:
+        raise ValueError(f"unknown device {device!r} ({str(e).splitlines()[0]}); use cpu, cuda, cuda:N or mps") \
+            from None
+    if d.type == "cpu":
+        return
+    if d.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: CUDA is not available on this machine (torch "
+                             f"{torch.__version__}); use --device cpu or omit --device")
+        if d.index is not None and d.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here")
+        return
+    if d.type == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise ValueError(f"--device {device}: MPS is not available on this machine; use --device cpu")
+        return
+    mod = getattr(torch, d.type, None)
+    if mod is None or not hasattr(mod, "is_available") or not mod.is_available():
+        raise ValueError(f"--device {device}: no {d.type} device is available here; use cpu or cuda")
