@@ -138,7 +138,7 @@ def parse_line(raw: bytes, *, allow_nan: bool = False, objects_only: bool = True
     if problem:
         raise ValueError(problem)
     if objects_only and not isinstance(obj, dict):
-        raise ValueError(f"expected a JSON object ({{...}}), got {_json_type(obj)}")
+        raise ValueError(f"must be a JSON object ({{...}}), got {_json_type(obj)}")
     return obj
 
 

@@ -48,7 +48,7 @@ def test_line_numbers_survive_bom_cr_blank_and_bad_bytes():
     ('{"x": -Infinity}', "non-standard JSON literal -Infinity"),
     ('{"x": 1e400}', "not a finite float"),
     ('{"x": ' + "9" * 5000 + "}", "invalid JSON"),
-    ("[1, 2]", "expected a JSON object"),
+    ("[1, 2]", "must be a JSON object"),
     ('"text"', "got a string"),
     ('{"a": 1} {"b": 2}', "invalid JSON: Extra data"),
     ('{"a": 1', "invalid JSON"),

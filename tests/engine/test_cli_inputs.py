@@ -52,7 +52,7 @@ def test_every_bad_kind_reported_with_its_line_and_good_rows_kept(tmp_path, caps
     assert rc == 0 and "Traceback" not in err
     assert [r["line"] for r in rows] == [1, 6, 11] and [r["id"] for r in rows] == [1, 6, 11]
     for line, needle in [(2, "invalid UTF-8"), (3, "control character"), (4, "invalid \\ud800 surrogate in key 'tag'"),
-                         (5, "nested too deeply"), (7, "NaN"), (8, "expected a JSON object"), (9, ""),
+                         (5, "nested too deeply"), (7, "NaN"), (8, "must be a JSON object"), (9, ""),
                          (10, "longer than the limit")]:
         said = [x for x in err.splitlines() if f"in.jsonl:{line}: " in x]
         assert len(said) == 1 and needle in said[0], (line, err)
