@@ -1,0 +1,58 @@
+"""Every ``--option`` the docs mention exists on the command it documents."""
+
+import argparse
+import re
+from pathlib import Path
+
+import pytest
+
+from freeprm.cli import build_parser
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def options(parser: argparse.ArgumentParser, path: tuple = ()) -> dict[tuple, set[str]]:
+    """``{(command, subcommand...): {--option, ...}}`` for the whole parser tree."""
+    out = {path: {s for a in parser._actions for s in a.option_strings}}
+    for a in parser._actions:
+        if isinstance(a, argparse._SubParsersAction):
+            for name, sub in a.choices.items():
+                out.update(options(sub, path + (name,)))
+    return out
+
+
+def mentioned(doc: Path, section: str | None = None) -> set[str]:
+    text = doc.read_text()
+    if section:  # only that "## " section (the README's set-up part quotes pip options)
+        text = text.split(f"\n## {section}\n", 1)[1].split("\n## ", 1)[0]
+    return set(re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*)", text))
+
+
+@pytest.mark.parametrize("doc, commands", [
+    ("docs/trainer.md", [("train",), ("score",)]),
+    ("docs/eval.md", [("bon", s) for s in ("generate", "score", "report", "all")]),
+    ("README.md#Command line", None),
+])
+def test_documented_options_exist(doc, commands):
+    tree = options(build_parser())
+    known = set().union(*(tree[c] for c in (commands or tree)))
+    path, _, section = doc.partition("#")
+    missing = sorted(mentioned(ROOT / path, section or None) - known)
+    assert not missing, f"{doc} documents options its commands do not have: {missing}"
+
+
+def test_train_last_layers_reaches_the_config(monkeypatch, tmp_path):
+    import freeprm.trainer.trainer as trainer_mod
+    from freeprm.cli import main
+
+    seen = {}
+
+    def fake_train(policy, data, out, *, config, **kw):
+        seen["config"] = config
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(trainer_mod, "train", fake_train)
+    assert main(["train", "--policy", "p", "--data", "d", "--out", str(tmp_path), "--train-last-layers", "2"]) == 2
+    assert seen["config"].train_last_layers == 2
+    with pytest.raises(SystemExit):
+        main(["train", "--policy", "p", "--data", "d", "--out", str(tmp_path), "--train-last-layers", "0"])
