@@ -25,10 +25,11 @@ raises (``"raise"``), drops and reports (``"skip"``), or ``freeprm score`` repor
 
 Writing (``AtomicJsonlWriter``, ``write_jsonl_atomic``) emits standard JSON only: ``NaN`` and
 ``±Infinity`` floats become ``null``; a string holding a lone surrogate is written with
-``\\uXXXX`` escapes rather than crashing. A file output goes to a temporary file beside it
-(``.NAME.PID.tmp``), fsynced and renamed into place on success, removed on failure; temporary
-files of killed runs (their process is gone) are removed on the next write. A new file gets mode
-``0666 & ~umask`` (what ``open(path, "w")`` or a shell redirection gives); replacing an existing
+``\\uXXXX`` escapes rather than crashing; U+0085, U+2028 and U+2029 are escaped so that a
+reader splitting on any line break (Python's ``str.splitlines``) still sees one row per line.
+A file output goes to a temporary file beside it (``.NAME.PID.tmp``), fsynced and renamed into
+place on success, removed on failure; temporary files of killed runs (their process is gone)
+are removed on the next write. A new file gets mode ``0666 & ~umask`` (what ``open(path, "w")`` or a shell redirection gives); replacing an existing
 file keeps that file's mode. An output path that is a symlink is resolved: the file it points
 to is replaced, like a shell redirection. ``"-"`` means stdin / stdout (stdout is not atomic).
 """
@@ -53,7 +54,7 @@ _BOM = b"\xef\xbb\xbf"
 _WIDE_BOMS = {b"\xff\xfe": "UTF-16/32 (little-endian)", b"\xfe\xff": "UTF-16 (big-endian)",
               b"\x00\x00\xfe\xff": "UTF-32 (big-endian)"}
 _SURROGATE = re.compile("[\ud800-\udfff]")
-_NONFINITE = {"NaN", "Infinity", "-Infinity"}
+_LINE_BREAKS = {0x85: "\\u0085", 0x2028: "\\u2028", 0x2029: "\\u2029"}
 
 
 @dataclass(frozen=True)
@@ -292,7 +293,8 @@ def dumps_line(row: Any) -> str:
         text = json.dumps(_plain(row), ensure_ascii=False, allow_nan=False)
     if _SURROGATE.search(text):  # cannot be encoded as UTF-8: escape everything non-ASCII instead
         text = json.dumps(_plain(row), ensure_ascii=True, allow_nan=False)
-    return text + "\n"
+    # these only occur inside strings; escaped, a reader splitting on any line break (str.splitlines) sees one row
+    return text.translate(_LINE_BREAKS) + "\n"
 
 
 def _pid_alive(pid: int) -> bool:

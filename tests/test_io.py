@@ -207,3 +207,10 @@ def test_check_device():
     else:
         with pytest.raises(ValueError, match="CUDA device"):
             check_device(f"cuda:{torch.cuda.device_count()}")
+
+
+def test_unicode_line_breaks_are_escaped_so_splitlines_sees_one_row(tmp_path):
+    out = tmp_path / "o.jsonl"
+    write_jsonl_atomic(out, [{"s": "a\u2028b\x85c\u2029d"}, {"s": "é"}])
+    rows = [json.loads(x) for x in out.read_text(encoding="utf-8").splitlines()]
+    assert rows == [{"s": "a\u2028b\x85c\u2029d"}, {"s": "é"}]
