@@ -210,6 +210,10 @@ def cmd_score(args) -> int:
             writer.abort()
         print(f"freeprm score: {e}", file=sys.stderr)
         return 2
+    except BaseException:  # e.g. a model that fails to load: leave no temporary file behind
+        if writer is not None:
+            writer.abort()
+        raise
     try:
         results = scorer.score_prepared(prepared, progress=not args.no_progress)
         first_clash = None
