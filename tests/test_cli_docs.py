@@ -42,7 +42,7 @@ def test_documented_options_exist(doc, commands):
 
 
 def test_train_last_layers_reaches_the_config(monkeypatch, tmp_path):
-    import freeprm.trainer.trainer as trainer_mod
+    import freeprm.trainer.run as trainer_mod
     from freeprm.cli import main
 
     seen = {}

@@ -7,8 +7,8 @@ import json
 import sys
 
 from ..cliargs import check_device, positive_int
-from .losses import CE_BALANCE, LOSSES
 from .config import SCHEDULES, TrainConfig
+from .losses import CE_BALANCE, LOSSES
 
 
 def register(subparsers) -> None:
@@ -67,7 +67,8 @@ def run(args) -> int:
         lr=args.lr, weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, warmup_ratio=args.warmup_ratio,
         schedule=args.schedule, min_lr_ratio=args.min_lr_ratio, epochs=args.epochs, max_steps=args.max_steps,
         batch_size=args.batch_size, grad_accum=args.grad_accum, max_grad_norm=args.max_grad_norm,
-        grad_checkpointing=args.grad_checkpointing, train_last_layers=args.train_last_layers, bf16=args.bf16, seed=args.seed, max_length=args.max_length,
+        grad_checkpointing=args.grad_checkpointing, train_last_layers=args.train_last_layers, bf16=args.bf16,
+        seed=args.seed, max_length=args.max_length,
         prompt_format=args.prompt_format, save_every=args.save_every, keep_checkpoints=args.keep_checkpoints,
         progress=not args.no_progress, ref_cache_dir=args.ref_cache_dir)
     try:

@@ -5,14 +5,14 @@ import json
 from freeprm.cli import main
 
 
-def test_bad_candidate_named_by_file_line(tiny, tmp_path, capsys):
+def test_bad_candidate_named_by_file_line(tiny_model_dir, tmp_path, capsys):
     own = tmp_path / "mine.jsonl"
     recs = [{"problem_id": "q", "candidate_id": i, "prompt": "p?", "response": f"step {i}.\n\nThe answer is {i}.",
              "task": "gsm8k", "gold": "1"} for i in range(5)]
     recs[3]["steps"] = ["not in the response"]  # line 4 (second chunk with --score-chunk 2)
     own.write_text("".join(json.dumps(r) + "\n" for r in recs))
     out = tmp_path / "out"
-    assert main(["bon", "score", "--out", str(out), "--candidates", str(own), "--policy", tiny, "--no-progress",
+    assert main(["bon", "score", "--out", str(out), "--candidates", str(own), "--policy", tiny_model_dir, "--no-progress",
                  "--score-chunk", "2"]) == 2
     err = capsys.readouterr().err
     assert f"{own}:4: " in err and "item" not in err.split(f"{own}:4: ")[1].split("\n")[0]

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from freeprm.trainer.trainer import _truncate_metrics
+from freeprm.trainer.checkpoint import truncate_metrics as _truncate_metrics
 
 
 def test_cut_last_metrics_line_is_dropped_with_a_warning(tmp_path, capsys):
