@@ -13,7 +13,6 @@ give None. Used by the demo set, the trainer's small-scale claim and the engine 
 from __future__ import annotations
 
 import ast
-import json
 import math
 import operator
 import os
@@ -21,6 +20,8 @@ import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
+
+from .io import LineError, iter_jsonl
 
 ANNOT = re.compile(r"<<([^<>=]*)=([^<>]*)>>")
 NUM = re.compile(r"\d+(?:\.\d+)?")
@@ -44,12 +45,12 @@ def read_gsm8k(split: str = "test", limit: int | None = None) -> list[dict]:
     if not path.is_file():
         raise ValueError(f"{path} not found: set FREEPRM_DATA to the folder holding gsm8k_{split}.jsonl")
     out = []
-    with open(path) as f:
-        for line in f:
-            if line.strip():
-                out.append(json.loads(line))
-                if limit is not None and len(out) >= limit:
-                    break
+    for lineno, obj in iter_jsonl(path):  # streaming, so a limit reads only that many lines
+        if isinstance(obj, LineError):
+            raise ValueError(f"{path}:{lineno}: {obj.message}")
+        out.append(obj)
+        if limit is not None and len(out) >= limit:
+            break
     return out
 
 

@@ -12,13 +12,13 @@ steps.
 
 from __future__ import annotations
 
-import json
 import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..gsm8k import data_dir as _shared_data_dir
+from ..io import load_jsonl
 from .grading import gold_from_gsm8k
 
 TASK_NAMES = ("gsm8k", "math500", "arith")
@@ -63,8 +63,7 @@ default_data_dir = _shared_data_dir  # $FREEPRM_DATA, else ../shared/data beside
 def _read_jsonl(path: Path) -> list[dict]:
     if not path.is_file():
         raise ValueError(f"data file not found: {path}; pass --data-dir / data_dir=, or set FREEPRM_DATA")
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return [obj for _, obj in load_jsonl(path, on_error="raise")]
 
 
 def _take(rows: list, limit: int | None, offset: int, shuffle_seed: int | None) -> list:
