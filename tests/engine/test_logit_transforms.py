@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from freeprm.engine import Scorer, naive_sequence_logprobs
+from freeprm.engine import Scorer
 from freeprm.engine.logprobs import split_lm, target_hidden
 from freeprm.kernels import reference
 from freeprm.testing import make_tiny_tokenizer
@@ -33,19 +33,18 @@ def tiny(kind, vocab):
 
 
 @pytest.mark.parametrize("kind, field", [("gemma2", "softcap"), ("granite", "logit_scale"), ("cohere", "logit_scale")])
-def test_transform_matches_model_logits(kind, field):
+def test_transform_matches_model_logits(kind, field, naive_rewards):
     tok = make_tiny_tokenizer()
     model = tiny(kind, len(tok))
     head = split_lm(model)[1]
     assert getattr(head, field) not in (None, 1.0)
     items = [{"prompt": "What is 48 / 2?", "response": "48 / 2 = 24.\n\nThe answer is 24."}]
     r = Scorer((model, tok)).score(items)[0]
+    expected = naive_rewards(model, None, r.input_ids, r.response_start)
+    assert (r.token_rewards - expected).abs().max() <= 1e-5
     ids = r.input_ids[None]
     tm = torch.zeros_like(ids, dtype=torch.bool)
     tm[:, r.response_start:] = True
-    with torch.no_grad():
-        expected = naive_sequence_logprobs(model, ids, torch.ones_like(ids), tm)[0, r.response_start:]
-    assert (r.token_rewards - expected).abs().max() <= 1e-5
     # and the transform matters: the same hidden states without it give other log-probs
     rows, _, (b_idx, t_idx) = target_hidden(model, ids, torch.ones_like(ids), tm)
     with torch.no_grad():

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from freeprm.engine import AGGREGATIONS, Scorer, load_model, naive_sequence_logprobs, score
+from freeprm.engine import AGGREGATIONS, Scorer, load_model, score
 from freeprm.engine.tokenization import encode
 
 ITEMS = [
@@ -17,29 +17,16 @@ ITEMS = [
 ]
 
 
-def naive_token_rewards(policy_dir, ref_dir, item, beta, delimiter="\n\n"):
-    """Independent computation: full logits -> log_softmax -> gather, one sequence at a time."""
-    model, tok = load_model(policy_dir)
-    response = item.get("response") or delimiter.join(item["steps"])
-    enc = encode(tok, item["prompt"], response)
-    ids = torch.tensor([enc.input_ids])
-    am = torch.ones_like(ids)
-    tm = torch.zeros_like(ids, dtype=torch.bool)
-    tm[:, enc.response_start:] = True
-    with torch.no_grad():
-        lp = naive_sequence_logprobs(model, ids, am, tm)[0, enc.response_start:]
-        if ref_dir is not None:
-            ref, _ = load_model(ref_dir)
-            lp = lp - naive_sequence_logprobs(ref, ids, am, tm)[0, enc.response_start:]
-    return beta * lp
-
-
 @pytest.mark.parametrize("with_ref", [False, True])
-def test_token_rewards_match_naive(tiny_model_dir, tiny_ref_dir, with_ref):
+def test_token_rewards_match_naive(tiny_model_dir, tiny_ref_dir, with_ref, naive_rewards):
+    """Independent computation: the item tokenized here, full logits -> log_softmax -> gather, one sequence at a time."""
     ref = tiny_ref_dir if with_ref else None
     results = score(ITEMS, policy=tiny_model_dir, reference=ref, beta=0.7)
+    model, tok = load_model(tiny_model_dir)
+    ref_model = load_model(ref)[0] if with_ref else None
     for item, r in zip(ITEMS, results):
-        expected = naive_token_rewards(tiny_model_dir, ref, item, 0.7)
+        enc = encode(tok, item["prompt"], item.get("response") or "\n\n".join(item["steps"]))
+        expected = naive_rewards(model, ref_model, enc.input_ids, enc.response_start, 0.7)
         assert r.token_rewards.shape == expected.shape
         assert torch.allclose(r.token_rewards, expected, atol=1e-5, rtol=0), (r.token_rewards - expected).abs().max()
         assert (r.ref_logprobs is not None) == with_ref
@@ -103,7 +90,7 @@ def test_score_batch_tensor_form(tiny_model_dir):
         assert float(batch.scores[i]) == pytest.approx(r.score)
 
 
-def test_token_rewards_from_ids_matches_score(tiny_model_dir, tiny_ref_dir):
+def test_token_rewards_from_ids_matches_score(tiny_model_dir, tiny_ref_dir, naive_rewards):
     scorer = Scorer(tiny_model_dir, tiny_ref_dir, beta=2.0)
     r = scorer.score(ITEMS[:1])[0]
     ids = r.input_ids[None]
@@ -111,15 +98,22 @@ def test_token_rewards_from_ids_matches_score(tiny_model_dir, tiny_ref_dir):
     mask[:, r.response_start:] = True
     rewards, lp, lpr = scorer.token_rewards_from_ids(ids, torch.ones_like(ids), mask)
     assert torch.allclose(rewards[0, r.response_start:], r.token_rewards, atol=1e-6)
-    assert torch.allclose(rewards[0, r.response_start:], 2.0 * (lp - lpr)[0, r.response_start:], atol=1e-6)
-    assert float(rewards[0, :r.response_start].abs().sum()) == 0.0
+    # each model's log-probs against the naive full-logits computation of that model alone
+    pol, ref = load_model(tiny_model_dir)[0], load_model(tiny_ref_dir)[0]
+    rs = r.response_start
+    assert torch.allclose(lp[0, rs:], naive_rewards(pol, None, r.input_ids, rs), atol=1e-5)
+    assert torch.allclose(lpr[0, rs:], naive_rewards(ref, None, r.input_ids, rs), atol=1e-5)
+    assert float(rewards[0, :rs].abs().sum()) == 0.0
 
 
-def test_reference_free_is_beta_times_logprob(tiny_model_dir):
+def test_reference_free_is_beta_times_logprob(tiny_model_dir, naive_rewards):
     r = score(ITEMS[:1], policy=tiny_model_dir, beta=3.0)[0]
     assert r.ref_logprobs is None
-    assert torch.allclose(r.token_rewards, 3.0 * r.token_logprobs)
-    assert bool((r.token_logprobs <= 0).all())
+    model = load_model(tiny_model_dir)[0]
+    logp = naive_rewards(model, None, r.input_ids, r.response_start)  # beta = 1: the log-probs themselves
+    assert torch.allclose(r.token_logprobs, logp, atol=1e-5)
+    assert torch.allclose(r.token_rewards, 3.0 * logp, atol=3e-5)
+    assert bool((logp <= 0).all())
 
 
 def test_to_dict_is_json_ready(tiny_model_dir):

@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from freeprm.engine import Scorer, load_model, naive_sequence_logprobs
+from freeprm.engine import Scorer, load_model
 from freeprm.engine.loading import gguf_to_hf_dir, smollm2_gguf_path
 
 pytestmark = pytest.mark.smollm
@@ -22,18 +22,6 @@ ITEMS = [
 @pytest.fixture(scope="module")
 def smollm2(smollm2_dir):
     return load_model(smollm2_dir)
-
-
-def naive_rewards(model, ref, r):
-    ids = r.input_ids[None]
-    am = torch.ones_like(ids)
-    tm = torch.zeros_like(ids, dtype=torch.bool)
-    tm[:, r.response_start:] = True
-    with torch.no_grad():
-        lp = naive_sequence_logprobs(model, ids, am, tm)[0, r.response_start:]
-        if ref is not None:
-            lp = lp - naive_sequence_logprobs(ref, ids, am, tm)[0, r.response_start:]
-    return lp
 
 
 def test_gguf_cache_is_reused(smollm2_dir):
@@ -52,16 +40,16 @@ def test_tied_embeddings(smollm2):
     assert model.get_output_embeddings().weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
 
 
-def test_reference_free_matches_naive(smollm2):
+def test_reference_free_matches_naive(smollm2, naive_rewards):
     model, tok = smollm2
     results = Scorer((model, tok)).score(ITEMS)
     for r in results:
-        expected = naive_rewards(model, None, r)
+        expected = naive_rewards(model, None, r.input_ids, r.response_start)
         assert (r.token_rewards - expected).abs().max() <= 1e-4
     assert results[0].steps[-1] == "The answer is 72."
 
 
-def test_with_reference_matches_naive(smollm2):
+def test_with_reference_matches_naive(smollm2, naive_rewards):
     model, tok = smollm2
     ref = copy.deepcopy(model)
     with torch.no_grad():  # a different reference with the same vocabulary
@@ -70,6 +58,6 @@ def test_with_reference_matches_naive(smollm2):
                 p.add_(0.01 * torch.randn_like(p))
     results = Scorer((model, tok), reference=(ref, tok), beta=0.5).score(ITEMS)
     for r in results:
-        expected = 0.5 * naive_rewards(model, ref, r)
+        expected = naive_rewards(model, ref, r.input_ids, r.response_start, 0.5)
         assert (r.token_rewards - expected).abs().max() <= 1e-4
         assert r.token_rewards.abs().max() > 1e-3  # the reference really differs

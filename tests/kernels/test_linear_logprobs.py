@@ -5,8 +5,6 @@ oracle is ``reference.linear_logprobs`` run in fp64 and ``torch_in_dtype`` is th
 ``upcast=False`` computation in the test dtype. On CPU the kernel runs under TRITON_INTERPRET=1.
 """
 
-import os
-
 import pytest
 import torch
 
@@ -17,11 +15,8 @@ DTYPES = [torch.float32, torch.float16]
 TRANSFORMS = [dict(), dict(logit_scale=0.8, softcap=4.0)]
 ATOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 
-# CPU + interpreter by default; with FREEPRM_TEST_GPU=1 on a CUDA machine the same tests run compiled
-DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
 
-
-def _inputs(n, v, d, dtype, seed=0, device=DEVICE):
+def _inputs(n, v, d, dtype, device, seed=0):
     g = torch.Generator().manual_seed(seed)
     hidden = torch.randn(n, d, generator=g).to(dtype)
     weight = (torch.randn(v, d, generator=g) / d**0.5 * 2).to(dtype)
@@ -38,15 +33,8 @@ def _fwd_bwd(fn, hidden, weight, targets, grad_out):
     return out.double(), dh.double(), dw.double()
 
 
-def assert_budget(name, got, oracle, torch_dt, atol):
-    scale = max(oracle.abs().max().item(), 1.0)
-    err = (got - oracle).abs().max().item()
-    ref_err = (torch_dt - oracle).abs().max().item()
-    assert err <= 2 * ref_err + atol * scale, f"{name}: |impl-oracle|={err:.3g} > 2*{ref_err:.3g} + {atol * scale:.3g}"
-
-
-def check_three_way(impl, n, v, d, dtype, transform, seed=0, **kw):
-    hidden, weight, targets, grad_out = _inputs(n, v, d, dtype, seed)
+def check_three_way(assert_budget, impl, n, v, d, dtype, transform, device, seed=0, **kw):
+    hidden, weight, targets, grad_out = _inputs(n, v, d, dtype, device, seed)
     oracle = _fwd_bwd(lambda h, w, t: reference.linear_logprobs(h.double(), w.double(), t, upcast=False,
                                                                 **transform), hidden, weight, targets, grad_out)
     naive = _fwd_bwd(lambda h, w, t: reference.linear_logprobs(h, w, t, upcast=False, **transform),
@@ -59,7 +47,6 @@ def check_three_way(impl, n, v, d, dtype, transform, seed=0, **kw):
         fn = lambda h, w, t: linear_logprobs(h, w, t, impl=impl, **transform, **kw)  # noqa: E731
     got = _fwd_bwd(fn, hidden, weight, targets, grad_out)
     for name, a, o, t in zip(("logp", "d_hidden", "d_weight"), got, oracle, naive):
-        assert a.shape == o.shape
         assert_budget(f"{impl} {name}", a, o, t, ATOL[dtype])
 
 
@@ -67,12 +54,12 @@ def check_three_way(impl, n, v, d, dtype, transform, seed=0, **kw):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("n,v,d", SHAPES)
 @pytest.mark.parametrize("impl", ["triton", "torch"])
-def test_linear_logprobs_three_way(impl, n, v, d, dtype, transform):
-    check_three_way(impl, n, v, d, dtype, transform)
+def test_linear_logprobs_three_way(impl, n, v, d, dtype, transform, device, assert_budget):
+    check_three_way(assert_budget, impl, n, v, d, dtype, transform, device)
 
 
-def test_output_is_float32_and_no_grad_path():
-    hidden, weight, targets, _ = _inputs(37, 1000, 64, torch.float16)
+def test_output_is_float32_and_no_grad_path(device):
+    hidden, weight, targets, _ = _inputs(37, 1000, 64, torch.float16, device)
     for impl in ("triton", "torch"):
         out = linear_logprobs(hidden, weight, targets, impl=impl)
         assert out.dtype == torch.float32 and out.shape == (37,)
@@ -80,32 +67,23 @@ def test_output_is_float32_and_no_grad_path():
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_triton_split_vocab_and_chunked_backward(dtype):
+def test_triton_split_vocab_and_chunked_backward(dtype, device, assert_budget):
     # 3 vocab ranges combined in torch; 16-row backward slabs, d_weight accumulated in fp32
-    check_three_way("triton", 37, 1000, 64, dtype, dict(softcap=3.0), num_splits=3, bwd_chunk_rows=16)
+    check_three_way(assert_budget, "triton", 37, 1000, 64, dtype, dict(softcap=3.0), device, num_splits=3, bwd_chunk_rows=16)
 
 
 @pytest.mark.parametrize("dtype,transform", [(torch.float32, dict()), (torch.float16, dict(softcap=2.0))], ids=str)
-def test_triton_ragged_hidden_size(dtype, transform):
+def test_triton_ragged_hidden_size(dtype, transform, device, assert_budget):
     # D = 80: a second, partly masked D step in the interpreter's 64-wide tiles
-    check_three_way("triton", 45, 700, 80, dtype, transform)
+    check_three_way(assert_budget, "triton", 45, 700, 80, dtype, transform, device)
 
 
-def test_torch_chunked_path_small_chunks():
-    check_three_way("torch", 37, 1000, 64, torch.float16, dict(logit_scale=1.3), chunk_rows=16)
+def test_torch_chunked_path_small_chunks(device, assert_budget):
+    check_three_way(assert_budget, "torch", 37, 1000, 64, torch.float16, dict(logit_scale=1.3), device, chunk_rows=16)
 
 
-def test_split_vocab_is_deterministic():
-    hidden, weight, targets, _ = _inputs(37, 1000, 64, torch.float32)
-    from freeprm.kernels.linear_logprob_kernel import triton_linear_logprobs
-
-    a = triton_linear_logprobs(hidden, weight, targets, num_splits=4)
-    b = triton_linear_logprobs(hidden, weight, targets, num_splits=4)
-    assert torch.equal(a, b)
-
-
-def test_grad_only_hidden_and_one_token():
-    hidden, weight, targets, grad_out = _inputs(1, 1000, 64, torch.float32)
+def test_grad_only_hidden_and_one_token(device):
+    hidden, weight, targets, grad_out = _inputs(1, 1000, 64, torch.float32, device)
     h = hidden.clone().requires_grad_()
     out = linear_logprobs(h, weight, targets, impl="triton")
     (dh,) = torch.autograd.grad(out, h, grad_out)
@@ -115,8 +93,8 @@ def test_grad_only_hidden_and_one_token():
     torch.testing.assert_close(dh.double(), rh, atol=1e-5, rtol=1e-4)
 
 
-def test_empty_input():
-    hidden, weight, targets, _ = _inputs(0, 300, 32, torch.float32)
+def test_empty_input(device):
+    hidden, weight, targets, _ = _inputs(0, 300, 32, torch.float32, device)
     h = hidden.requires_grad_()
     w = weight.clone().requires_grad_()
     out = linear_logprobs(h, w, targets, impl="triton")
@@ -125,8 +103,8 @@ def test_empty_input():
     assert h.grad.shape == (0, 32) and torch.equal(w.grad, torch.zeros_like(w))
 
 
-def test_errors():
-    hidden, weight, targets, _ = _inputs(8, 100, 16, torch.float32)
+def test_errors(device):
+    hidden, weight, targets, _ = _inputs(8, 100, 16, torch.float32, device)
     with pytest.raises(ValueError, match="hidden must be"):
         linear_logprobs(hidden[0], weight, targets)
     with pytest.raises(ValueError, match="hidden size mismatch"):
@@ -147,9 +125,9 @@ def test_errors():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("v,d", [(128256, 4096), (49152, 576), (256000, 2304)])
-def test_linear_logprobs_bf16_real_shapes(v, d):
+def test_linear_logprobs_bf16_real_shapes(v, d, assert_budget):
     n = 512
-    hidden, weight, targets, grad_out = _inputs(n, v, d, torch.bfloat16, device="cuda")
+    hidden, weight, targets, grad_out = _inputs(n, v, d, torch.bfloat16, "cuda")
     oracle = _fwd_bwd(lambda h, w, t: reference.linear_logprobs(h, w, t, upcast=True),
                       hidden, weight, targets, grad_out)
     naive = _fwd_bwd(lambda h, w, t: reference.linear_logprobs(h, w, t, upcast=False),
@@ -161,9 +139,9 @@ def test_linear_logprobs_bf16_real_shapes(v, d):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-def test_linear_logprobs_gpu_small(dtype):
+def test_linear_logprobs_gpu_small(dtype, assert_budget):
     # same small shapes, compiled kernels (fp32 uses IEEE dots), split vocab and multi-chunk backward
-    hidden, weight, targets, grad_out = _inputs(37, 1000, 64, dtype, device="cuda")
+    hidden, weight, targets, grad_out = _inputs(37, 1000, 64, dtype, "cuda")
     oracle = _fwd_bwd(lambda h, w, t: reference.linear_logprobs(h.double(), w.double(), t, upcast=False),
                       hidden, weight, targets, grad_out)
     naive = _fwd_bwd(lambda h, w, t: reference.linear_logprobs(h, w, t, upcast=False), hidden, weight, targets, grad_out)

@@ -3,8 +3,6 @@
 Budget: max|impl - oracle| <= 2 * max|torch_in_dtype - oracle| + atol (house style).
 """
 
-import os
-
 import pytest
 import torch
 
@@ -12,17 +10,6 @@ from freeprm.kernels import policy_ref_rewards, reference, token_rewards
 
 ATOL = {torch.float32: 2e-5, torch.float16: 2e-3}
 DTYPES = [torch.float32, torch.float16]
-
-# CPU + interpreter by default; with FREEPRM_TEST_GPU=1 on a CUDA machine the same tests run compiled
-DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
-
-
-def assert_budget(name, got, oracle, torch_dt, atol):
-    got, oracle, torch_dt = got.double(), oracle.double(), torch_dt.double()
-    scale = max(oracle.abs().max().item() if oracle.numel() else 0.0, 1.0)
-    err = (got - oracle).abs().max().item() if oracle.numel() else 0.0
-    ref_err = (torch_dt - oracle).abs().max().item() if oracle.numel() else 0.0
-    assert err <= 2 * ref_err + atol * scale, f"{name}: |impl-oracle|={err:.3g} > 2*{ref_err:.3g} + {atol * scale:.3g}"
 
 
 def _mask(shape, kind, g):
@@ -41,13 +28,13 @@ def _mask(shape, kind, g):
 @pytest.mark.parametrize("shape", [(37,), (3, 13)], ids=str)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("impl", ["triton", "torch"])
-def test_token_rewards_three_way(impl, dtype, shape, with_ref, mask_kind):
+def test_token_rewards_three_way(impl, dtype, shape, with_ref, mask_kind, device, assert_budget):
     g = torch.Generator().manual_seed(1)
     lp = (-5 * torch.rand(shape, generator=g)).to(dtype)
     lr = (-5 * torch.rand(shape, generator=g)).to(dtype) if with_ref else None
     mask = None if mask_kind == "none" else _mask(shape, mask_kind, g)
     grad_out = torch.randn(shape, generator=g)
-    lp, lr, mask, grad_out = (None if x is None else x.to(DEVICE) for x in (lp, lr, mask, grad_out))
+    lp, lr, mask, grad_out = (None if x is None else x.to(device) for x in (lp, lr, mask, grad_out))
     beta = 0.05
 
     def run(fn, cast):
@@ -68,9 +55,9 @@ def test_token_rewards_three_way(impl, dtype, shape, with_ref, mask_kind):
         assert (got[0][~mask.bool()] == 0).all()
 
 
-def test_token_rewards_masked_nan_does_not_leak():
-    lp = torch.tensor([-1.0, float("nan"), -2.0], device=DEVICE)
-    mask = torch.tensor([True, False, True], device=DEVICE)
+def test_token_rewards_masked_nan_does_not_leak(device):
+    lp = torch.tensor([-1.0, float("nan"), -2.0], device=device)
+    mask = torch.tensor([True, False, True], device=device)
     out = token_rewards(lp, None, mask, 2.0, impl="triton")
     assert torch.equal(out.cpu(), torch.tensor([-2.0, 0.0, -4.0]))
 
@@ -85,7 +72,7 @@ def test_token_rewards_errors():
         token_rewards(lp, None, None, 1.0, impl="fast")
 
 
-def _pair_inputs(n, v, dp, dr, dtype, seed=0):
+def _pair_inputs(n, v, dp, dr, dtype, device, seed=0):
     g = torch.Generator().manual_seed(seed)
     hp = torch.randn(n, dp, generator=g).to(dtype)
     wp = (torch.randn(v, dp, generator=g) * 2 / dp**0.5).to(dtype)
@@ -94,15 +81,15 @@ def _pair_inputs(n, v, dp, dr, dtype, seed=0):
     t = torch.randint(0, v, (n,), generator=g)
     mask = torch.rand(n, generator=g) > 0.25
     mask[:32] = False  # the first kernel row block is fully masked: its vocab loop is skipped
-    return tuple(x.to(DEVICE) for x in (hp, wp, hr, wr, t, mask))
+    return tuple(x.to(device) for x in (hp, wp, hr, wr, t, mask))
 
 
 @pytest.mark.parametrize("splits", [None, 3])
 @pytest.mark.parametrize("transform", [dict(), dict(logit_scale=0.9, softcap=3.0)], ids=["plain", "scale+softcap"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("use_mask", [True, False], ids=["mask", "no-mask"])
-def test_policy_ref_rewards_fused_three_way(use_mask, dtype, transform, splits):
-    hp, wp, hr, wr, t, mask = _pair_inputs(70, 1000, 64, 32, dtype)
+def test_policy_ref_rewards_fused_three_way(use_mask, dtype, transform, splits, device, assert_budget):
+    hp, wp, hr, wr, t, mask = _pair_inputs(70, 1000, 64, 32, dtype, device)
     mask = mask if use_mask else None
     beta = 0.1
     oracle = reference.policy_ref_rewards(hp.double(), wp.double(), hr.double(), wr.double(), t, beta, mask,
@@ -122,9 +109,9 @@ def test_policy_ref_rewards_fused_three_way(use_mask, dtype, transform, splits):
 
 
 @pytest.mark.parametrize("impl", ["triton", "torch"])
-def test_policy_ref_rewards_grads(impl):
-    hp, wp, hr, wr, t, mask = _pair_inputs(37, 1000, 64, 64, torch.float32, seed=3)
-    grad_out = torch.randn(37).to(DEVICE)
+def test_policy_ref_rewards_grads(impl, device, assert_budget):
+    hp, wp, hr, wr, t, mask = _pair_inputs(37, 1000, 64, 64, torch.float32, device, seed=3)
+    grad_out = torch.randn(37).to(device)
 
     def run(cast, fn):
         xs = [cast(x).requires_grad_() for x in (hp, wp, hr, wr)]
@@ -138,8 +125,8 @@ def test_policy_ref_rewards_grads(impl):
         assert_budget(f"{impl} {name}", a, o, n, ATOL[torch.float32])
 
 
-def test_policy_ref_rewards_errors():
-    hp, wp, hr, wr, t, mask = _pair_inputs(8, 100, 16, 8, torch.float32)
+def test_policy_ref_rewards_errors(device):
+    hp, wp, hr, wr, t, mask = _pair_inputs(8, 100, 16, 8, torch.float32, device)
     with pytest.raises(ValueError, match="share a vocabulary"):
         policy_ref_rewards(hp, wp, hr, wr[:50], t)
     with pytest.raises(ValueError, match="same tokens"):
@@ -156,8 +143,8 @@ def test_policy_ref_rewards_errors():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("v,d", [(128256, 4096), (49152, 576)])
-def test_policy_ref_rewards_bf16_real_shapes(v, d):
-    hp, wp, hr, wr, t, mask = _pair_inputs(512, v, d, d, torch.bfloat16)
+def test_policy_ref_rewards_bf16_real_shapes(v, d, device, assert_budget):
+    hp, wp, hr, wr, t, mask = _pair_inputs(512, v, d, d, torch.bfloat16, device)
     oracle = reference.policy_ref_rewards(hp, wp, hr, wr, t, 0.1, mask, upcast=True)
     naive = reference.policy_ref_rewards(hp, wp, hr, wr, t, 0.1, mask, upcast=False)
     got = policy_ref_rewards(hp, wp, hr, wr, t, 0.1, mask, impl="triton")
