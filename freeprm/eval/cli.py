@@ -44,6 +44,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    "bring your own in the documented schema")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--prompt-format", choices=("auto", "chat", "raw"), default="auto",
+                   help="prompt formatting for the generator and the scorer alike (auto: the chat template when the "
+                        "tokenizer has one)")
 
 
 def _add_task(p: argparse.ArgumentParser) -> None:
@@ -160,7 +163,7 @@ def stage_generate(args) -> None:
                              temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
                              seed=args.seed, batch_size=args.batch_size, backend=args.backend, dtype=args.gen_dtype,
                              device=args.device, prompt_template=args.prompt_template, stop=args.stop,
-                             progress=not args.no_progress)
+                             prompt_format=args.prompt_format, progress=not args.no_progress)
     _log(f"generate: {st['generated']} new, {st['reused']} reused, {st['new_tokens']} tokens in "
          f"{st['seconds']:.0f} s ({st['tokens_per_s']:.1f} tokens/s)")
 
@@ -172,7 +175,8 @@ def stage_score(args) -> None:
     cands = _load_candidates(_candidates_path(args), where)
     st = score_candidates(cands, Path(args.out) / "scores.jsonl", policy=args.policy, reference=args.reference,
                           beta=args.beta, step_delimiter=args.step_delimiter, chunk_size=args.score_chunk,
-                          progress=not args.no_progress, dtype=args.score_dtype, where=where)
+                          progress=not args.no_progress, dtype=args.score_dtype, where=where,
+                          prompt_format=args.prompt_format)
     _log(f"score: {st['scored']} scored, {st['reused']} reused, {st['empty']} empty responses "
          f"({st['seconds']:.0f} s)")
 
@@ -196,7 +200,7 @@ def stage_report(args) -> dict:
     if aggs:
         tag = scorer_tag(getattr(args, "policy", None) or "smollm2", getattr(args, "reference", None),
                          getattr(args, "beta", 1.0), getattr(args, "step_delimiter", "\n\n"),
-                         dtype=getattr(args, "score_dtype", "float32"))
+                         dtype=getattr(args, "score_dtype", "float32"), prompt_format=args.prompt_format)
         scores = load_scores(Path(args.out) / "scores.jsonl", tag if args.stage == "all" else None)
         tags = {s["scorer"] for s in scores.values()}
         if len(tags) > 1:

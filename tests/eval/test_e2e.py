@@ -79,6 +79,10 @@ def test_bring_your_own_candidates(tiny_model_dir, tmp_path, capsys):
     assert rows["random"]["cells"]["3"]["accuracy"] == pytest.approx(100 / 3, abs=0.01)
     assert rows["pass@N"]["cells"]["3"]["accuracy"] == 100.0
     assert rows["majority"]["cells"]["3"]["accuracy"] == 50.0  # 3-way tie: the first answer (4) wins
+    # another prompt format is another scorer: rescored, never reused
+    capsys.readouterr()
+    assert _bon("score", out, "--candidates", str(own), "--policy", tiny_model_dir, "--prompt-format", "raw") == 0
+    assert "6 scored, 0 reused" in capsys.readouterr().err
 
 
 def test_report_without_scores_and_errors(tiny_model_dir, tmp_path, capsys):
