@@ -5,7 +5,6 @@ import torch
 from safetensors import safe_open
 
 from freeprm.engine import load_model, sequence_logprobs
-from freeprm.testing import make_tiny_model_dir
 from freeprm.trainer import TrainConfig, ref_cache, train
 from freeprm.trainer.data import build_items, collate, load_examples
 from freeprm.trainer.ref_cache import ReferenceCache, model_fingerprint, sequence_key
@@ -53,14 +52,14 @@ def test_training_run_hits_cache_without_reference_forward(tiny_model_dir, data_
     assert train(str(moved), data_path, tmp_path / "c", config=_cfg(tmp_path)).ref_computed == 0
 
 
-def test_changed_key_recomputes(tiny_model_dir, data_path, tmp_path, rows_file):
+def test_changed_key_recomputes(tiny_model_dir, tiny_ref_dir, data_path, tmp_path, rows_file):
     base = train(tiny_model_dir, data_path, tmp_path / "a", config=_cfg(tmp_path))
     # new rows: only their sequences are computed, the old ones stay in the same file
     more = rows_file(tmp_path / "more.jsonl", 9)
     grown = train(tiny_model_dir, more, tmp_path / "b", config=_cfg(tmp_path))
     assert grown.ref_computed == 2 and grown.ref_cache == base.ref_cache
     # other weights: another key, another file, everything recomputed
-    other = make_tiny_model_dir(tmp_path / "other", seed=1)
+    other = tiny_ref_dir  # seed 1, the same tokenizer
     changed = train(other, data_path, tmp_path / "c", config=_cfg(tmp_path))
     assert changed.ref_computed == 16 and changed.ref_cache != base.ref_cache
     # an explicit reference model (not the policy) has its own key too
