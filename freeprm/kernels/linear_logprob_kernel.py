@@ -9,142 +9,37 @@ Forward, per token i (x_iv = h_i . w_v accumulated in fp32, z = transform(x)):
     lse_i  = log sum_v exp(z_iv)                          online over vocab tiles:
              m <- max(m, max_tile z);  l <- l * exp(m_old - m) + sum_tile exp(z - m)
     out_i  = z_{i,t_i} - lse_i                            z_{i,t_i} taken from the same fp32 tile
-The vocab may be cut into SPLITS ranges (more programs when N is small, L2 reuse of the hidden
-rows when it is large); each range writes its partial m + log(l) to a ``[SPLITS, N]`` buffer and a
-tiny second kernel combines the ranges by a fixed-order logsumexp: deterministic, no atomics.
-With SPLITS == 1 the kernel writes out and lse itself.
+    ent_i  = lse_i - sum_v p_iv z_iv                     (return_entropy: s <- s * exp(m_old - m) + sum_tile exp(z - m) z,
+                                                          E_p[z] = s / l; no gradient)
+The vocab may be cut into SPLITS ranges (a runtime argument: more programs when N is small, L2 reuse
+of the hidden rows when it is large); each range writes its partial m + log(l) (and E_p[z] within
+the range) to a ``[SPLITS, N]`` buffer and a tiny second kernel combines the ranges in a fixed
+order: deterministic, no atomics. With one range the kernel writes out and lse itself.
 
 Backward, with g_i = dL/d out_i and p_iv = exp(z_iv - lse_i):
     dz_iv  = g_i * (onehot(t_i)_v - p_iv)
     dx_iv  = dz_iv * s                                   (no soft-cap)
     dx_iv  = dz_iv * s * (1 - tanh^2(s x_iv / c))        (soft-cap)
     d_hidden = dx @ W          [N, D]
-    d_weight = dx^T @ h        [V, D]   accumulated in fp32 over row chunks
-``dx`` is recomputed from (h, W, lse) by a Triton kernel one row chunk at a time into a
-``[C, V]`` slab and fed to two cuBLAS GEMMs; ``[N, V]`` never exists and only ``lse`` is saved.
+    d_weight = dx^T @ h        [V, D]
+``dx`` is recomputed from (h, W, lse) by a Triton kernel into a slab and fed to two cuBLAS GEMMs;
+``[N, V]`` never exists and only ``lse`` is saved. When V > N the slab is ``[N, Vc]`` (a vocab
+slice): each d_weight slice is written once and d_hidden accumulates in fp32 ``[N, D]``; otherwise
+the slab is ``[C, V]`` (a row chunk) and d_weight accumulates in fp32 ``[V, D]``.
 """
 
 from __future__ import annotations
-
-import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-# backward slab budget: rows per chunk are chosen so one [C, V] dz slab stays near this size
+from . import triton_common as tc
+from .triton_common import logit_tile, lse_over_splits, mean_over_splits, range_lse, row_block_partial, split_prologue
+
+# backward slab budget: the [C, V] or [N, Vc] dz slab is sized to stay near this
 BWD_SLAB_BYTES = 256 * 2**20
-
-_COMBINE_BLOCK = 1024
-# interpreter (CPU) tiles: few, large programs keep TRITON_INTERPRET=1 runs quick
-_CPU_BLOCKS = dict(BLOCK_N=32, BLOCK_V=512, BLOCK_D=64)
-# GPU tiles: the autotuned kernels pick among these. Educated guesses, not yet timed on a GPU; each
-# compiles for sm_90 in bf16 to wgmma with a cp.async pipeline and no register spills (checked AOT
-# without a GPU, tests/kernels/test_sm90_compile.py); 128x256 tiles spill and are left out.
-_GPU_CONFIGS = [
-    triton.Config(dict(BLOCK_N=128, BLOCK_V=128, BLOCK_D=64), num_warps=8, num_stages=3),
-    triton.Config(dict(BLOCK_N=128, BLOCK_V=128, BLOCK_D=64), num_warps=8, num_stages=4),
-    triton.Config(dict(BLOCK_N=64, BLOCK_V=128, BLOCK_D=64), num_warps=4, num_stages=4),
-    triton.Config(dict(BLOCK_N=64, BLOCK_V=256, BLOCK_D=64), num_warps=8, num_stages=3),
-    triton.Config(dict(BLOCK_N=64, BLOCK_V=256, BLOCK_D=32), num_warps=8, num_stages=4),
-]
-
-
-def _interpreting(t: torch.Tensor) -> bool:
-    return (not t.is_cuda) or os.environ.get("TRITON_INTERPRET") == "1"
-
-
-# ----------------------------------------------------------------------------------------------
-# shared tile helpers
-# ----------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _logit_tile(
-    H,  # [N, D] hidden (pointer to element 0), unit column stride
-    W,  # [V, D] weight (pointer to element 0), unit column stride
-    rows,  # [BLOCK_N] int64 token indices of this tile
-    cols,  # [BLOCK_V] int64 vocab indices of this tile
-    row_ok, col_ok, D, stride_h, stride_w, scale, softcap,
-    HAS_SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
-    UPCAST_DOT: tl.constexpr, DOT_PREC: tl.constexpr,
-):
-    """fp32 [BLOCK_N, BLOCK_V] tile of z = transform(h W^T), -inf past V, and tanh (soft-cap grad)."""
-    offs_d = tl.arange(0, BLOCK_D)
-    h_ptrs = H + rows[:, None] * stride_h + offs_d[None, :]  # [BLOCK_N, BLOCK_D]
-    w_ptrs = W + cols[:, None] * stride_w + offs_d[None, :]  # [BLOCK_V, BLOCK_D]
-    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        d_ok = offs_d < D - d0
-        h = tl.load(h_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-        w = tl.load(w_ptrs, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-        if UPCAST_DOT:  # the interpreter multiplies 16-bit bit patterns wrongly (triton #11584)
-            h = h.to(tl.float32)
-            w = w.to(tl.float32)
-        acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PREC)
-        h_ptrs += BLOCK_D
-        w_ptrs += BLOCK_D
-    x = acc * scale
-    if HAS_SOFTCAP:
-        y = x / softcap
-        e = tl.exp(-2.0 * tl.abs(y))  # tanh(|y|) = (1 - e) / (1 + e), stable for large |y|
-        th = (1.0 - e) / (1.0 + e)
-        th = tl.where(y < 0, -th, th)
-        z = softcap * th
-    else:
-        th = x
-        z = x
-    z = tl.where(col_ok[None, :], z, float("-inf"))
-    return z, th
-
-
-@triton.jit
-def _row_block_partial(
-    H,  # [N, D] hidden
-    W,  # [V, D] weight
-    rows, row_ok,
-    tgt,  # [BLOCK_N] int64 target ids of these rows
-    v_lo, v_hi, V, D, stride_h, stride_w, scale, softcap,
-    HAS_SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
-    UPCAST_DOT: tl.constexpr, DOT_PREC: tl.constexpr,
-):
-    """Online (max, sum exp) over vocab [v_lo, v_hi) and the target logit if it lies there."""
-    m = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
-    l = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    zt = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for v0 in range(v_lo, v_hi, BLOCK_V):
-        cols = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
-        col_ok = cols < v_hi
-        z, _th = _logit_tile(H, W, rows, cols, row_ok, col_ok, D, stride_h, stride_w, scale, softcap,
-                             HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, UPCAST_DOT, DOT_PREC)
-        m_new = tl.maximum(m, tl.max(z, axis=1))  # finite: every tile holds >= 1 valid column
-        l = l * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
-        m = m_new
-        zt += tl.sum(tl.where(cols[None, :] == tgt[:, None], z, 0.0), axis=1)
-    return m, l, zt
-
-
-@triton.jit
-def _range_lse(m, l):
-    """m + log(l), and -inf for an empty vocab range (l == 0) without evaluating log(0)."""
-    return tl.where(l > 0, m + tl.log(tl.where(l > 0, l, 1.0)), float("-inf"))
-
-
-@triton.jit
-def _lse_over_splits(
-    PART,  # [SPLITS, N] fp32 per-range logsumexp, -inf for an empty range
-    offs, ok, N, SPLITS: tl.constexpr,
-):
-    """Fixed-order logsumexp over the SPLITS ranges; 0 for rows where every range is empty."""
-    m = tl.full(offs.shape, float("-inf"), tl.float32)
-    for s in tl.static_range(SPLITS):
-        m = tl.maximum(m, tl.load(PART + s * N + offs, mask=ok, other=0.0))
-    m = tl.where(m == float("-inf"), 0.0, m)
-    acc = tl.zeros(offs.shape, tl.float32)
-    for s in tl.static_range(SPLITS):
-        acc += tl.exp(tl.load(PART + s * N + offs, mask=ok, other=0.0) - m)
-    return m + tl.log(tl.where(acc > 0, acc, 1.0))
+BWD_SPLITS = ("auto", "rows", "vocab")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -153,121 +48,80 @@ def _lse_over_splits(
 
 
 # out_i = z_{i,t_i} - lse_i, lse_i = log sum_v exp z_iv, z = transform(h W^T): online over vocab tiles
-@triton.jit
+@triton.jit(do_not_specialize=["N", "SPLITS"])
 def _linear_logprob_fwd_kernel(
     H,  # [N, D] hidden, row stride stride_h
     W,  # [V, D] weight, row stride stride_w
     TGT,  # [N] int32/int64 target ids in [0, V)
-    OUT,  # [N] fp32: log-prob of the target (SPLITS == 1) or the target logit (SPLITS > 1)
-    LSE,  # [N] fp32 logsumexp of the row (written when SPLITS == 1)
-    PART,  # [SPLITS, N] fp32 logsumexp of each vocab range, -inf if empty (written when SPLITS > 1)
-    N, V, D, stride_h, stride_w, scale, softcap,
-    HAS_SOFTCAP: tl.constexpr, SPLITS: tl.constexpr,
+    OUT,  # [N] fp32: log-prob of the target (not SPLIT) or the target logit (SPLIT)
+    LSE,  # [N] fp32 logsumexp of the row (written when not SPLIT)
+    ENT,  # [N] fp32 entropy of the row (written when HAS_ENT and not SPLIT)
+    PART,  # [1 + HAS_ENT, SPLITS, N] fp32 per-range logsumexp (-inf if empty), then per-range E_p[z] (SPLIT)
+    N, V, D, SPLITS, stride_h, stride_w, scale, softcap,
+    HAS_SOFTCAP: tl.constexpr, HAS_ENT: tl.constexpr, SPLIT: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
     UPCAST_DOT: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
-    # flat program id: the SPLITS programs of one token block are adjacent, so they run together and
-    # share the block's hidden rows through L2 while each streams its own slice of W
-    pid = tl.program_id(0)
-    pid_n = pid // SPLITS
-    pid_s = pid % SPLITS
-    rows = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < N
-    tgt = tl.load(TGT + rows, mask=row_ok, other=0).to(tl.int64)
-    v_per = tl.cdiv(tl.cdiv(V, SPLITS), BLOCK_V) * BLOCK_V
-    v_lo = pid_s * v_per
-    v_hi = tl.minimum(v_lo + v_per, V)
-    m, l, zt = _row_block_partial(H, W, rows, row_ok, tgt, v_lo, v_hi, V, D, stride_h, stride_w, scale,
-                                  softcap, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, UPCAST_DOT, DOT_PREC)
-    if SPLITS == 1:
+    rows, row_ok, tgt, pid_s, v_lo, v_hi = split_prologue(TGT, N, V, SPLITS, BLOCK_N, BLOCK_V)
+    m, l, s, zt = row_block_partial(H, W, rows, row_ok, tgt, v_lo, v_hi, D, stride_h, stride_w, scale, softcap,
+                                    HAS_SOFTCAP, HAS_ENT, BLOCK_N, BLOCK_V, BLOCK_D, UPCAST_DOT, DOT_PREC)
+    if SPLIT:
+        tl.store(PART + pid_s * N + rows, range_lse(m, l), mask=row_ok)
+        if HAS_ENT:
+            tl.store(PART + (SPLITS + pid_s) * N + rows, s / tl.where(l > 0, l, 1.0), mask=row_ok)
+        tl.store(OUT + rows, zt, mask=row_ok & (tgt >= v_lo) & (tgt < v_hi))
+    else:
         lse = m + tl.log(l)
         tl.store(LSE + rows, lse, mask=row_ok)
         tl.store(OUT + rows, zt - lse, mask=row_ok)
-    else:
-        tl.store(PART + pid_s * N + rows, _range_lse(m, l), mask=row_ok)
-        tl.store(OUT + rows, zt, mask=row_ok & (tgt >= v_lo) & (tgt < v_hi))
+        if HAS_ENT:
+            tl.store(ENT + rows, lse - s / l, mask=row_ok)
 
 
-# lse_i = log sum_s exp(part_si) over the vocab ranges, out_i = z_{i,t_i} - lse_i
-@triton.jit
+# lse_i = log sum_k exp(part_ki) over the vocab ranges, out_i = z_{i,t_i} - lse_i, ent_i = lse_i - E_p[z]
+@triton.jit(do_not_specialize=["N", "SPLITS"])
 def _linear_logprob_combine_kernel(
-    PART,  # [SPLITS, N] fp32 per-range logsumexp written by _linear_logprob_fwd_kernel
+    PART,  # [1 + HAS_ENT, SPLITS, N] fp32 written by _linear_logprob_fwd_kernel
     OUT,  # [N] fp32 in: target logit z_{i,t_i}; out: log-prob
     LSE,  # [N] fp32 out: logsumexp of the row
-    N, SPLITS: tl.constexpr, BLOCK: tl.constexpr,
+    ENT,  # [N] fp32 out: entropy of the row (HAS_ENT)
+    N, SPLITS,
+    HAS_ENT: tl.constexpr, BLOCK: tl.constexpr,
 ):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < N
-    lse = _lse_over_splits(PART, offs, ok, N, SPLITS)
+    lse = lse_over_splits(PART, offs, ok, N, SPLITS)
     tl.store(LSE + offs, lse, mask=ok)
     tl.store(OUT + offs, tl.load(OUT + offs, mask=ok, other=0.0) - lse, mask=ok)
+    if HAS_ENT:
+        ez = mean_over_splits(PART, PART + SPLITS * N, lse, offs, ok, N, SPLITS)
+        tl.store(ENT + offs, lse - ez, mask=ok)
 
 
-_linear_logprob_fwd_tuned = triton.autotune(configs=_GPU_CONFIGS, key=["V", "D", "SPLITS"])(_linear_logprob_fwd_kernel)
-
-
-def _dot_flags(dtype: torch.dtype, interpreting: bool) -> dict:
-    # fp32 inputs get an IEEE fp32 dot (torch's default matmul does not use TF32 either)
-    return dict(UPCAST_DOT=interpreting, DOT_PREC="ieee" if (dtype == torch.float32 or interpreting) else "tf32")
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-# vocab ranges per token block on GPU even when N alone fills the machine: the adjacent programs of
-# one block share its hidden rows in L2, so DRAM traffic per step is ~(programs / SPLITS) hidden
-# blocks + SPLITS weight tiles instead of one hidden block per program. Costs 4 * SPLITS bytes per
-# token of transient partials (3: 12 B + 4 B lse). An untuned default: measure on the GPU.
-L2_SPLITS = 3
-
-
-def _num_splits(n: int, v: int, device: torch.device, interpreting: bool) -> int:
-    """Vocab ranges per token block: enough programs to fill the GPU, and at least L2_SPLITS."""
-    if interpreting:
-        return 1
-    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    row_blocks = triton.cdiv(max(n, 1), 64)
-    splits = max(triton.cdiv(2 * sms, row_blocks), L2_SPLITS)
-    return int(max(1, min(splits, triton.cdiv(v, 2048), 64)))
-
-
-def _common_dtype(hidden: torch.Tensor, weight: torch.Tensor):
-    if hidden.dtype == weight.dtype:
-        return hidden, weight
-    dt = torch.promote_types(hidden.dtype, weight.dtype)
-    return hidden.to(dt), weight.to(dt)
-
-
-def linear_logprob_fwd(hidden, weight, targets, logit_scale=1.0, softcap=None, num_splits=None):
-    """Launcher. Returns (logp [N] fp32, lse [N] fp32)."""
-    hidden, weight = _common_dtype(hidden, weight)
-    hidden = hidden if hidden.stride(-1) == 1 else hidden.contiguous()
-    weight = weight if weight.stride(-1) == 1 else weight.contiguous()
+def linear_logprob_fwd(hidden, weight, targets, logit_scale=1.0, softcap=None, num_splits=None, entropy=False):
+    """Launcher. Returns (logp [N] fp32, lse [N] fp32, entropy [N] fp32 or None)."""
+    hidden, weight = tc.common_dtype(hidden, weight)
     targets = targets.contiguous()
     n, d = hidden.shape
     v = weight.shape[0]
     out = torch.empty(n, dtype=torch.float32, device=hidden.device)
+    ent = torch.empty_like(out) if entropy else None
     if n == 0:
-        return out, torch.empty_like(out)
-    interp = _interpreting(hidden)
-    splits = int(num_splits or _num_splits(n, v, hidden.device, interp))
+        return out, torch.empty_like(out), ent
+    interp = tc.interpreting(hidden)
+    config = tc.pick_config(hidden.dtype, interp, entropy)
+    splits = int(num_splits or tc.num_splits(n, v, config, hidden.element_size(), hidden.device, interp))
     lse = torch.empty_like(out)
-    part = torch.empty(splits, n, dtype=torch.float32, device=hidden.device) if splits > 1 else out  # else unused
-    args = (hidden, weight, targets, out, lse, part, n, v, d, hidden.stride(0), weight.stride(0),
+    ent_arg = out if ent is None else ent  # unused pointer when not HAS_ENT
+    part = torch.empty(2 if entropy else 1, splits, n, dtype=torch.float32, device=hidden.device) if splits > 1 else out
+    args = (hidden, weight, targets, out, lse, ent_arg, part, n, v, d, splits, hidden.stride(0), weight.stride(0),
             float(logit_scale), float(softcap or 1.0))
-    flags = dict(HAS_SOFTCAP=softcap is not None, SPLITS=splits, **_dot_flags(hidden.dtype, interp))
-    if interp:
-        grid = (splits * triton.cdiv(n, _CPU_BLOCKS["BLOCK_N"]),)
-        _linear_logprob_fwd_kernel[grid](*args, **flags, **_CPU_BLOCKS)
-    else:
-        grid = lambda meta: (splits * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
-        _linear_logprob_fwd_tuned[grid](*args, **flags)
+    consts = dict(HAS_SOFTCAP=softcap is not None, HAS_ENT=entropy, **tc.dot_flags(hidden.dtype, interp))
+    tc.split_vocab_launch(_linear_logprob_fwd_kernel, n, splits, args, consts, config)
     if splits > 1:  # out holds the target logits: a tiny second pass combines the ranges
-        _linear_logprob_combine_kernel[(triton.cdiv(n, _COMBINE_BLOCK),)](part, out, lse, n, SPLITS=splits,
-                                                                          BLOCK=_COMBINE_BLOCK)
-    return out, lse
+        tc.launch(_linear_logprob_combine_kernel, (triton.cdiv(n, tc.COMBINE_BLOCK),), (part, out, lse, ent_arg, n, splits),
+                  dict(HAS_ENT=entropy, BLOCK=tc.COMBINE_BLOCK), num_warps=4)
+    return out, lse, ent
 
 
 # ----------------------------------------------------------------------------------------------
@@ -276,15 +130,15 @@ def linear_logprob_fwd(hidden, weight, targets, logit_scale=1.0, softcap=None, n
 
 
 # dx_iv = g_i (onehot(t_i)_v - exp(z_iv - lse_i)) * dz/dx_iv, dz/dx = s or s (1 - tanh^2): one tile each
-@triton.jit
+@triton.jit(do_not_specialize=["C", "v_off"])
 def _linear_logprob_dx_kernel(
-    H,  # [C, D] hidden rows of this chunk, row stride stride_h
-    W,  # [V, D] weight, row stride stride_w
-    TGT,  # [C] int32/int64 target ids of the chunk
-    LSE,  # [C] fp32 logsumexp saved by the forward
+    H,  # [C, D] hidden rows of this slab, row stride stride_h
+    W,  # [V, D] weight rows of this slab (vocab ids v_off .. v_off + V), row stride stride_w
+    TGT,  # [C] int32/int64 target ids (global vocab ids)
+    LSE,  # [C] fp32 logsumexp saved by the forward (over the whole vocabulary)
     G,  # [C] fp32 upstream gradient dL/d out
     DX,  # [C, V] out: dL/dx (pre-transform logits) in the GEMM dtype, row stride stride_dx
-    C, V, D, stride_h, stride_w, stride_dx, scale, softcap,
+    C, V, D, v_off, stride_h, stride_w, stride_dx, scale, softcap,
     HAS_SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
     UPCAST_DOT: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
@@ -295,9 +149,9 @@ def _linear_logprob_dx_kernel(
     cols = pid_v.to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
     row_ok = rows < C
     col_ok = cols < V
-    z, th = _logit_tile(H, W, rows, cols, row_ok, col_ok, D, stride_h, stride_w, scale, softcap,
-                        HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, UPCAST_DOT, DOT_PREC)
-    tgt = tl.load(TGT + rows, mask=row_ok, other=0).to(tl.int64)
+    z, th = logit_tile(H, W, rows, cols, row_ok, col_ok, D, stride_h, stride_w, scale, softcap,
+                       HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, UPCAST_DOT, DOT_PREC)
+    tgt = tl.load(TGT + rows, mask=row_ok, other=0).to(tl.int64) - v_off
     lse = tl.load(LSE + rows, mask=row_ok, other=0.0)
     g = tl.load(G + rows, mask=row_ok, other=0.0)
     p = tl.exp(z - lse[:, None])  # 0 past V (z = -inf)
@@ -309,26 +163,37 @@ def _linear_logprob_dx_kernel(
     tl.store(dx_ptrs, dz.to(DX.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
-_linear_logprob_dx_tuned = triton.autotune(configs=_GPU_CONFIGS, key=["V", "D"])(_linear_logprob_dx_kernel)
+def _slab(rows: int, cols: int, dtype, device) -> torch.Tensor:
+    return torch.empty(rows * cols, dtype=dtype, device=device)
 
 
-def _bwd_chunk_rows(n: int, v: int, elt: int) -> int:
-    rows = max(128, (BWD_SLAB_BYTES // max(v * elt, 1)) // 128 * 128)
-    return min(rows, n)
+def _dx(hidden, weight, targets, lse, g, slab, v_off, consts, config, logit_scale, softcap):
+    """dx [C, Vc] (a contiguous view of the slab) for hidden [C, D] against the vocab slice weight [Vc, D]."""
+    c, vc = hidden.shape[0], weight.shape[0]
+    dx = slab[: c * vc].view(c, vc)
+    grid = (triton.cdiv(c, config.kwargs["BLOCK_N"]), triton.cdiv(vc, config.kwargs["BLOCK_V"]))
+    tc.launch(_linear_logprob_dx_kernel, grid,
+              (hidden, weight, targets, lse, g, dx, c, vc, hidden.shape[1], v_off, hidden.stride(0), weight.stride(0),
+               dx.stride(0), float(logit_scale), float(softcap or 1.0)), consts, config)
+    return dx
 
 
-def _addmm_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """acc += a @ b with acc fp32 and a, b possibly 16-bit: fp32 accumulation across chunks."""
+def addmm_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc += a @ b with acc fp32 and a, b possibly 16-bit: fp32 accumulation across slabs.
+
+    torch 2.13 has ``addmm(..., out_dtype=float32)`` (``aten::addmm.dtype_out``) for CUDA only
+    (the CPU backend raises NotImplementedError); elsewhere the operands are upcast.
+    """
     if a.dtype == torch.float32:
         acc.addmm_(a, b)
         return
     if a.is_cuda:
-        try:  # cuBLAS 16-bit GEMM accumulating into an fp32 C in place (torch >= 2.8): no temporary
+        try:  # cuBLAS 16-bit GEMM accumulating into an fp32 C in place: no temporary
             torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
             return
         except (TypeError, RuntimeError, NotImplementedError):
             pass
-        try:  # fp32-output GEMM plus one [V, D] fp32 temporary
+        try:  # fp32-output GEMM plus one fp32 temporary
             acc.add_(torch.mm(a, b, out_dtype=torch.float32))
             return
         except (TypeError, RuntimeError, NotImplementedError):
@@ -336,81 +201,114 @@ def _addmm_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     acc.addmm_(a.float(), b.float())
 
 
+def _bwd_chunk(n_other: int, extent: int, elt: int) -> int:
+    """Slab extent (rows or vocab columns, a multiple of 128) so [extent, n_other] stays near BWD_SLAB_BYTES."""
+    size = max(128, (BWD_SLAB_BYTES // max(n_other * elt, 1)) // 128 * 128)
+    return min(size, extent)
+
+
 def linear_logprob_bwd(grad, hidden, weight, targets, lse, logit_scale=1.0, softcap=None,
-                       need_hidden=True, need_weight=True, chunk_rows=None):
-    """Returns (d_hidden [N, D] or None, d_weight [V, D] or None), in the inputs' dtypes."""
+                       need_hidden=True, need_weight=True, chunk_rows=None, chunk_vocab=None, split="auto"):
+    """Returns (d_hidden [N, D] or None, d_weight [V, D] or None), in the inputs' dtypes.
+
+    split: "vocab" ([N, Vc] slabs; each d_weight slice written once, d_hidden accumulated in fp32),
+    "rows" ([C, V] slabs; d_weight accumulated in fp32) or "auto" (vocab when V > N).
+    """
+    if split not in BWD_SPLITS:
+        raise ValueError(f"split must be one of {BWD_SPLITS}, got {split!r}")
     h_dtype, w_dtype = hidden.dtype, weight.dtype
-    hidden, weight = _common_dtype(hidden, weight)
-    hidden = hidden if hidden.stride(-1) == 1 else hidden.contiguous()
-    weight = weight if weight.stride(-1) == 1 else weight.contiguous()
+    hidden, weight = tc.common_dtype(hidden, weight)
+    targets, lse = targets.contiguous(), lse.contiguous()
     n, d = hidden.shape
     v = weight.shape[0]
+    if n == 0:
+        return (torch.empty_like(hidden).to(h_dtype) if need_hidden else None,
+                torch.zeros_like(weight).to(w_dtype) if need_weight else None)
     g = grad.float().contiguous()
-    interp = _interpreting(hidden)
-    chunk = int(chunk_rows or _bwd_chunk_rows(n, v, hidden.element_size()))
-    chunk = max(1, min(chunk, n)) if n else 1
-    dh = torch.empty_like(hidden) if need_hidden else None
-    single = n <= chunk
-    dw = None
-    if need_weight and not single:
-        dw = torch.zeros(v, d, dtype=torch.float32, device=hidden.device)
-    slab = torch.empty(min(chunk, max(n, 1)), v, dtype=hidden.dtype, device=hidden.device)
-    flags = dict(HAS_SOFTCAP=softcap is not None, **_dot_flags(hidden.dtype, interp))
-    for a in range(0, n, chunk):
-        b = min(a + chunk, n)
-        c = b - a
-        dx = slab[:c]
-        args = (hidden[a:b], weight, targets[a:b], lse[a:b], g[a:b], dx, c, v, d, hidden.stride(0), weight.stride(0),
-                dx.stride(0), float(logit_scale), float(softcap or 1.0))
-        if interp:
-            grid = (triton.cdiv(c, _CPU_BLOCKS["BLOCK_N"]), triton.cdiv(v, _CPU_BLOCKS["BLOCK_V"]))
-            _linear_logprob_dx_kernel[grid](*args, **flags, **_CPU_BLOCKS)
-        else:
-            grid = lambda meta: (triton.cdiv(c, meta["BLOCK_N"]), triton.cdiv(v, meta["BLOCK_V"]))  # noqa: E731
-            _linear_logprob_dx_tuned[grid](*args, **flags)
+    dt, dev, elt = hidden.dtype, hidden.device, hidden.element_size()
+    interp = tc.interpreting(hidden)
+    config = tc.pick_config(dt, interp)
+    consts = dict(HAS_SOFTCAP=softcap is not None, **tc.dot_flags(dt, interp))
+    dh = dw = None
+    if split == "vocab" or (split == "auto" and v > n):
+        cols = max(1, min(int(chunk_vocab or _bwd_chunk(n, v, elt)), v))
+        slab = _slab(n, cols, dt, dev)
+        dw = torch.empty_like(weight) if need_weight else None
         if need_hidden:
-            torch.mm(dx, weight, out=dh[a:b])  # [C, V] @ [V, D]
+            dh = torch.empty_like(hidden) if cols >= v else torch.zeros(n, d, dtype=torch.float32, device=dev)
+        for v0 in range(0, v, cols):
+            w = weight[v0:v0 + cols]
+            dx = _dx(hidden, w, targets, lse, g, slab, v0, consts, config, logit_scale, softcap)
+            if need_weight:
+                torch.mm(dx.T, hidden, out=dw[v0:v0 + cols])  # [Vc, N] @ [N, D]: each slice written once
+            if need_hidden:
+                if cols >= v:
+                    torch.mm(dx, w, out=dh)
+                else:
+                    addmm_fp32_(dh, dx, w)  # [N, Vc] @ [Vc, D] into fp32 [N, D]
+    else:
+        rows = max(1, min(int(chunk_rows or _bwd_chunk(v, n, elt)), n))
+        slab = _slab(rows, v, dt, dev)
+        dh = torch.empty_like(hidden) if need_hidden else None
         if need_weight:
-            if single:
-                dw = dx.T @ hidden[a:b]  # one GEMM, fp32 accumulation inside it
-            else:
-                _addmm_fp32_(dw, dx.T, hidden[a:b])
-    if need_weight and n == 0:
-        dw = torch.zeros_like(weight)
+            dw = None if rows >= n else torch.zeros(v, d, dtype=torch.float32, device=dev)
+        for a in range(0, n, rows):
+            b = min(a + rows, n)
+            h = hidden[a:b]
+            dx = _dx(h, weight, targets[a:b], lse[a:b], g[a:b], slab, 0, consts, config, logit_scale, softcap)
+            if need_hidden:
+                torch.mm(dx, weight, out=dh[a:b])  # [C, V] @ [V, D]
+            if need_weight:
+                if rows >= n:
+                    dw = dx.T @ h  # one GEMM, fp32 accumulation inside it
+                else:
+                    addmm_fp32_(dw, dx.T, h)
     dh = None if dh is None else dh.to(h_dtype)
     dw = None if dw is None else dw.to(w_dtype)
     return dh, dw
 
 
 class LinearLogprobs(torch.autograd.Function):
-    """autograd glue: saves (hidden, weight, targets, lse) and recomputes dz in backward."""
+    """autograd glue: saves (hidden, weight, targets, lse) and recomputes dz in backward.
+
+    With ``entropy`` the forward also returns the token entropy, which carries no gradient.
+    """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, logit_scale, softcap, num_splits, bwd_chunk_rows):
-        logp, lse = linear_logprob_fwd(hidden, weight, targets, logit_scale, softcap, num_splits)
+    def forward(ctx, hidden, weight, targets, logit_scale, softcap, num_splits, bwd, entropy):
+        targets = targets.contiguous()  # backward reads targets with unit stride: save what the forward read
+        logp, lse, ent = linear_logprob_fwd(hidden, weight, targets, logit_scale, softcap, num_splits, entropy)
         ctx.save_for_backward(hidden, weight, targets, lse)
-        ctx.args = (logit_scale, softcap, bwd_chunk_rows)
-        return logp
+        ctx.args = (logit_scale, softcap, bwd)
+        if ent is None:
+            return logp
+        ctx.mark_non_differentiable(ent)
+        return logp, ent
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx, grad, *_grad_entropy):
         hidden, weight, targets, lse = ctx.saved_tensors
-        logit_scale, softcap, chunk_rows = ctx.args
+        logit_scale, softcap, bwd = ctx.args
         dh, dw = linear_logprob_bwd(grad, hidden, weight, targets, lse, logit_scale, softcap,
-                                    need_hidden=ctx.needs_input_grad[0], need_weight=ctx.needs_input_grad[1],
-                                    chunk_rows=chunk_rows)
-        return dh, dw, None, None, None, None, None
+                                    need_hidden=ctx.needs_input_grad[0], need_weight=ctx.needs_input_grad[1], **bwd)
+        return dh, dw, None, None, None, None, None, None
 
 
 def triton_linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
                            logit_scale: float = 1.0, softcap: float | None = None,
-                           num_splits: int | None = None, bwd_chunk_rows: int | None = None) -> torch.Tensor:
+                           num_splits: int | None = None, bwd_chunk_rows: int | None = None,
+                           bwd_chunk_vocab: int | None = None, bwd_split: str = "auto",
+                           return_entropy: bool = False):
     """float32 ``[N]`` log-probs of ``targets`` under ``softmax(transform(hidden @ weight.T))``.
 
     hidden ``[N, D]``, weight ``[V, D]``, targets ``[N]``. Inputs are validated by
-    ``freeprm.kernels.linear_logprobs``; ``num_splits`` (vocab ranges per row block) and
-    ``bwd_chunk_rows`` (rows per backward slab) are tuning knobs, chosen automatically when None.
+    ``freeprm.kernels.linear_logprobs``. Tuning knobs, chosen automatically when None:
+    ``num_splits`` (vocab ranges per row block), ``bwd_split`` ("auto", "rows", "vocab"),
+    ``bwd_chunk_rows`` / ``bwd_chunk_vocab`` (slab extent of the row / vocab split).
+    ``return_entropy``: returns ``(logp, entropy)``, entropy float32 ``[N]`` without gradient.
     """
+    bwd = dict(chunk_rows=bwd_chunk_rows, chunk_vocab=bwd_chunk_vocab, split=bwd_split)
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
-        return LinearLogprobs.apply(hidden, weight, targets, logit_scale, softcap, num_splits, bwd_chunk_rows)
-    return linear_logprob_fwd(hidden, weight, targets, logit_scale, softcap, num_splits)[0]
+        return LinearLogprobs.apply(hidden, weight, targets, logit_scale, softcap, num_splits, bwd, return_entropy)
+    logp, _lse, ent = linear_logprob_fwd(hidden, weight, targets, logit_scale, softcap, num_splits, return_entropy)
+    return (logp, ent) if return_entropy else logp

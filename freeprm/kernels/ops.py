@@ -3,19 +3,51 @@
 ``impl="auto"`` takes the Triton kernel for CUDA tensors and the plain-torch path otherwise;
 ``impl="triton"`` forces the kernel (on CPU it needs ``TRITON_INTERPRET=1`` set before triton
 is imported); ``impl="torch"`` forces the torch path. The torch path of ``linear_logprobs`` is
-the chunked one in ``chunked.py`` (never ``[N, V]``); the others are in ``reference.py``.
+the chunked one in ``chunked.py`` (never ``[N, V]``; with entropy: ``entropy.py``); the others are
+in ``reference.py``.
+
+Validation: shapes, dtypes and devices are always checked (no device work). Checks of tensor
+*values* (target ids in ``[0, V)``, segment offsets) need a device-to-host copy, which on a GPU
+stalls the stream on every call: they run for CPU tensors, and for GPU tensors only with
+``validate=True`` or ``FREEPRM_DEBUG=1``. ``freeprm.engine.Scorer`` validates token ids against
+the vocabulary when it tokenizes (on the host), so the scoring hot path needs no value checks.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
 
 from . import reference
 from .chunked import chunked_linear_logprobs
+from .entropy import torch_linear_logprobs_entropy
 
 IMPLS = ("auto", "triton", "torch")
+DEBUG_ENV = "FREEPRM_DEBUG"
+
+
+def _value_checks(validate: bool | None, *tensors: torch.Tensor) -> bool:
+    """Whether to check tensor values: ``validate`` if given, else on CPU always, on GPU under FREEPRM_DEBUG=1."""
+    if validate is not None:
+        return bool(validate)
+    return os.environ.get(DEBUG_ENV, "0") not in ("", "0") or all(t.device.type == "cpu" for t in tensors)
+
+
+def _autocast(hidden: torch.Tensor, weight: torch.Tensor):
+    """hidden and weight in the autocast dtype when autocast is on for their device (as ``F.linear`` would be)."""
+    dev = hidden.device.type
+    if dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev):
+        dt = torch.get_autocast_dtype(dev)
+        return hidden.to(dt), weight.to(dt)
+    return hidden, weight
+
+
+def _no_autocast(t: torch.Tensor):
+    """The ops' own fp32 accumulation must not be recast by an enclosing autocast region."""
+    dev = t.device.type
+    return torch.autocast(dev, enabled=False) if dev in ("cuda", "cpu") else contextlib.nullcontext()
 
 
 def _resolve_impl(impl: str, *tensors: torch.Tensor) -> str:
@@ -38,9 +70,11 @@ def _triton_available() -> bool:
     return True
 
 
-def _check_cu(cu: torch.Tensor, n: int, what: str) -> None:
+def _check_cu(cu: torch.Tensor, n: int, what: str, validate: bool | None = None) -> None:
     if cu.dim() != 1 or len(cu) < 1 or cu.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"{what} must be a 1-D int32/int64 tensor of offsets [K+1], got shape {tuple(cu.shape)} {cu.dtype}")
+    if not _value_checks(validate, cu):
+        return
     if int(cu[0]) != 0 or int(cu[-1]) != n:
         raise ValueError(f"{what} must start at 0 and end at len(values)={n}; got {int(cu[0])}..{int(cu[-1])}")
     if len(cu) > 1 and bool((cu[1:] < cu[:-1]).any()):
@@ -59,12 +93,12 @@ def _check_head(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tenso
         raise ValueError(f"{who}hidden, weight and targets must be on the same device")
 
 
-def _check_targets(targets: torch.Tensor, n: int, vocab: int) -> None:
+def _check_targets(targets: torch.Tensor, n: int, vocab: int, validate: bool | None = None) -> None:
     if targets.shape != (n,):
         raise ValueError(f"targets must be [N]={n}, got {tuple(targets.shape)}")
     if targets.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"targets must be int32/int64 token ids, got {targets.dtype}")
-    if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= vocab):
+    if targets.numel() and _value_checks(validate, targets) and (int(targets.min()) < 0 or int(targets.max()) >= vocab):
         raise ValueError(f"targets must lie in [0, V={vocab}); mask padding before calling")
 
 
@@ -82,7 +116,9 @@ def linear_logprobs(
     softcap: float | None = None,
     impl: str = "auto",
     chunk_rows: int | None = None,
-) -> torch.Tensor:
+    return_entropy: bool = False,
+    validate: bool | None = None,
+):
     """Log-probabilities of ``targets`` under ``softmax(hidden @ weight.T)``, without ``[N, V]`` logits.
 
     Equivalent plain torch (fp32)::
@@ -90,23 +126,35 @@ def linear_logprobs(
         z = logit_scale * hidden.float() @ weight.float().T        # [N, V]
         if softcap: z = softcap * torch.tanh(z / softcap)
         out = torch.log_softmax(z, -1).gather(-1, targets[:, None])[:, 0]
+        entropy = -(z.softmax(-1) * z.log_softmax(-1)).sum(-1)   # return_entropy=True
 
     Args:
         hidden: ``[N, D]`` float tensor (fp32, fp16 or bf16).
-        weight: ``[V, D]`` LM-head weight, same dtype and device.
+        weight: ``[V, D]`` LM-head weight, same device (a different float dtype is promoted).
         targets: ``[N]`` int tensor with values in ``[0, V)``.
+        return_entropy: also return the entropy of each token's distribution, from the same pass.
+        validate: check target values (a device sync on GPU); default: on CPU, or FREEPRM_DEBUG=1.
+    Under ``torch.autocast`` for the tensors' device, hidden and weight are cast to the autocast
+    dtype first (as ``F.linear`` would be). fp32 inputs on the Triton path use TF32 dots when
+    ``torch.get_float32_matmul_precision()`` is not "highest".
     Returns:
-        float32 ``[N]``; differentiable w.r.t. ``hidden`` and ``weight``.
+        float32 ``[N]``, differentiable w.r.t. ``hidden`` and ``weight``; with ``return_entropy``,
+        ``(logp, entropy)``, entropy float32 ``[N]`` without gradient.
     """
     _check_head(hidden, weight, targets)
-    _check_targets(targets, hidden.shape[0], weight.shape[0])
+    _check_targets(targets, hidden.shape[0], weight.shape[0], validate)
     _check_softcap(softcap)
     which = _resolve_impl(impl, hidden, weight)
-    if which == "triton":
-        from .linear_logprob_kernel import triton_linear_logprobs
+    hidden, weight = _autocast(hidden, weight)
+    with _no_autocast(hidden):
+        if which == "triton":
+            from .linear_logprob_kernel import triton_linear_logprobs
 
-        return triton_linear_logprobs(hidden, weight, targets, logit_scale=logit_scale, softcap=softcap)
-    return chunked_linear_logprobs(hidden, weight, targets, logit_scale, softcap, chunk_rows)
+            return triton_linear_logprobs(hidden, weight, targets, logit_scale=logit_scale, softcap=softcap,
+                                          return_entropy=return_entropy)
+        if return_entropy:
+            return torch_linear_logprobs_entropy(hidden, weight, targets, logit_scale, softcap, chunk_rows)
+        return chunked_linear_logprobs(hidden, weight, targets, logit_scale, softcap, chunk_rows)
 
 
 def token_rewards(
@@ -134,13 +182,14 @@ def token_rewards(
     return reference.token_rewards(logp, logp_ref, mask, beta)
 
 
-def segment_sum(values: torch.Tensor, cu: torch.Tensor, *, impl: str = "auto") -> torch.Tensor:
+def segment_sum(values: torch.Tensor, cu: torch.Tensor, *, impl: str = "auto",
+                validate: bool | None = None) -> torch.Tensor:
     """Per-segment sums (step rewards from token rewards): ``out[k] = values[cu[k]:cu[k+1]].sum()``.
 
     values ``[N]``, cu ``[K+1]`` offsets; returns float32 ``[K]``; empty segments give 0.
     Differentiable w.r.t. ``values``.
     """
-    _check_cu(cu, values.shape[0], "cu")
+    _check_cu(cu, values.shape[0], "cu", validate)
     which = _resolve_impl(impl, values)
     if which == "triton":
         from .segment_kernel import triton_segment_sum
@@ -149,9 +198,10 @@ def segment_sum(values: torch.Tensor, cu: torch.Tensor, *, impl: str = "auto") -
     return reference.segment_sum(values, cu)
 
 
-def segment_cumsum(values: torch.Tensor, cu: torch.Tensor, *, impl: str = "auto") -> torch.Tensor:
+def segment_cumsum(values: torch.Tensor, cu: torch.Tensor, *, impl: str = "auto",
+                   validate: bool | None = None) -> torch.Tensor:
     """Cumulative sums restarting at each segment (Q values from step rewards). ``[N]`` float32."""
-    _check_cu(cu, values.shape[0], "cu")
+    _check_cu(cu, values.shape[0], "cu", validate)
     which = _resolve_impl(impl, values)
     if which == "triton":
         from .segment_kernel import triton_segment_cumsum
@@ -160,14 +210,15 @@ def segment_cumsum(values: torch.Tensor, cu: torch.Tensor, *, impl: str = "auto"
     return reference.segment_cumsum(values, cu)
 
 
-def segment_reduce(values: torch.Tensor, cu: torch.Tensor, op: str, *, impl: str = "auto") -> torch.Tensor:
+def segment_reduce(values: torch.Tensor, cu: torch.Tensor, op: str, *, impl: str = "auto",
+                   validate: bool | None = None) -> torch.Tensor:
     """One value per segment: ``op`` in min, max, last, mean, sum. ``[K]`` float32.
 
     Empty segments give NaN (min, max, last, mean) or 0 (sum).
     """
     if op not in reference.SEGMENT_OPS:
         raise ValueError(f"op must be one of {reference.SEGMENT_OPS}, got {op!r}")
-    _check_cu(cu, values.shape[0], "cu")
+    _check_cu(cu, values.shape[0], "cu", validate)
     which = _resolve_impl(impl, values)
     if which == "triton":
         from .segment_kernel import triton_segment_reduce
@@ -189,6 +240,7 @@ def policy_ref_rewards(
     softcap: float | None = None,
     impl: str = "auto",
     chunk_rows: int | None = None,
+    validate: bool | None = None,
 ) -> torch.Tensor:
     """Implicit-PRM token rewards straight from both models' last hidden states, float32 ``[N]``.
 
@@ -212,14 +264,17 @@ def policy_ref_rewards(
         raise ValueError(f"policy and reference must share a vocabulary: V={w_pol.shape[0]} vs V={w_ref.shape[0]}")
     if mask is not None and (mask.shape != targets.shape or mask.device != targets.device):
         raise ValueError(f"mask must be [N]={targets.shape[0]} on the targets' device, got {tuple(mask.shape)}")
-    _check_targets(targets, h_pol.shape[0], w_pol.shape[0])
+    _check_targets(targets, h_pol.shape[0], w_pol.shape[0], validate)
     _check_softcap(softcap)
     which = _resolve_impl(impl, h_pol, w_pol, h_ref, w_ref)
-    if which == "triton":
-        from .reward_kernel import triton_policy_ref_rewards
+    h_pol, w_pol = _autocast(h_pol, w_pol)
+    h_ref, w_ref = _autocast(h_ref, w_ref)
+    with _no_autocast(h_pol):
+        if which == "triton":
+            from .reward_kernel import triton_policy_ref_rewards
 
-        return triton_policy_ref_rewards(h_pol, w_pol, h_ref, w_ref, targets, beta, mask,
-                                         logit_scale=logit_scale, softcap=softcap)
-    lp = chunked_linear_logprobs(h_pol, w_pol, targets, logit_scale, softcap, chunk_rows)
-    lr = chunked_linear_logprobs(h_ref, w_ref, targets, logit_scale, softcap, chunk_rows)
-    return reference.token_rewards(lp, lr, mask, beta)
+            return triton_policy_ref_rewards(h_pol, w_pol, h_ref, w_ref, targets, beta, mask,
+                                             logit_scale=logit_scale, softcap=softcap)
+        lp = chunked_linear_logprobs(h_pol, w_pol, targets, logit_scale, softcap, chunk_rows)
+        lr = chunked_linear_logprobs(h_ref, w_ref, targets, logit_scale, softcap, chunk_rows)
+        return reference.token_rewards(lp, lr, mask, beta)

@@ -48,6 +48,24 @@ def linear_logprobs(
     return logp.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1).float()
 
 
+def linear_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    *,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+    upcast: bool = True,
+) -> torch.Tensor:
+    """Entropy of ``softmax(transform(hidden @ weight.T))`` per row, float32 ``[N]``.
+
+    ``H_i = -sum_v p_iv log p_iv`` with p the softmax; hidden ``[N, D]``, weight ``[V, D]``.
+    """
+    if upcast:
+        hidden, weight = hidden.float(), weight.float()
+    logp = torch.log_softmax(apply_logit_transform(hidden @ weight.T, logit_scale, softcap), dim=-1)  # [N, V]
+    return -(logp.exp() * logp).sum(-1).float()
+
+
 def token_rewards(
     logp: torch.Tensor,
     logp_ref: torch.Tensor | None,

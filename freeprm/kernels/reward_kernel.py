@@ -22,18 +22,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .linear_logprob_kernel import (
-    _CPU_BLOCKS,
-    _GPU_CONFIGS,
-    _common_dtype,
-    _COMBINE_BLOCK,
-    _interpreting,
-    _lse_over_splits,
-    _num_splits,
-    _range_lse,
-    _row_block_partial,
-    triton_linear_logprobs,
-)
+from . import triton_common as tc
+from .linear_logprob_kernel import triton_linear_logprobs
+from .triton_common import lse_over_splits, range_lse, row_block_partial, safe_log, split_prologue
 
 _ELEM_BLOCK = 1024
 
@@ -102,8 +93,8 @@ def token_reward_fwd(logp, logp_ref, mask, beta):
     r = torch.empty(n, dtype=torch.float32, device=lp.device)
     if n:
         grid = (triton.cdiv(n, _ELEM_BLOCK),)
-        _token_reward_fwd_kernel[grid](lp, lr, _mask_arg(mask, lp), r, n, float(beta),
-                                       HAS_REF=logp_ref is not None, HAS_MASK=mask is not None, BLOCK=_ELEM_BLOCK)
+        tc.launch(_token_reward_fwd_kernel, grid, (lp, lr, _mask_arg(mask, lp), r, n, float(beta)),
+                  dict(HAS_REF=logp_ref is not None, HAS_MASK=mask is not None, BLOCK=_ELEM_BLOCK), num_warps=4)
     return r.view(logp.shape)
 
 
@@ -115,8 +106,8 @@ def token_reward_bwd(grad, logp, logp_ref, mask, beta, need_ref=True):
     dlr = torch.empty(logp_ref.shape, dtype=logp_ref.dtype, device=g.device) if has_ref else None
     if n:
         grid = (triton.cdiv(n, _ELEM_BLOCK),)
-        _token_reward_bwd_kernel[grid](g, _mask_arg(mask, g), dlp, dlp if dlr is None else dlr, n, float(beta),
-                                       HAS_REF=has_ref, HAS_MASK=mask is not None, BLOCK=_ELEM_BLOCK)
+        tc.launch(_token_reward_bwd_kernel, grid, (g, _mask_arg(mask, g), dlp, dlp if dlr is None else dlr, n, float(beta)),
+                  dict(HAS_REF=has_ref, HAS_MASK=mask is not None, BLOCK=_ELEM_BLOCK), num_warps=4)
     return dlp, dlr
 
 
@@ -151,7 +142,7 @@ def triton_token_rewards(logp: torch.Tensor, logp_ref: torch.Tensor | None, mask
 
 
 # r_t = beta ((z^pol_{t,y_t} - lse^pol_t) - (z^ref_{t,y_t} - lse^ref_t)) m_t   (forward only)
-@triton.jit
+@triton.jit(do_not_specialize=["N", "SPLITS"])
 def _policy_ref_reward_kernel(
     HP,  # [N, Dp] policy hidden states, row stride stride_hp
     WP,  # [V, Dp] policy LM head, row stride stride_wp
@@ -159,66 +150,55 @@ def _policy_ref_reward_kernel(
     WR,  # [V, Dr] reference LM head, row stride stride_wr
     TGT,  # [N] int32/int64 target ids y_t in [0, V)
     MASK,  # [N] bool (as uint8) or 0/1 numbers (read when HAS_MASK)
-    R,  # [N] fp32 out: rewards (written when SPLITS == 1)
-    PART,  # [2, SPLITS, N] fp32 logsumexp of each vocab range, policy then reference (SPLITS > 1)
-    ZT,  # [2, N] fp32 target logits, written by the range holding the target (SPLITS > 1)
-    N, V, DP, DR, stride_hp, stride_wp, stride_hr, stride_wr, scale, softcap, beta,
-    HAS_SOFTCAP: tl.constexpr, HAS_MASK: tl.constexpr, SPLITS: tl.constexpr,
+    R,  # [N] fp32 out: rewards (written when not SPLIT)
+    PART,  # [2, SPLITS, N] fp32 logsumexp of each vocab range, policy then reference (SPLIT)
+    ZT,  # [2, N] fp32 target logits, written by the range holding the target (SPLIT)
+    N, V, DP, DR, SPLITS, stride_hp, stride_wp, stride_hr, stride_wr, scale, softcap, beta,
+    HAS_SOFTCAP: tl.constexpr, HAS_MASK: tl.constexpr, SPLIT: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
     UPCAST_DOT: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
-    # flat program id, the SPLITS programs of a token block adjacent (as in _linear_logprob_fwd_kernel)
-    pid = tl.program_id(0)
-    pid_n = pid // SPLITS
-    pid_s = pid % SPLITS
-    rows = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < N
-    tgt = tl.load(TGT + rows, mask=row_ok, other=0).to(tl.int64)
-    v_per = tl.cdiv(tl.cdiv(V, SPLITS), BLOCK_V) * BLOCK_V
-    v_lo = pid_s * v_per
-    v_hi = tl.minimum(v_lo + v_per, V)
+    rows, row_ok, tgt, pid_s, v_lo, v_hi = split_prologue(TGT, N, V, SPLITS, BLOCK_N, BLOCK_V)
     if HAS_MASK:
         keep = (tl.load(MASK + rows, mask=row_ok, other=0) != 0) & row_ok
         any_keep = tl.max(keep.to(tl.int32), axis=0) > 0
         v_hi = tl.where(any_keep, v_hi, v_lo)  # fully masked block: empty vocab loop
     else:
         keep = row_ok
-    mp, lp_, ztp = _row_block_partial(HP, WP, rows, row_ok, tgt, v_lo, v_hi, V, DP, stride_hp, stride_wp, scale,
-                                      softcap, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, UPCAST_DOT, DOT_PREC)
-    mr, lr_, ztr = _row_block_partial(HR, WR, rows, row_ok, tgt, v_lo, v_hi, V, DR, stride_hr, stride_wr, scale,
-                                      softcap, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, UPCAST_DOT, DOT_PREC)
-    if SPLITS == 1:
+    mp, lp_, _sp, ztp = row_block_partial(HP, WP, rows, row_ok, tgt, v_lo, v_hi, DP, stride_hp, stride_wp, scale,
+                                          softcap, HAS_SOFTCAP, False, BLOCK_N, BLOCK_V, BLOCK_D, UPCAST_DOT, DOT_PREC)
+    mr, lr_, _sr, ztr = row_block_partial(HR, WR, rows, row_ok, tgt, v_lo, v_hi, DR, stride_hr, stride_wr, scale,
+                                          softcap, HAS_SOFTCAP, False, BLOCK_N, BLOCK_V, BLOCK_D, UPCAST_DOT, DOT_PREC)
+    if SPLIT:
+        base = pid_s * N + rows
+        tl.store(PART + base, range_lse(mp, lp_), mask=row_ok)  # -inf for an empty or skipped range
+        tl.store(PART + SPLITS * N + base, range_lse(mr, lr_), mask=row_ok)
+        holds = row_ok & (tgt >= v_lo) & (tgt < v_hi)
+        tl.store(ZT + rows, ztp, mask=holds)
+        tl.store(ZT + N + rows, ztr, mask=holds)
+    else:
         # (zt_p - lse_p) - (zt_r - lse_r); rows of a skipped block have l = 0: keep them finite, then 0
         empty = lp_ == 0.0
         mp = tl.where(empty, 0.0, mp)
         mr = tl.where(empty, 0.0, mr)
-        lp_ = tl.where(empty, 1.0, lp_)
-        lr_ = tl.where(empty, 1.0, lr_)
-        r = beta * ((ztp - (mp + tl.log(lp_))) - (ztr - (mr + tl.log(lr_))))
+        r = beta * ((ztp - (mp + safe_log(lp_))) - (ztr - (mr + safe_log(lr_))))
         tl.store(R + rows, tl.where(keep, r, 0.0), mask=row_ok)
-    else:
-        base = pid_s * N + rows
-        tl.store(PART + base, _range_lse(mp, lp_), mask=row_ok)  # -inf for an empty or skipped range
-        tl.store(PART + SPLITS * N + base, _range_lse(mr, lr_), mask=row_ok)
-        holds = row_ok & (tgt >= v_lo) & (tgt < v_hi)
-        tl.store(ZT + rows, ztp, mask=holds)
-        tl.store(ZT + N + rows, ztr, mask=holds)
 
 
 # r_t = beta ((zt^pol_t - lse^pol_t) - (zt^ref_t - lse^ref_t)) m_t, lse = logsumexp over the vocab ranges
-@triton.jit
+@triton.jit(do_not_specialize=["N", "SPLITS"])
 def _policy_ref_combine_kernel(
     PART,  # [2, SPLITS, N] fp32 per-range logsumexp, policy then reference
     ZT,  # [2, N] fp32 target logits, policy then reference
     MASK,  # [N] bool (as uint8) or 0/1 numbers (read when HAS_MASK)
     R,  # [N] fp32 out: rewards
-    N, beta,
-    HAS_MASK: tl.constexpr, SPLITS: tl.constexpr, BLOCK: tl.constexpr,
+    N, SPLITS, beta,
+    HAS_MASK: tl.constexpr, BLOCK: tl.constexpr,
 ):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < N
-    lse_p = _lse_over_splits(PART, offs, ok, N, SPLITS)
-    lse_r = _lse_over_splits(PART + SPLITS * N, offs, ok, N, SPLITS)
+    lse_p = lse_over_splits(PART, offs, ok, N, SPLITS)
+    lse_r = lse_over_splits(PART + SPLITS * N, offs, ok, N, SPLITS)
     zt_p = tl.load(ZT + offs, mask=ok, other=0.0)
     zt_r = tl.load(ZT + N + offs, mask=ok, other=0.0)
     r = beta * ((zt_p - lse_p) - (zt_r - lse_r))
@@ -227,45 +207,35 @@ def _policy_ref_combine_kernel(
     tl.store(R + offs, r, mask=ok)
 
 
-_policy_ref_reward_tuned = triton.autotune(configs=_GPU_CONFIGS, key=["V", "DP", "DR", "SPLITS"])(
-    _policy_ref_reward_kernel)
-
-
 def policy_ref_reward_fwd(h_pol, w_pol, h_ref, w_ref, targets, beta, mask=None, logit_scale=1.0, softcap=None,
                           num_splits=None):
     """Launcher: float32 ``[N]`` rewards; one launch over both models (plus a tiny combine if split)."""
-    h_pol, w_pol = _common_dtype(h_pol, w_pol)
-    h_ref, w_ref = _common_dtype(h_ref, w_ref)
-    hp, wp, hr, wr = (x if x.stride(-1) == 1 else x.contiguous() for x in (h_pol, w_pol, h_ref, w_ref))
+    hp, wp = tc.common_dtype(h_pol, w_pol)
+    hr, wr = tc.common_dtype(h_ref, w_ref)
     targets = targets.contiguous()
     n, v = hp.shape[0], wp.shape[0]
     dev = hp.device
     r = torch.zeros(n, dtype=torch.float32, device=dev)
     if n == 0:
         return r
-    interp = _interpreting(hp)
-    splits = int(num_splits or _num_splits(n, v, dev, interp))
+    interp = tc.interpreting(hp)
+    dt = torch.float32 if torch.float32 in (hp.dtype, hr.dtype) else hp.dtype
+    config = tc.pick_config(dt, interp)
+    splits = int(num_splits or tc.num_splits(n, v, config, max(hp.element_size(), hr.element_size()), dev, interp))
     if splits > 1:
         part = torch.empty(2, splits, n, dtype=torch.float32, device=dev)
         zt = torch.zeros(2, n, dtype=torch.float32, device=dev)
     else:
         part = zt = r  # unused args
-    fp32 = torch.float32 in (hp.dtype, hr.dtype)
-    flags = dict(HAS_SOFTCAP=softcap is not None, HAS_MASK=mask is not None, SPLITS=splits, UPCAST_DOT=interp,
-                 DOT_PREC="ieee" if (fp32 or interp) else "tf32")
-    args = (hp, wp, hr, wr, targets, _mask_arg(mask, r), r, part, zt, n, v, hp.shape[1], hr.shape[1],
+    m = _mask_arg(mask, r)
+    args = (hp, wp, hr, wr, targets, m, r, part, zt, n, v, hp.shape[1], hr.shape[1], splits,
             hp.stride(0), wp.stride(0), hr.stride(0), wr.stride(0), float(logit_scale), float(softcap or 1.0),
             float(beta))
-    if interp:
-        grid = (splits * triton.cdiv(n, _CPU_BLOCKS["BLOCK_N"]),)
-        _policy_ref_reward_kernel[grid](*args, **flags, **_CPU_BLOCKS)
-    else:
-        grid = lambda meta: (splits * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
-        _policy_ref_reward_tuned[grid](*args, **flags)
+    consts = dict(HAS_SOFTCAP=softcap is not None, HAS_MASK=mask is not None, **tc.dot_flags(dt, interp))
+    tc.split_vocab_launch(_policy_ref_reward_kernel, n, splits, args, consts, config)
     if splits > 1:  # tiny second pass over the per-range partials of both models
-        _policy_ref_combine_kernel[(triton.cdiv(n, _COMBINE_BLOCK),)](
-            part, zt, _mask_arg(mask, r), r, n, float(beta), HAS_MASK=mask is not None, SPLITS=splits,
-            BLOCK=_COMBINE_BLOCK)
+        tc.launch(_policy_ref_combine_kernel, (triton.cdiv(n, tc.COMBINE_BLOCK),), (part, zt, m, r, n, splits, float(beta)),
+                  dict(HAS_MASK=mask is not None, BLOCK=tc.COMBINE_BLOCK), num_warps=4)
     return r
 
 

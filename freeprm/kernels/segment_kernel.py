@@ -19,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import triton_common as tc
 from .reference import SEGMENT_OPS
 
 _BLOCK = 1024
@@ -122,7 +123,7 @@ def segment_reduce_fwd(values, cu, op):
     k = cu.numel() - 1
     out = torch.empty(k, dtype=torch.float32, device=v.device)
     if k > 0:
-        _segment_reduce_kernel[(k,)](v, cu, out, OP=_OP_CODE[op], BLOCK=_BLOCK)
+        tc.launch(_segment_reduce_kernel, (k,), (v, cu, out), dict(OP=_OP_CODE[op], BLOCK=_BLOCK), num_warps=4)
     return out
 
 
@@ -132,7 +133,8 @@ def segment_broadcast(g, cu, n, dtype, mean=False):
     dv = torch.empty(n, dtype=dtype, device=g.device)
     k = cu.numel() - 1
     if k > 0 and n > 0:
-        _segment_broadcast_kernel[(k,)](g.float().contiguous(), cu, dv, MEAN=mean, BLOCK=_BLOCK)
+        tc.launch(_segment_broadcast_kernel, (k,), (g.float().contiguous(), cu, dv), dict(MEAN=mean, BLOCK=_BLOCK),
+                  num_warps=4)
     return dv
 
 
@@ -141,7 +143,7 @@ def segment_cumsum_fwd(values, cu, reverse=False, out_dtype=torch.float32):
     out = torch.empty(v.numel(), dtype=out_dtype, device=v.device)
     k = cu.numel() - 1
     if k > 0 and v.numel() > 0:
-        _segment_cumsum_kernel[(k,)](v, cu, out, REVERSE=reverse, BLOCK=_BLOCK)
+        tc.launch(_segment_cumsum_kernel, (k,), (v, cu, out), dict(REVERSE=reverse, BLOCK=_BLOCK), num_warps=4)
     return out
 
 
