@@ -2,6 +2,8 @@
 
     python bench/bench_kernels.py            # GPU: 3 (D, V) shapes x tokens {1k, 8k, 32k}, bf16
     python bench/bench_kernels.py --quick    # one small shape (CPU: tiny shape, interpreter Triton)
+    python bench/bench_kernels.py --config BLOCK_N=64,BLOCK_V=256,BLOCK_D=64,num_warps=8,num_stages=3  # tile sweep
+    python bench/bench_kernels.py --compile-sweep 1000,1024,3000,4096,8192,16384   # compile time over N
 
 Providers (each reported, or listed as skipped with the reason):
     gemm      the bare cuBLAS GEMM(s) of the same shape: the roofline
@@ -18,7 +20,8 @@ the logit recompute; the GEMM rows count the 2 / 4 / 6 * N * D * V they do); "x 
 time over the provider's time in the same mode (fwd: one GEMM, bwd: two, full: three) and
 "tput/GEMM" the provider's TFLOP/s over the GEMMs' TFLOP/s. Extra memory is the peak allocated during a call minus the inputs
 and the unavoidable outputs (log-probs and, for bwd/full, the two gradients). Errors are max abs
-vs an fp32 computation of the same inputs. Results: JSON + markdown in bench/results/.
+vs an fp32 computation of the same inputs. A second table times token_rewards and the segment ops
+(Triton vs plain torch, forward and forward + backward). Results: JSON + markdown in bench/results/.
 """
 
 from __future__ import annotations
@@ -41,7 +44,8 @@ if not torch.cuda.is_available():  # CPU smoke run: Triton only through its inte
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from freeprm.kernels import linear_logprobs, policy_ref_rewards, reference  # noqa: E402
+from freeprm.kernels import (linear_logprobs, policy_ref_rewards, reference, segment_cumsum,  # noqa: E402
+                             segment_reduce, segment_sum, token_rewards)
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = [(4096, 128256), (576, 49152), (2304, 256000)]  # (D, V): Llama-3 8B, SmolLM2-135M, Gemma-2 2B
@@ -90,22 +94,17 @@ def make_provider(name: str, device: torch.device):
         return lambda h, w, t: linear_logprobs(h, w, t, impl="torch")
     if name == "freeprm":
         return lambda h, w, t: linear_logprobs(h, w, t, impl="triton")
-    if name == "liger":
+    if name in ("liger", "cce"):
         if device.type != "cuda":
             raise Skip("needs CUDA")
         try:
-            from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+            if name == "liger":
+                from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy as ce
+            else:
+                from cut_cross_entropy import linear_cross_entropy as ce
         except ImportError as e:
             raise Skip(f"not installed ({e.name or e})") from None
-        return lambda h, w, t: -_loss_tensor(liger_fused_linear_cross_entropy(h, w, t, reduction="none")).float()
-    if name == "cce":
-        if device.type != "cuda":
-            raise Skip("needs CUDA")
-        try:
-            from cut_cross_entropy import linear_cross_entropy
-        except ImportError as e:
-            raise Skip(f"not installed ({e.name or e})") from None
-        return lambda h, w, t: -_loss_tensor(linear_cross_entropy(h, w, t, reduction="none")).float()
+        return lambda h, w, t: -_loss_tensor(ce(h, w, t, reduction="none")).float()
     raise ValueError(name)
 
 
@@ -303,6 +302,83 @@ def bench_policy_ref(d, v, n, dtype, device, quick):
     return rows
 
 
+def _segments(n_tokens, n_segments, device, seed=3):
+    """Random cu_seqlens offsets [K+1] over n_tokens, some segments empty."""
+    g = torch.Generator().manual_seed(seed)
+    cuts = torch.randint(0, n_tokens + 1, (n_segments - 1,), generator=g).sort().values
+    return torch.cat([torch.zeros(1, dtype=torch.long), cuts, torch.tensor([n_tokens])]).to(device)
+
+
+def bench_small_ops(n, k, device, quick):
+    """token_rewards and segment_* (Triton kernels vs the plain-torch reference) on N values, K segments.
+
+    fwd: forward only; full: forward + backward with a random upstream gradient. If the Triton
+    rows do not beat torch on a GPU, the kernels go (docs/kernels.md).
+    """
+    g = torch.Generator().manual_seed(4)
+    lp = torch.randn(n, generator=g).to(device)
+    lr = torch.randn(n, generator=g).to(device)
+    mask = (torch.rand(n, generator=g) > 0.2).to(device)
+    cu = _segments(n, k, device)
+    go_n, go_k = torch.randn(n, generator=g).to(device), torch.randn(k, generator=g).to(device)
+    cases = {  # name: (fn(values, impl), upstream grad)
+        "token_rewards": (lambda x, impl: token_rewards(x, lr, mask, 0.5, impl=impl), go_n),
+        "segment_sum": (lambda x, impl: segment_sum(x, cu, impl=impl), go_k),
+        "segment_cumsum": (lambda x, impl: segment_cumsum(x, cu, impl=impl), go_n),
+        "segment_reduce_min": (lambda x, impl: segment_reduce(x, cu, "min", impl=impl), go_k),
+        "segment_reduce_mean": (lambda x, impl: segment_reduce(x, cu, "mean", impl=impl), go_k),
+    }
+    rows = []
+    for name, (fn, go) in cases.items():
+        times = {}
+        for impl in ("torch", "triton"):
+            row = dict(op=name, N=n, K=k, impl=impl, status="ok")
+            try:
+                x = lp.detach().clone().requires_grad_()
+
+                def full():
+                    out = fn(x, impl)
+                    out.backward(go.to(out.dtype))
+
+                with torch.no_grad():
+                    row["fwd_ms"], row["fwd_ms_p20"], row["fwd_ms_p80"] = bench_ms(lambda: fn(lp, impl), device,
+                                                                                    quick=quick)
+                row["full_ms"], row["full_ms_p20"], row["full_ms_p80"] = bench_ms(full, device, grad_to_none=(x,),
+                                                                                  quick=quick)
+                with torch.no_grad():
+                    ref = fn(lp, "torch").float()
+                    got = fn(lp, impl).float()
+                ok = torch.isfinite(ref)
+                row["err"] = (got[ok] - ref[ok]).abs().max().item() if bool(ok.any()) else 0.0
+                reads = 3 if name == "token_rewards" else 1  # lp, lp_ref, mask vs values only
+                row["fwd_GBps"] = n * lp.element_size() * reads / (row["fwd_ms"] * 1e-3) / 1e9
+                times[impl] = (row["fwd_ms"], row["full_ms"])
+            except Exception as e:  # noqa: BLE001 - report and continue
+                row["status"] = f"error: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+            rows.append(row)
+        if len(times) == 2:  # speed-up of the kernel over torch, same run
+            rows[-1]["fwd_speedup_vs_torch"] = times["torch"][0] / times["triton"][0]
+            rows[-1]["full_speedup_vs_torch"] = times["torch"][1] / times["triton"][1]
+    return rows
+
+
+def bench_compile_sweep(d, v, dtype, device, tokens):
+    """First-call (compile + run) and steady-state milliseconds of the forward over a sweep of N."""
+    rows = []
+    w = make_inputs(1, d, v, dtype, device)[1]
+    for n in tokens:
+        h, _, t, _ = make_inputs(n, d, 1, dtype, device)
+        t = torch.randint(0, v, (n,), device=device)
+        _sync(device)
+        t0 = time.perf_counter()
+        linear_logprobs(h, w, t, impl="triton")
+        _sync(device)
+        first = (time.perf_counter() - t0) * 1e3
+        steady = bench_ms(lambda: linear_logprobs(h, w, t, impl="triton"), device, quick=True)[0]
+        rows.append(dict(D=d, V=v, N=n, first_call_ms=first, steady_ms=steady))
+    return rows
+
+
 # ---------------------------------------------------------------------------------------------
 # report
 # ---------------------------------------------------------------------------------------------
@@ -329,7 +405,7 @@ def _f(x, fmt="{:.3g}"):
     return "" if x is None else fmt.format(x)
 
 
-def markdown(env, rows, pr_rows, dtype):
+def markdown(env, rows, pr_rows, dtype, small_rows=(), sweep_rows=()):
     out = [f"# freeprm kernel benchmark: linear + gathered log-softmax ({dtype})", ""]
     out += [f"- {k}: `{v}`" for k, v in env.items()]
     out += ["", "Times are medians in ms [p20-p80]; TFLOP/s counts 2/6/8*N*D*V (GEMM rows: the 2/4/6*N*D*V they "
@@ -369,6 +445,24 @@ def markdown(env, rows, pr_rows, dtype):
                            f"[{_f(r['fwd_ms_p20'])}-{_f(r['fwd_ms_p80'])}] | {_f(r['fwd_tflops'], '{:.3g}')} "
                            f"| {_f(r.get('err_reward'))} |")
         out.append("")
+    if small_rows:
+        out += ["## token_rewards and segment ops (Triton vs plain torch)", "",
+                "| op | N | K | impl | fwd ms | full ms | fwd GB/s | speed-up fwd | speed-up full | err |",
+                "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in small_rows:
+            if r["status"] != "ok":
+                out.append(f"| {r['op']} | {r['N']} | {r['K']} | {r['impl']} | {r['status']} | | | | | |")
+                continue
+            out.append(f"| {r['op']} | {r['N']} | {r['K']} | {r['impl']} | {_f(r['fwd_ms'])} | {_f(r['full_ms'])} "
+                       f"| {_f(r['fwd_GBps'])} | {_f(r.get('fwd_speedup_vs_torch'), '{:.2f}')} "
+                       f"| {_f(r.get('full_speedup_vs_torch'), '{:.2f}')} | {_f(r.get('err'))} |")
+        out.append("")
+    if sweep_rows:
+        out += ["## Compile sweep (forward, first call vs steady state)", "",
+                "| D | V | N | first call ms | steady ms |", "|---|---|---|---|---|"]
+        out += [f"| {r['D']} | {r['V']} | {r['N']} | {_f(r['first_call_ms'])} | {_f(r['steady_ms'])} |"
+                for r in sweep_rows]
+        out.append("")
     return "\n".join(out)
 
 
@@ -380,8 +474,16 @@ def main(argv=None):
     p.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"], help="default bf16 on GPU, fp32 on CPU")
     p.add_argument("--providers", default=",".join(PROVIDERS))
     p.add_argument("--no-policy-ref", action="store_true", help="skip the fused policy-ref rewards table")
+    p.add_argument("--small-ops", default=None, help="N:K for the token_rewards / segment_* table "
+                   "(default 1048576:8192 on GPU, 4096:64 on CPU); 0 skips it")
+    p.add_argument("--config", default=None, help="pin a Triton tile config for this run, e.g. "
+                   "BLOCK_N=64,BLOCK_V=256,BLOCK_D=64,num_warps=8,num_stages=3 (sets FREEPRM_TRITON_CONFIG)")
+    p.add_argument("--compile-sweep", default=None, help="token counts for a first-call vs steady-state sweep of "
+                   "the forward (GPU), e.g. 1000,1024,3000,4096,8192,16384")
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = p.parse_args(argv)
+    if args.config:
+        os.environ["FREEPRM_TRITON_CONFIG"] = args.config
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu":
@@ -416,14 +518,29 @@ def main(argv=None):
                 print(json.dumps(r), flush=True)
                 pr_rows.append(r)
 
+    small_rows, sweep_rows = [], []
+    small = args.small_ops or ("1048576:8192" if device.type == "cuda" else "4096:64")
+    if small != "0":
+        n_small, k_small = (int(x) for x in small.split(":"))
+        for r in bench_small_ops(n_small, k_small, device, args.quick):
+            print(json.dumps(r), flush=True)
+            small_rows.append(r)
+    if args.compile_sweep:
+        for d, v in shapes:
+            for r in bench_compile_sweep(d, v, dtype, device, [int(x) for x in args.compile_sweep.split(",")]):
+                print(json.dumps(r), flush=True)
+                sweep_rows.append(r)
+
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     tag = "cpu" if device.type == "cpu" else env["device"].replace(" ", "_").replace("/", "_")
     stem = out_dir / f"kernels_{tag}_{env['date'][:10]}{'_quick' if args.quick else ''}"
     dname = str(dtype).replace("torch.", "")
+    env["triton_config"] = os.environ.get("FREEPRM_TRITON_CONFIG", "pinned default")
     stem.with_suffix(".json").write_text(json.dumps(dict(env=env, dtype=dname, quick=args.quick, rows=rows,
-                                                         policy_ref=pr_rows), indent=1))
-    stem.with_suffix(".md").write_text(markdown(env, rows, pr_rows, dname))
+                                                         policy_ref=pr_rows, small_ops=small_rows,
+                                                         compile_sweep=sweep_rows), indent=1))
+    stem.with_suffix(".md").write_text(markdown(env, rows, pr_rows, dname, small_rows, sweep_rows))
     print(f"wrote {stem}.json and {stem}.md")
 
 

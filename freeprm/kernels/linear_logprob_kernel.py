@@ -9,8 +9,8 @@ Forward, per token i (x_iv = h_i . w_v accumulated in fp32, z = transform(x)):
     lse_i  = log sum_v exp(z_iv)                          online over vocab tiles:
              m <- max(m, max_tile z);  l <- l * exp(m_old - m) + sum_tile exp(z - m)
     out_i  = z_{i,t_i} - lse_i                            z_{i,t_i} taken from the same fp32 tile
-    ent_i  = lse_i - sum_v p_iv z_iv                     (return_entropy: s <- s * exp(m_old - m) + sum_tile exp(z - m) z,
-                                                          E_p[z] = s / l; no gradient)
+    ent_i  = lse_i - s_i / l_i                            (return_entropy, no gradient), online alongside l:
+             s <- s * exp(m_old - m) + sum_tile exp(z - m) z,  so s / l = E_p[z]
 The vocab may be cut into SPLITS ranges (a runtime argument: more programs when N is small, L2 reuse
 of the hidden rows when it is large); each range writes its partial m + log(l) (and E_p[z] within
 the range) to a ``[SPLITS, N]`` buffer and a tiny second kernel combines the ranges in a fixed
@@ -119,8 +119,8 @@ def linear_logprob_fwd(hidden, weight, targets, logit_scale=1.0, softcap=None, n
     consts = dict(HAS_SOFTCAP=softcap is not None, HAS_ENT=entropy, **tc.dot_flags(hidden.dtype, interp))
     tc.split_vocab_launch(_linear_logprob_fwd_kernel, n, splits, args, consts, config)
     if splits > 1:  # out holds the target logits: a tiny second pass combines the ranges
-        tc.launch(_linear_logprob_combine_kernel, (triton.cdiv(n, tc.COMBINE_BLOCK),), (part, out, lse, ent_arg, n, splits),
-                  dict(HAS_ENT=entropy, BLOCK=tc.COMBINE_BLOCK), num_warps=4)
+        tc.launch(_linear_logprob_combine_kernel, (triton.cdiv(n, tc.COMBINE_BLOCK),),
+                  (part, out, lse, ent_arg, n, splits), dict(HAS_ENT=entropy, BLOCK=tc.COMBINE_BLOCK), num_warps=4)
     return out, lse, ent
 
 

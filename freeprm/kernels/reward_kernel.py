@@ -106,8 +106,8 @@ def token_reward_bwd(grad, logp, logp_ref, mask, beta, need_ref=True):
     dlr = torch.empty(logp_ref.shape, dtype=logp_ref.dtype, device=g.device) if has_ref else None
     if n:
         grid = (triton.cdiv(n, _ELEM_BLOCK),)
-        tc.launch(_token_reward_bwd_kernel, grid, (g, _mask_arg(mask, g), dlp, dlp if dlr is None else dlr, n, float(beta)),
-                  dict(HAS_REF=has_ref, HAS_MASK=mask is not None, BLOCK=_ELEM_BLOCK), num_warps=4)
+        tc.launch(_token_reward_bwd_kernel, grid,
+                  (g, _mask_arg(mask, g), dlp, dlp if dlr is None else dlr, n, float(beta)), dict(HAS_REF=has_ref, HAS_MASK=mask is not None, BLOCK=_ELEM_BLOCK), num_warps=4)
     return dlp, dlr
 
 
@@ -234,8 +234,8 @@ def policy_ref_reward_fwd(h_pol, w_pol, h_ref, w_ref, targets, beta, mask=None, 
     consts = dict(HAS_SOFTCAP=softcap is not None, HAS_MASK=mask is not None, **tc.dot_flags(dt, interp))
     tc.split_vocab_launch(_policy_ref_reward_kernel, n, splits, args, consts, config)
     if splits > 1:  # tiny second pass over the per-range partials of both models
-        tc.launch(_policy_ref_combine_kernel, (triton.cdiv(n, tc.COMBINE_BLOCK),), (part, zt, m, r, n, splits, float(beta)),
-                  dict(HAS_MASK=mask is not None, BLOCK=tc.COMBINE_BLOCK), num_warps=4)
+        tc.launch(_policy_ref_combine_kernel, (triton.cdiv(n, tc.COMBINE_BLOCK),),
+                  (part, zt, m, r, n, splits, float(beta)), dict(HAS_MASK=mask is not None, BLOCK=tc.COMBINE_BLOCK), num_warps=4)
     return r
 
 

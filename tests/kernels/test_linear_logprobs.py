@@ -69,7 +69,8 @@ def test_output_is_float32_and_no_grad_path(device):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_triton_split_vocab_and_chunked_backward(dtype, device, assert_budget):
     # 3 vocab ranges combined in torch; 16-row backward slabs, d_weight accumulated in fp32
-    check_three_way(assert_budget, "triton", 37, 1000, 64, dtype, dict(softcap=3.0), device, num_splits=3, bwd_chunk_rows=16)
+    check_three_way(assert_budget, "triton", 37, 1000, 64, dtype, dict(softcap=3.0), device, num_splits=3,
+                    bwd_split="rows", bwd_chunk_rows=16)
 
 
 @pytest.mark.parametrize("dtype,transform", [(torch.float32, dict()), (torch.float16, dict(softcap=2.0))], ids=str)
@@ -145,7 +146,7 @@ def test_linear_logprobs_gpu_small(dtype, assert_budget):
     oracle = _fwd_bwd(lambda h, w, t: reference.linear_logprobs(h.double(), w.double(), t, upcast=False),
                       hidden, weight, targets, grad_out)
     naive = _fwd_bwd(lambda h, w, t: reference.linear_logprobs(h, w, t, upcast=False), hidden, weight, targets, grad_out)
-    for kw in (dict(), dict(num_splits=3, bwd_chunk_rows=16)):
+    for kw in (dict(), dict(num_splits=3, bwd_split="rows", bwd_chunk_rows=16), dict(num_splits=5, bwd_chunk_vocab=256)):
         from freeprm.kernels.linear_logprob_kernel import triton_linear_logprobs
 
         got = _fwd_bwd(lambda h, w, t: triton_linear_logprobs(h, w, t, **kw), hidden, weight, targets, grad_out)
