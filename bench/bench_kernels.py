@@ -405,6 +405,20 @@ def _f(x, fmt="{:.3g}"):
     return "" if x is None else fmt.format(x)
 
 
+def _md_table(title, columns, rows, cells, lead=()):
+    """A markdown section; a row whose status is not ok shows its ``lead`` fields, then the status."""
+    if not rows:
+        return []
+    out = [f"## {title}", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for r in rows:
+        if r.get("status", "ok") != "ok":
+            vals = [r[k] for k in lead] + [r["status"]]
+            out.append("| " + " | ".join(str(x) for x in vals) + " |" + " |" * (len(columns) - len(vals)))
+        else:
+            out.append("| " + " | ".join(str(x) for x in cells(r)) + " |")
+    return out + [""]
+
+
 def markdown(env, rows, pr_rows, dtype, small_rows=(), sweep_rows=()):
     out = [f"# freeprm kernel benchmark: linear + gathered log-softmax ({dtype})", ""]
     out += [f"- {k}: `{v}`" for k, v in env.items()]
@@ -434,35 +448,20 @@ def markdown(env, rows, pr_rows, dtype, small_rows=(), sweep_rows=()):
                 _f(r.get("extra_full_bytes_per_token"), "{:.0f}"),
                 _f(r.get("err_logp")), _f(r.get("err_dh")), _f(r.get("err_dw"))]) + " |")
         out.append("")
-    if pr_rows:
-        out += ["## Policy - reference rewards (scoring pass, no grad)", "",
-                "| D | V | N | provider | fwd ms | TFLOP/s (4NDV) | err reward |", "|---|---|---|---|---|---|---|"]
-        for r in pr_rows:
-            if r["status"] != "ok":
-                out.append(f"| {r['D']} | {r['V']} | {r['N']} | {r['provider']} | {r['status']} | | |")
-            else:
-                out.append(f"| {r['D']} | {r['V']} | {r['N']} | {r['provider']} | {_f(r['fwd_ms'])} "
-                           f"[{_f(r['fwd_ms_p20'])}-{_f(r['fwd_ms_p80'])}] | {_f(r['fwd_tflops'], '{:.3g}')} "
-                           f"| {_f(r.get('err_reward'))} |")
-        out.append("")
-    if small_rows:
-        out += ["## token_rewards and segment ops (Triton vs plain torch)", "",
-                "| op | N | K | impl | fwd ms | full ms | fwd GB/s | speed-up fwd | speed-up full | err |",
-                "|---|---|---|---|---|---|---|---|---|---|"]
-        for r in small_rows:
-            if r["status"] != "ok":
-                out.append(f"| {r['op']} | {r['N']} | {r['K']} | {r['impl']} | {r['status']} | | | | | |")
-                continue
-            out.append(f"| {r['op']} | {r['N']} | {r['K']} | {r['impl']} | {_f(r['fwd_ms'])} | {_f(r['full_ms'])} "
-                       f"| {_f(r['fwd_GBps'])} | {_f(r.get('fwd_speedup_vs_torch'), '{:.2f}')} "
-                       f"| {_f(r.get('full_speedup_vs_torch'), '{:.2f}')} | {_f(r.get('err'))} |")
-        out.append("")
-    if sweep_rows:
-        out += ["## Compile sweep (forward, first call vs steady state)", "",
-                "| D | V | N | first call ms | steady ms |", "|---|---|---|---|---|"]
-        out += [f"| {r['D']} | {r['V']} | {r['N']} | {_f(r['first_call_ms'])} | {_f(r['steady_ms'])} |"
-                for r in sweep_rows]
-        out.append("")
+    out += _md_table("Policy - reference rewards (scoring pass, no grad)",
+                     ["D", "V", "N", "provider", "fwd ms", "TFLOP/s (4NDV)", "err reward"], pr_rows,
+                     lambda r: [r["D"], r["V"], r["N"], r["provider"],
+                                f"{_f(r['fwd_ms'])} [{_f(r['fwd_ms_p20'])}-{_f(r['fwd_ms_p80'])}]",
+                                _f(r["fwd_tflops"], "{:.3g}"), _f(r.get("err_reward"))], lead=("D", "V", "N", "provider"))
+    out += _md_table("token_rewards and segment ops (Triton vs plain torch)",
+                     ["op", "N", "K", "impl", "fwd ms", "full ms", "fwd GB/s", "speed-up fwd", "speed-up full", "err"],
+                     small_rows,
+                     lambda r: [r["op"], r["N"], r["K"], r["impl"], _f(r["fwd_ms"]), _f(r["full_ms"]),
+                                _f(r["fwd_GBps"]), _f(r.get("fwd_speedup_vs_torch"), "{:.2f}"),
+                                _f(r.get("full_speedup_vs_torch"), "{:.2f}"), _f(r.get("err"))], lead=("op", "N", "K", "impl"))
+    out += _md_table("Compile sweep (forward, first call vs steady state)",
+                     ["D", "V", "N", "first call ms", "steady ms"], sweep_rows,
+                     lambda r: [r["D"], r["V"], r["N"], _f(r["first_call_ms"]), _f(r["steady_ms"])])
     return "\n".join(out)
 
 
