@@ -16,10 +16,10 @@ import torch
 from freeprm.kernels import linear_logprobs, ops, reference
 from freeprm.kernels import triton_common as tc
 from freeprm.kernels.linear_logprob_kernel import linear_logprob_bwd, linear_logprob_fwd, triton_linear_logprobs
-from test_linear_logprobs import ATOL, DEVICE, _fwd_bwd, _inputs, assert_budget, check_three_way
+from test_linear_logprobs import ATOL, _fwd_bwd, _inputs, check_three_way
 
 
-def _check(got, hidden, weight, targets, grad_out, transform=None):
+def _check(assert_budget, got, hidden, weight, targets, grad_out, transform=None):
     transform = transform or {}
     oracle = _fwd_bwd(lambda h, w, t: reference.linear_logprobs(h.double(), w.double(), t, upcast=False, **transform),
                       hidden, weight, targets, grad_out)
@@ -33,26 +33,27 @@ def _check(got, hidden, weight, targets, grad_out, transform=None):
 
 
 @pytest.mark.parametrize("impl", ["triton", "torch"])
-def test_non_contiguous_targets_hidden_weight(impl):
+def test_non_contiguous_targets_hidden_weight(impl, device, assert_budget):
     n, v, d = 37, 1000, 64
     g = torch.Generator().manual_seed(1)
     targets = torch.randint(0, v, (n, 2), generator=g)[:, 0]  # stride 2: the reported bug
     hidden = torch.randn(n, d + 16, generator=g)[:, :d]  # row stride d + 16
     weight = (torch.randn(d, v, generator=g) / d**0.5 * 2).T  # column stride v: copied by the launcher
     grad_out = torch.randn(n, generator=g)
+    targets, hidden, weight, grad_out = (x.to(device) for x in (targets, hidden, weight, grad_out))
     assert not (targets.is_contiguous() or hidden.is_contiguous() or weight.is_contiguous())
     got = _fwd_bwd(lambda h, w, t: linear_logprobs(h, w, t, impl=impl), hidden, weight, targets, grad_out)
-    _check(got, hidden, weight, targets, grad_out)
+    _check(assert_budget, got, hidden, weight, targets, grad_out)
 
 
 # --- 2. autocast and TF32 ------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("impl", ["triton", "torch"])
-def test_autocast_casts_hidden_and_weight(impl):
-    hidden, weight, targets, grad_out = _inputs(37, 1000, 64, torch.float32)
+def test_autocast_casts_hidden_and_weight(impl, device):
+    hidden, weight, targets, grad_out = _inputs(37, 1000, 64, torch.float32, device)
     h = hidden.clone().requires_grad_()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(device, dtype=torch.bfloat16):
         out = linear_logprobs(h, weight, targets, impl=impl)
     (dh,) = torch.autograd.grad(out, h, grad_out)
     want = linear_logprobs(hidden.bfloat16(), weight.bfloat16(), targets, impl=impl)
@@ -86,9 +87,9 @@ def test_fp32_dot_precision_follows_torch_setting():
 
 
 @pytest.mark.parametrize("splits", [2, 3, 5])
-def test_split_counts_agree_with_oracle(splits):
+def test_split_counts_agree_with_oracle(splits, device, assert_budget):
     # V=1000 in 512-wide interpreter tiles: 5 ranges leave empty ones, combined as -inf
-    check_three_way("triton", 37, 1000, 64, torch.float32, dict(softcap=3.0), num_splits=splits)
+    check_three_way(assert_budget, "triton", 37, 1000, 64, torch.float32, dict(softcap=3.0), device, num_splits=splits)
 
 
 def test_compile_keys_bounded_over_a_sweep_of_n():
@@ -124,8 +125,8 @@ def test_splits_fill_whole_waves(n):
     (200, 150, dict(bwd_split="auto", bwd_chunk_rows=64)),  # N > V: row slabs, d_weight in fp32
     (37, 1000, dict(bwd_split="rows", bwd_chunk_rows=16)),
 ], ids=["vocab-slabs", "vocab-one", "row-slabs", "rows-forced"])
-def test_backward_regimes(n, v, kw, dtype):
-    check_three_way("triton", n, v, 48, dtype, dict(logit_scale=0.7), **kw)
+def test_backward_regimes(n, v, kw, dtype, device, assert_budget):
+    check_three_way(assert_budget, "triton", n, v, 48, dtype, dict(logit_scale=0.7), device, **kw)
 
 
 def test_addmm_fp32_accumulates_16bit_operands():
@@ -204,9 +205,9 @@ def test_config_env_override(monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 @pytest.mark.parametrize("impl,kw", [("triton", {}), ("triton", dict(num_splits=3)), ("torch", {})],
                          ids=["triton", "triton-split", "torch"])
-def test_entropy_three_way(impl, kw, dtype):
+def test_entropy_three_way(impl, kw, dtype, device, assert_budget):
     transform = dict(logit_scale=0.9, softcap=5.0)
-    hidden, weight, targets, grad_out = _inputs(37, 1000, 64, dtype, seed=4)
+    hidden, weight, targets, grad_out = _inputs(37, 1000, 64, dtype, device, seed=4)
     oracle = reference.linear_entropy(hidden.double(), weight.double(), upcast=False, **transform)
     naive = reference.linear_entropy(hidden, weight, upcast=False, **transform)
     h = hidden.clone().requires_grad_()
@@ -227,7 +228,7 @@ def test_entropy_three_way(impl, kw, dtype):
 def test_entropy_torch_path_multi_tile():
     from freeprm.kernels.entropy import logprobs_entropy_fwd
 
-    hidden, weight, targets, _ = _inputs(45, 700, 32, torch.float32, seed=5)
+    hidden, weight, targets, _ = _inputs(45, 700, 32, torch.float32, "cpu", seed=5)
     lp, ent = logprobs_entropy_fwd(hidden, weight, targets, chunk_rows=16)  # 3 row chunks
     torch.testing.assert_close(ent, reference.linear_entropy(hidden, weight), atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(lp, reference.linear_logprobs(hidden, weight, targets), atol=1e-4, rtol=1e-5)
