@@ -6,6 +6,6 @@ Formulas and a runnable example: ``docs/rl.md``.
 """
 
 from .advantages import masked_whiten, prime_advantages
-from .prm import ImplicitPRM, Rewards, auroc
+from .prm import ImplicitPRM, Rewards, auroc, encode_batch
 
-__all__ = ["ImplicitPRM", "Rewards", "prime_advantages", "masked_whiten", "auroc"]
+__all__ = ["ImplicitPRM", "Rewards", "encode_batch", "prime_advantages", "masked_whiten", "auroc"]

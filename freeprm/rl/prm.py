@@ -525,3 +525,37 @@ def auroc(scores: Iterable[float], labels: Iterable[float]) -> float:
     wins = sum(bisect.bisect_left(neg, v) + 0.5 * (bisect.bisect_right(neg, v) - bisect.bisect_left(neg, v))
                for v in pos)
     return wins / (len(pos) * len(neg))
+
+
+def encode_batch(tokenizer, prompts: list[str], responses: list[str], *, padding_side: str = "right",
+                 prompt_format: str = "auto") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(input_ids, attention_mask, response_mask)``, each ``[B, T]``, for (prompt, response) text pairs.
+
+    Tokenized as the engine's ``Scorer`` does (``freeprm.engine.tokenize.encode``: the prompt through the
+    chat template when the tokenizer has one, the response tokenized on its own), so ``token_rewards`` on
+    these tensors equals ``score`` on the same texts.
+    """
+    from ..engine.tokenize import encode
+
+    if len(prompts) != len(responses) or not prompts:
+        raise ValueError(f"need as many prompts as responses (at least one); got {len(prompts)} and {len(responses)}")
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+    encs = []
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        try:
+            encs.append(encode(tokenizer, p, r, prompt_format))
+        except ValueError as e:
+            raise ValueError(f"pair {i}: {e}") from None
+    t = max(len(e.input_ids) for e in encs)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    ids = torch.full((len(encs), t), pad, dtype=torch.long)
+    am = torch.zeros((len(encs), t), dtype=torch.long)
+    rm = torch.zeros((len(encs), t), dtype=torch.bool)
+    for b, e in enumerate(encs):
+        n = len(e.input_ids)
+        o = t - n if padding_side == "left" else 0
+        ids[b, o:o + n] = torch.tensor(e.input_ids)
+        am[b, o:o + n] = 1
+        rm[b, o + e.response_start:o + n] = True
+    return ids, am, rm
