@@ -10,7 +10,7 @@ from freeprm.engine import Scorer
 from freeprm.engine.logprobs import position_ids_from_mask, split_lm
 from freeprm.engine.steps import split_steps, token_steps
 from freeprm.engine.tokenize import encode, response_tokens
-from freeprm.rl import ImplicitPRM
+from freeprm.rl import ImplicitPRM, auroc, encode_batch
 
 ITEMS = [
     ("What is 48 / 2?", "48 / 2 = 24.\n\nThe answer is 24."),
@@ -253,3 +253,23 @@ def test_invalid_inputs(prm):
     with pytest.raises(ValueError, match="ref_logprobs"):
         prm.token_rewards(ids, am, rm, ref_logprobs=torch.zeros(2, 2))
     assert prm.version == 0  # nothing was updated by the failed calls
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_encode_batch_matches_the_engine_encoding(prm, side):
+    got = encode_batch(prm.tokenizer, [p for p, _ in ITEMS], [r for _, r in ITEMS], padding_side=side)
+    for a, b in zip(got, batch(prm.tokenizer, side=side)):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="pair 1"):
+        encode_batch(prm.tokenizer, ["a", "b"], ["x", ""])
+
+
+def test_auroc_counts_pairs():
+    g = torch.Generator().manual_seed(0)
+    s = (torch.randint(0, 5, (30,), generator=g)).tolist()  # ties included
+    y = (torch.rand(30, generator=g) > 0.4).tolist()
+    pos = [a for a, t in zip(s, y) if t]
+    neg = [a for a, t in zip(s, y) if not t]
+    brute = sum((p > n) + 0.5 * (p == n) for p in pos for n in neg) / (len(pos) * len(neg))
+    assert auroc(s, y) == pytest.approx(brute)
+    assert auroc([1.0, 2.0], [True, True]) != auroc([1.0, 2.0], [True, True])  # nan: one class only
