@@ -100,7 +100,8 @@ class ImplicitPRM:
         lr, grad_clip, weight_decay: AdamW settings of ``update`` (``grad_clip=None``: no clipping).
         mini_batch_size: rows per optimizer step in ``update`` (None: the whole batch, one step).
         loss: ``"ce"`` (PRIME) or ``"dpo"``.
-        device, dtype: where the models live (for a spec; an ``nn.Module`` stays where it is).
+        device, dtype: where the models live (default: CUDA when available, float32); an ``nn.Module`` is
+            moved only when they are given.
         impl: kernel dispatch of the log-prob op (``"auto" | "triton" | "torch"``).
         full_logits: the naive ``[B, T, V]`` logits path instead of the chunked LM head (a baseline for
             benchmarks and tests; same results, much more memory).
@@ -142,7 +143,7 @@ class ImplicitPRM:
             raise ValueError(f"grad_clip must be positive or None (no clipping), got {grad_clip!r}")
         if mini_batch_size is not None and (not isinstance(mini_batch_size, int) or mini_batch_size < 1):
             raise ValueError(f"mini_batch_size must be a positive int or None, got {mini_batch_size!r}")
-        opts = dict(dtype=dtype or "float32", device=device or "cpu")
+        opts = dict(dtype=dtype or "float32", device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if isinstance(model, torch.nn.Module):
             self.model, self.tokenizer = model, tokenizer
             if dtype is not None:
