@@ -532,11 +532,11 @@ def encode_batch(tokenizer, prompts: list[str], responses: list[str], *, padding
                  prompt_format: str = "auto") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(input_ids, attention_mask, response_mask)``, each ``[B, T]``, for (prompt, response) text pairs.
 
-    Tokenized as the engine's ``Scorer`` does (``freeprm.engine.tokenize.encode``: the prompt through the
+    Tokenized as the engine's ``Scorer`` does (``freeprm.engine.tokenization.encode``: the prompt through the
     chat template when the tokenizer has one, the response tokenized on its own), so ``token_rewards`` on
     these tensors equals ``score`` on the same texts.
     """
-    from ..engine.tokenize import encode
+    from ..engine.tokenization import encode
 
     if len(prompts) != len(responses) or not prompts:
         raise ValueError(f"need as many prompts as responses (at least one); got {len(prompts)} and {len(responses)}")

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from freeprm.engine import Scorer
 from freeprm.engine.logprobs import position_ids_from_mask, split_lm
 from freeprm.engine.steps import split_steps, token_steps
-from freeprm.engine.tokenize import encode, response_tokens
+from freeprm.engine.tokenization import encode, response_tokens
 from freeprm.rl import ImplicitPRM, auroc, encode_batch
 
 ITEMS = [
