@@ -3,6 +3,7 @@
 ``make_tiny_model_dir(path)`` writes a Hugging Face directory (config.json, model.safetensors,
 tokenizer files) holding a small random Llama and a byte-level BPE tokenizer trained on the fly,
 with a chat template, so every engine code path (loading, chat formatting, offsets) runs on it.
+``naive_sequence_logprobs`` is the full-logits oracle the tests and benchmarks compare against.
 """
 
 from __future__ import annotations
@@ -77,3 +78,18 @@ def make_tiny_model_dir(path: str | os.PathLike, *, seed: int = 0, tokenizer=Non
     model.save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)
     return str(path)
+
+
+def naive_sequence_logprobs(model, input_ids, attention_mask, target_mask) -> torch.Tensor:
+    """Test oracle: the full-logits path (``[B, T, V]`` logits, fp32 log_softmax, gather), 0 off ``target_mask``.
+
+    The reference for tests and the baseline of ``bench/bench_engine.py``; not for production use.
+    """
+    from .engine.logprobs import position_ids_from_mask
+
+    logits = model(input_ids=input_ids, attention_mask=attention_mask,
+                   position_ids=position_ids_from_mask(attention_mask), use_cache=False).logits.float()
+    lp = torch.log_softmax(logits[:, :-1], -1).gather(-1, input_ids[:, 1:, None])[..., 0]
+    out = torch.zeros(input_ids.shape, dtype=torch.float32, device=input_ids.device)
+    out[:, 1:] = lp * target_mask[:, 1:]
+    return out

@@ -54,7 +54,7 @@ def naive_rewards(policy, reference, input_ids, response_start: int, beta: float
     ``beta * (log pi - log pi_ref)`` at the response tokens (``[T - response_start]``, fp32); ``reference=None``
     drops the reference term. input_ids: ``[T]`` (list or tensor).
     """
-    from freeprm.engine.logprobs import naive_sequence_logprobs
+    from freeprm.testing import naive_sequence_logprobs
 
     ids = torch.as_tensor(input_ids, dtype=torch.long)[None]  # [1, T]
     am = torch.ones_like(ids)

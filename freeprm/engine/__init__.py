@@ -1,8 +1,11 @@
-"""The scoring engine: ``score()`` and ``Scorer`` (see ``scorer.py``), model loading, steps, log-probs."""
+"""The scoring engine: ``score()`` and ``Scorer`` (see ``scorer.py``), model loading, steps, log-probs, batching."""
 
+from .batching import length_batches, pad_batch, pad_id_of
+from .items import PreparedItem
 from .loading import DEFAULT_POLICY, load_model
-from .logprobs import naive_sequence_logprobs, sequence_logprobs
-from .scorer import AGGREGATIONS, BatchScores, Scorer, ScoreResult, score
+from .logprobs import sequence_logprobs
+from .results import AGGREGATIONS, BatchScores, ScoreResult, TokenRewards
+from .scorer import Scorer, score
 
-__all__ = ["DEFAULT_POLICY", "load_model", "sequence_logprobs", "naive_sequence_logprobs",
-           "AGGREGATIONS", "BatchScores", "Scorer", "ScoreResult", "score"]
+__all__ = ["DEFAULT_POLICY", "load_model", "sequence_logprobs", "AGGREGATIONS", "BatchScores", "PreparedItem",
+           "Scorer", "ScoreResult", "TokenRewards", "score", "pad_batch", "length_batches", "pad_id_of"]

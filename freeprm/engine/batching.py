@@ -135,3 +135,100 @@ def length_batches(lengths: Sequence[int], max_batch_tokens: int, *, max_batch_s
     if cur:
         batches.append(cur)
     return batches
+
+
+@dataclass
+class PackedBatch:
+    """Several sequences per row ("varlen" packing), each with position ids from 0 and no attention across them.
+
+    Sequence ``i`` sits in row ``rows[i]`` at columns ``starts[i] : starts[i] + lengths[i]``.
+    """
+
+    input_ids: torch.Tensor  # [R, T] long, pad_id after the last sequence of a row
+    position_ids: torch.Tensor  # [R, T] long, restarting at 0 for each sequence (0 at padding)
+    segment_ids: torch.Tensor  # [R, T] long: which sequence of the row a token belongs to, -1 at padding
+    target_mask: torch.Tensor  # [R, T] bool
+    rows: list[int]
+    starts: list[int]
+    lengths: list[int]
+
+    def attention_mask_4d(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Additive ``[R, 1, T, T]`` mask: 0 where query ``q`` may see key ``k`` (same sequence, ``k <= q``), else the
+        dtype's minimum. A padding query sees only itself (so no row of the softmax is empty)."""
+        seg = self.segment_ids
+        t = seg.shape[1]
+        causal = torch.ones(t, t, dtype=torch.bool, device=seg.device).tril()
+        allowed = (seg[:, :, None] == seg[:, None, :]) & causal & (seg[:, :, None] >= 0)
+        allowed |= torch.eye(t, dtype=torch.bool, device=seg.device)
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=seg.device)
+        return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
+
+    def to(self, device: str | torch.device) -> PackedBatch:
+        return PackedBatch(self.input_ids.to(device), self.position_ids.to(device), self.segment_ids.to(device),
+                           self.target_mask.to(device), self.rows, self.starts, self.lengths)
+
+    def unpack(self, values: torch.Tensor, i: int, start: int = 0, end: int | None = None) -> torch.Tensor:
+        """``values`` (``[R, T, ...]``, aligned with this batch) at sequence ``i``'s tokens ``start:end``."""
+        end = self.lengths[i] if end is None else end
+        return values[self.rows[i], self.starts[i] + start:self.starts[i] + end]
+
+
+def pack_rows(lengths: Sequence[int], row_length: int) -> list[list[int]]:
+    """First-fit-decreasing bins: indices of sequences per row, each row's total length <= ``row_length``."""
+    if lengths and max(lengths) > row_length:
+        raise ValueError(f"a sequence of {max(lengths)} tokens does not fit in rows of {row_length}")
+    rows: list[list[int]] = []
+    free: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        for r, f in enumerate(free):
+            if lengths[i] <= f:
+                rows[r].append(i)
+                free[r] -= lengths[i]
+                break
+        else:
+            rows.append([i])
+            free.append(row_length - lengths[i])
+    return rows
+
+
+def pack_batch(
+    seqs: Sequence[Sequence[int]],
+    pad_id: int,
+    *,
+    row_length: int | None = None,
+    target_starts: Sequence[int] | None = None,
+    device: str | torch.device | None = None,
+) -> PackedBatch:
+    """Pack sequences into rows of ``row_length`` tokens (default: the longest sequence) by first-fit decreasing.
+
+    Run the model with ``position_ids=batch.position_ids`` and ``attention_mask=batch.attention_mask_4d(dtype)``:
+    each sequence then sees exactly what it would alone (block-diagonal causal attention, positions from 0).
+    """
+    if not len(seqs):
+        raise ValueError("pack_batch needs at least one sequence")
+    lengths = [len(s) for s in seqs]
+    if min(lengths) == 0:
+        raise ValueError(f"sequence {lengths.index(0)} is empty; every sequence needs at least one token")
+    t = max(lengths) if row_length is None else int(row_length)
+    bins = pack_rows(lengths, t)
+    ids = torch.full((len(bins), t), int(pad_id), dtype=torch.long)
+    pos = torch.zeros((len(bins), t), dtype=torch.long)
+    seg = torch.full((len(bins), t), -1, dtype=torch.long)
+    tm = torch.zeros((len(bins), t), dtype=torch.bool)
+    rows, starts = [0] * len(seqs), [0] * len(seqs)
+    for r, members in enumerate(bins):
+        col = 0
+        for k, i in enumerate(members):
+            n = lengths[i]
+            ids[r, col:col + n] = torch.as_tensor(seqs[i], dtype=torch.long)
+            pos[r, col:col + n] = torch.arange(n)
+            seg[r, col:col + n] = k
+            if target_starts is not None:
+                a = int(target_starts[i])
+                if not 0 <= a <= n:
+                    raise ValueError(f"sequence {i}: target start {a} is outside its {n} tokens")
+                tm[r, col + a:col + n] = True
+            rows[i], starts[i] = r, col
+            col += n
+    batch = PackedBatch(ids, pos, seg, tm, rows, starts, lengths)
+    return batch if device is None else batch.to(device)

@@ -63,7 +63,7 @@ def _scorer_args(p: argparse.ArgumentParser) -> None:
                    help="seconds one line's --step-pattern split may take before the line is reported and skipped")
     p.add_argument("--aggregate", default="min", help="min, last, mean, sum, q_min, q_last, q_mean, q_sum")
     p.add_argument("--prompt-format", default="auto", choices=["auto", "chat", "raw"])
-    p.add_argument("--dtype", default="float32")
+    p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N, mps (default: cuda when available)")
     p.add_argument("--max-length", type=positive_int, default=None, help="longest prompt+response in tokens")
     p.add_argument("--max-batch-tokens", type=positive_int, default=8192)

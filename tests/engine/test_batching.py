@@ -74,3 +74,23 @@ def test_length_batches_budget_order_and_cover():
     with pytest.raises(ValueError):
         length_batches(lengths, 0)
     assert length_batches([], 10) == []
+
+
+def test_pack_batch_layout_positions_and_mask():
+    from freeprm.engine.batching import pack_batch, pack_rows
+
+    bins = pack_rows([5, 3, 2, 1, 4], 5)
+    assert sorted(i for b in bins for i in b) == list(range(5))
+    assert all(sum([5, 3, 2, 1, 4][i] for i in b) <= 5 for b in bins) and len(bins) == 3
+    pk = pack_batch(SEQS, 0, target_starts=STARTS)
+    for i, s in enumerate(SEQS):
+        assert pk.unpack(pk.input_ids, i).tolist() == s
+        assert pk.unpack(pk.position_ids, i).tolist() == list(range(len(s)))
+        assert pk.unpack(pk.target_mask, i).tolist() == [j >= STARTS[i] for j in range(len(s))]
+    m = pk.attention_mask_4d()[:, 0] == 0  # [R, T, T] allowed
+    for i, s in enumerate(SEQS):
+        r, a, n = pk.rows[i], pk.starts[i], len(s)
+        for q in range(a, a + n):
+            assert m[r, q].nonzero().flatten().tolist() == list(range(a, q + 1))  # causal, own sequence only
+    with pytest.raises(ValueError, match="does not fit"):
+        pack_rows([6], 5)

@@ -96,7 +96,8 @@ def test_token_rewards_from_ids_matches_score(tiny_model_dir, tiny_ref_dir, naiv
     ids = r.input_ids[None]
     mask = torch.zeros_like(ids, dtype=torch.bool)
     mask[:, r.response_start:] = True
-    rewards, lp, lpr = scorer.token_rewards_from_ids(ids, torch.ones_like(ids), mask)
+    out = scorer.token_rewards_from_ids(ids, torch.ones_like(ids), mask)
+    rewards, lp, lpr = out.rewards, out.logp, out.logp_ref
     assert torch.allclose(rewards[0, r.response_start:], r.token_rewards, atol=1e-6)
     # each model's log-probs against the naive full-logits computation of that model alone
     pol, ref = load_model(tiny_model_dir)[0], load_model(tiny_ref_dir)[0]
@@ -213,13 +214,13 @@ def test_scores_are_finite(tiny_model_dir):
 
 def test_fused_reference_kernel_path_matches_unfused(tiny_model_dir, tiny_ref_dir):
     # impl="triton" on CPU runs the Triton interpreter (tests/conftest.py sets TRITON_INTERPRET=1)
-    fused = Scorer(tiny_model_dir, tiny_ref_dir, beta=0.5, impl="triton").score(ITEMS[:2])
+    fused = Scorer(tiny_model_dir, tiny_ref_dir, beta=0.5, impl="triton", fuse_reference=True).score(ITEMS[:2])
     plain = Scorer(tiny_model_dir, tiny_ref_dir, beta=0.5, impl="torch").score(ITEMS[:2])
     for f, p in zip(fused, plain):
         assert f.token_logprobs is None and p.token_logprobs is not None  # the fused kernel ran
         assert (f.token_rewards - p.token_rewards).abs().max() <= 1e-4
         assert f.score == pytest.approx(p.score, abs=1e-4)
-    unfused = Scorer(tiny_model_dir, tiny_ref_dir, beta=0.5, impl="triton", fuse_reference=False).score(ITEMS[:1])[0]
+    unfused = Scorer(tiny_model_dir, tiny_ref_dir, beta=0.5, impl="triton").score(ITEMS[:1])[0]  # fusion is opt-in
     assert unfused.token_logprobs is not None
     assert (unfused.token_rewards - plain[0].token_rewards).abs().max() <= 1e-4
 

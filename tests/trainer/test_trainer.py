@@ -6,7 +6,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from freeprm.engine import load_model, naive_sequence_logprobs, sequence_logprobs
+from freeprm.engine import load_model, sequence_logprobs
+from freeprm.testing import naive_sequence_logprobs
 from freeprm.trainer import TrainConfig, losses, train
 from freeprm.trainer.data import build_items, collate, load_examples
 
