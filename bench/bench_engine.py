@@ -72,7 +72,7 @@ def build_items(tokenizer, batch: int, seq: int) -> list[dict]:
 
 def make_providers(scorer, items):
     from freeprm.engine.batching import pad_batch
-    from freeprm.engine.logprobs import naive_sequence_logprobs
+    from freeprm.testing import naive_sequence_logprobs
 
     prepared = [scorer.prepare(it, i) for i, it in enumerate(items)]
     batch = pad_batch([p.input_ids for p in prepared], scorer.pad_id, target_starts=[p.response_start for p in prepared],

@@ -1,0 +1,142 @@
+"""Shared-prompt prefill benchmark: best-of-N candidates scored with and without reusing the prompt's KV cache.
+
+    flock /work/heavy.lock python bench/bench_shared_prompt.py            # N=16, 512-token prompt, 256-token responses
+    python bench/bench_shared_prompt.py --n 4 --prompt 64 --response 32 --reps 1    # quick check
+
+One ``Scorer`` (SmolLM2-135M-Instruct, fp32, CPU) scores the same N items (one prompt, N different
+responses) with ``share_prompt=False`` (each of the N sequences runs whole: N x (P + R) tokens) and
+``share_prompt=True`` (the prompt runs once, its KV cache is repeated over the candidates: P + N x R
+tokens), interleaved rep by rep after one warm-up rep, in one process; medians and min..max.
+Also reported: the largest difference between the two paths' token rewards (should be ~1e-6 in fp32).
+Results go to ``bench/results/shared_prompt_cpu_n{N}_p{P}_r{R}.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def env_info(threads: int) -> dict:
+    sha = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                         text=True).stdout.strip() or "unknown"
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               platform.processor())
+    return {"device": f"CPU: {cpu}", "threads": threads, "torch": torch.__version__,
+            "transformers": __import__("transformers").__version__, "python": platform.python_version(),
+            "git_sha": sha, "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+
+
+def _cut_to_tokens(text: str, n_tokens: int, count) -> str:
+    """The longest prefix of ``text`` with ``count(prefix) <= n_tokens`` (binary search on characters)."""
+    lo, hi = 0, len(text)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if count(text[:mid]) <= n_tokens:
+            lo = mid
+        else:
+            hi = mid - 1
+    return text[:lo]
+
+
+def build_items(scorer, n: int, prompt_tokens: int, response_tokens: int) -> list[dict]:
+    """One prompt of ``prompt_tokens`` tokens (GSM8K questions, chat format) and ``n`` GSM8K-solution responses."""
+    from freeprm.engine.tokenization import prompt_ids, response_tokens as resp_tok
+    from freeprm.gsm8k import gold_steps, read_gsm8k
+
+    tok = scorer.tokenizer
+    recs = read_gsm8k("test", limit=400)
+    text = " ".join(r["question"] for r in recs[:40])
+    prompt = _cut_to_tokens(text, prompt_tokens, lambda t: len(prompt_ids(tok, t, scorer.prompt_format)))
+    items = []
+    for g in range(n):
+        steps = [s for r in recs[40 + 5 * g: 45 + 5 * g] for s in gold_steps(r["answer"])]
+        response = _cut_to_tokens("\n\n".join(steps), response_tokens, lambda t: len(resp_tok(tok, t)[0]))
+        items.append({"prompt": prompt, "response": response})
+    return items
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--policy", default="smollm2")
+    ap.add_argument("--n", type=int, default=16)
+    ap.add_argument("--prompt", type=int, default=512)
+    ap.add_argument("--response", type=int, default=256)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    args = ap.parse_args()
+
+    from freeprm.engine import Scorer
+
+    torch.set_num_threads(args.threads)
+    scorer = Scorer(args.policy, dtype="float32", device="cpu")
+    items = build_items(scorer, args.n, args.prompt, args.response)
+    prepared = [scorer.prepare(it, i) for i, it in enumerate(items)]
+    n_prompt = prepared[0].response_start
+    n_resp = [p.num_response_tokens for p in prepared]
+    assert all(p.prompt_ids == prepared[0].prompt_ids for p in prepared)
+
+    def run(share: bool):
+        scorer.share_prompt = share
+        return scorer.score_prepared(prepared)
+
+    providers = {"unshared": lambda: run(False), "shared": lambda: run(True)}
+    times, outs = {k: [] for k in providers}, {}
+    for rep in range(args.reps + 1):  # rep 0: warm-up, gives the outputs compared
+        for k, fn in providers.items():
+            t0 = time.perf_counter()
+            out = fn()
+            if rep == 0:
+                outs[k] = out
+            else:
+                times[k].append(time.perf_counter() - t0)
+        print(f"rep {rep}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in times.items() if v), file=sys.stderr)
+    max_err = max(float((a.token_rewards - b.token_rewards).abs().max()) for a, b in zip(outs["unshared"], outs["shared"]))
+    scored = sum(n_resp)
+    rows = []
+    for k in providers:
+        med = statistics.median(times[k])
+        rows.append({"provider": k, "median_s": med, "min_s": min(times[k]), "max_s": max(times[k]),
+                     "scored_tokens_per_s": scored / med})
+    by = {r["provider"]: r for r in rows}
+    speedup = by["unshared"]["median_s"] / by["shared"]["median_s"]
+    env = env_info(args.threads)
+    setup = {"policy": args.policy, "candidates": args.n, "prompt_tokens": n_prompt, "response_tokens": n_resp,
+             "dtype": "float32", "reps": args.reps, "max_batch_tokens": scorer.max_batch_tokens,
+             "base_model_tokens_unshared": args.n * n_prompt + scored, "base_model_tokens_shared": n_prompt + scored}
+    summary = {"speedup_shared_over_unshared": speedup, "max_abs_diff_token_rewards": max_err}
+    out = {"env": env, "setup": setup, "results": rows, "summary": summary}
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    stem = Path(args.out) / f"shared_prompt_cpu_n{args.n}_p{args.prompt}_r{args.response}"
+    stem.with_suffix(".json").write_text(json.dumps(out, indent=2))
+    md = [f"# Shared-prompt prefill: {args.n} candidates, {n_prompt}-token prompt, {max(n_resp)}-token responses, fp32",
+          "", f"- device: {env['device']}, {args.threads} threads",
+          f"- torch {env['torch']}, transformers {env['transformers']}, git {env['git_sha']}, {env['date']}",
+          f"- model: {args.policy}; `Scorer.score_prepared` end to end with `share_prompt` False / True, "
+          f"{args.reps} timed reps interleaved after one warm-up rep (machine shared: ratios only)",
+          f"- base-model tokens: unshared {setup['base_model_tokens_unshared']}, shared {setup['base_model_tokens_shared']}",
+          "", "| path | scored tokens/s (median) | time min..max (s) |", "|---|---|---|"]
+    for r in rows:
+        md.append(f"| {r['provider']} | {r['scored_tokens_per_s']:.1f} | {r['min_s']:.2f}..{r['max_s']:.2f} |")
+    md += ["", f"- speedup shared / unshared: **{speedup:.2f}x**",
+           f"- max |token reward difference| shared vs unshared: {max_err:.2e}", ""]
+    stem.with_suffix(".md").write_text("\n".join(md))
+    print("\n".join(md))
+
+
+if __name__ == "__main__":
+    main()
