@@ -28,9 +28,10 @@ from typing import NamedTuple
 import torch
 
 from ..engine.loading import load_model, resolve_dtype
-from ..engine.logprobs import naive_sequence_logprobs, sequence_logprobs
+from ..engine.logprobs import sequence_logprobs
 from ..engine.steps import split_steps, token_steps
 from ..kernels import ops
+from ..testing import naive_sequence_logprobs  # the full-logits path (full_logits=True baseline)
 from ..trainer import losses
 
 GRANULARITIES = ("token", "step")
