@@ -16,6 +16,7 @@ _COMMAND_MODULES = (
     "freeprm.engine.cli",   # score, demo
     "freeprm.trainer.cli",  # train
     "freeprm.eval.cli",     # bon
+    "freeprm.integrations.cli",  # serve
 )
 
 
