@@ -171,3 +171,17 @@ def test_serve_cli(tiny_model_dir):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_docs_curl_body_is_a_valid_request():
+    """The curl example in docs/rl.md parses as a request: query = prompt + a two-step response."""
+    import re
+    from pathlib import Path
+
+    from freeprm.integrations.openrlhf import parse_request
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "rl.md").read_text()
+    body = re.search(r"-d '(\{.*?\})'", text, re.S).group(1)
+    items, step = parse_request(body.encode())
+    assert step is True and len(items) == 1 and items[0]["label"] == "42"
+    assert items[0]["response"] == "7 * 6 = 42.\n\nThe answer is 42."
