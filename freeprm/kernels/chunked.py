@@ -8,7 +8,10 @@ Gradient, with g_i = d loss / d out_i and p = softmax(z_i):
     dx_iv  = dz_iv * dz/dx      (scale, times 1 - tanh^2 under soft-cap)
     dh_i   = sum_v dx_iv W_v               d_hidden = dx @ W        [N, D]
     dW_v   = sum_i dx_iv h_i               d_weight = dx^T @ h      [V, D]
-Only ``lse`` ([N] fp32) is saved; ``[chunk, vocab block]`` tiles of logits are recomputed in
+Forward: [rows, vocab block] tiles small enough for L2, the per-tile max and sum of exp merged at
+the end (``lse_torch``), target logits as rowwise dots (``target_logits``); for fp32 CPU inputs the
+C++ kernel in ``csrc/cpu_head.cpp`` does the same tile loop inside one parallel region (threads own
+row blocks), when it could be built (``cpu_ext.get()``). Only ``lse`` ([N] fp32) is saved; ``[chunk, vocab block]`` tiles of logits are recomputed in
 backward, so the full ``[N, V]`` matrix never exists, in forward or backward. The logsumexp is
 taken online over vocab blocks: m <- max(m, max_tile z); s <- s * exp(m_old - m) + sum exp(z - m).
 """
@@ -17,12 +20,22 @@ from __future__ import annotations
 
 import torch
 
+from . import cpu_ext
+
 # Tiles: token chunks of CHUNK_ROWS rows x vocab blocks sized so one fp32 [rows, block] tile stays
 # near TILE_BYTES. The weight is then read once per token chunk (not once per few rows, which made
 # the pass memory-bound on large vocabularies), and the logsumexp runs online across vocab blocks.
 DEFAULT_CHUNK_ROWS = 2048
 TILE_BYTES = 32 * 2**20
 MIN_VOCAB_BLOCK = 1024
+# Forward tiles (no gradient to keep, so they can be small): [FWD_ROWS, FWD_TILE_ELEMS / FWD_ROWS] fp32,
+# 1 MB: stays in L2 between the GEMM that writes it and the max / exp / sum that read it (measured on
+# 2 cores with 2 MB L2 each: 256 x 512 and 256 x 1024 tie; 2048 x 4096 (32 MB) was 1.7x slower).
+FWD_ROWS = 256
+FWD_TILE_ELEMS = 256 * 1024
+# Take the C++ forward (csrc/cpu_head.cpp) for fp32 CPU inputs when it is built; False forces the
+# pure-torch forward (``lse_torch``); so does the environment variable FREEPRM_CPU_EXT=0.
+USE_EXT = True
 
 
 def _vocab_block(rows: int, vocab: int) -> int:
@@ -47,30 +60,83 @@ def _tiles(n: int, vocab: int, chunk_rows: int | None):
         yield a, min(a + rows, n), [(v, min(v + block, vocab)) for v in range(0, vocab, block)]
 
 
-def chunked_linear_logprobs_fwd(hidden, weight, targets, logit_scale=1.0, softcap=None, chunk_rows=None):
-    """Returns (logp [N] fp32, lse [N] fp32)."""
+def _transform_(z: torch.Tensor, logit_scale: float, softcap: float | None) -> torch.Tensor:
+    """In place: z <- softcap(logit_scale * z)."""
+    if logit_scale != 1.0:
+        z.mul_(logit_scale)
+    if softcap is not None:
+        z.div_(softcap).tanh_().mul_(softcap)
+    return z
+
+
+def target_logits(hidden, weight, targets, logit_scale=1.0, softcap=None, chunk_rows=None):
+    """z_{i, t_i} for every row, as rowwise dots ``(h_i * W[t_i]).sum()`` in fp32: [N] fp32.
+
+    One gather of target rows per token chunk instead of a per-tile search of the targets."""
     n = hidden.shape[0]
-    w32 = weight.float()
+    out = torch.empty(n, dtype=torch.float32, device=hidden.device)
+    rows = chunk_rows or DEFAULT_CHUNK_ROWS
+    for a in range(0, n, rows):
+        b = min(a + rows, n)
+        wt = weight[targets[a:b]].float()  # [C, D]
+        torch.sum(wt.mul_(hidden[a:b]), -1, out=out[a:b])
+    return _transform_(out, logit_scale, softcap)
+
+
+def _fwd_blocks(rows: int, vocab: int) -> tuple[int, int]:
+    """(row block, vocab block) of the forward's cache-sized tiles."""
+    r = max(1, min(FWD_ROWS, rows))
+    return r, max(1, min(vocab, FWD_TILE_ELEMS // r))
+
+
+def lse_torch(hidden, weight, logit_scale=1.0, softcap=None):
+    """logsumexp_v softcap(logit_scale * h W^T) per row, tile by tile in plain torch: [N] fp32.
+
+    Tiles of [FWD_ROWS, vocab block] fp32 (~512 KB: they stay in L2) are written by ``torch.mm(out=)``
+    into one reused buffer; each tile's row max and sum of exp(z - max) go to [blocks, N] tables,
+    merged at the end. No [N, V] logits and no per-tile allocation beyond [rows] vectors."""
+    n, vocab = hidden.shape[0], weight.shape[0]
+    h32 = hidden if hidden.dtype == torch.float32 else hidden.float()
+    w32 = weight if weight.dtype == torch.float32 else weight.float()
+    r_blk, v_blk = _fwd_blocks(n, vocab)
+    nb = -(-vocab // v_blk)
+    buf = torch.empty(r_blk * v_blk, dtype=torch.float32, device=hidden.device)
+    mx = torch.empty(nb, n, dtype=torch.float32, device=hidden.device)  # per-block row max
+    se = torch.empty(nb, n, dtype=torch.float32, device=hidden.device)  # per-block sum exp(z - max)
+    for a in range(0, n, r_blk):
+        b = min(a + r_blk, n)
+        h = h32[a:b]
+        for j in range(nb):
+            v0, v1 = j * v_blk, min((j + 1) * v_blk, vocab)
+            z = buf[: (b - a) * (v1 - v0)].view(b - a, v1 - v0)  # [r, c], contiguous
+            torch.mm(h, w32[v0:v1].T, out=z)
+            _transform_(z, logit_scale, softcap)
+            m = torch.amax(z, -1, out=mx[j, a:b])
+            torch.sum(z.sub_(m[:, None]).exp_(), -1, out=se[j, a:b])
+    m = mx.amax(0)  # [N]
+    return m + se.mul_(mx.sub_(m).exp_()).sum(0).log_()
+
+
+def chunked_linear_logprobs_fwd(hidden, weight, targets, logit_scale=1.0, softcap=None, chunk_rows=None):
+    """Returns (logp [N] fp32, lse [N] fp32).
+
+    fp32 inputs take the C++ kernel (``csrc/cpu_head.cpp``) when it is built, else ``lse_torch``."""
     tgt = targets.long()
-    logp = torch.empty(n, dtype=torch.float32, device=hidden.device)
-    lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
-    for a, b, blocks in _tiles(n, weight.shape[0], chunk_rows):
-        h, t = hidden[a:b], tgt[a:b]
-        m = torch.full((b - a,), float("-inf"), device=hidden.device)  # running max
-        s = torch.zeros(b - a, device=hidden.device)  # running sum of exp(z - m)
-        zt = torch.zeros(b - a, device=hidden.device)  # target logit
-        for v0, v1 in blocks:
-            z, _ = _logits(h, w32[v0:v1], logit_scale, softcap)  # [C, Vb]
-            m_new = torch.maximum(m, z.amax(-1))
-            s = s * torch.exp(m - m_new) + torch.exp(z - m_new[:, None]).sum(-1)
-            m = m_new
-            inb = (t >= v0) & (t < v1)
-            if bool(inb.any()):
-                rows = inb.nonzero(as_tuple=True)[0]
-                zt[rows] = z[rows, t[rows] - v0]
-        lse[a:b] = m + torch.log(s)
-        logp[a:b] = zt - lse[a:b]
-    return logp, lse
+    ext = _ext_for(hidden, weight)
+    if ext is not None:
+        r_blk, v_blk = _fwd_blocks(max(1, -(-hidden.shape[0] // torch.get_num_threads())), weight.shape[0])
+        lse, zt = ext.lse_target_fwd(hidden.contiguous(), weight.contiguous(), tgt, float(logit_scale),
+                                     float(softcap) if softcap is not None else -1.0, r_blk, v_blk)
+    else:
+        lse = lse_torch(hidden, weight, logit_scale, softcap)
+        zt = target_logits(hidden, weight, tgt, logit_scale, softcap, chunk_rows)
+    return zt - lse, lse
+
+
+def _ext_for(hidden, weight):
+    if not USE_EXT or hidden.device.type != "cpu" or hidden.dtype != torch.float32 or weight.dtype != torch.float32:
+        return None
+    return cpu_ext.get()
 
 
 def chunked_linear_logprobs_bwd(grad, hidden, weight, targets, lse, logit_scale=1.0, softcap=None,
