@@ -168,7 +168,11 @@ def main() -> None:
                platform.processor())
     env = {"device": f"CPU: {cpu}", "threads": args.threads, "torch": torch.__version__,
            "transformers": __import__("transformers").__version__, "python": platform.python_version(),
-           "git_sha": sha, "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+           "git_sha": sha, "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+           "command": "python bench/bench_engine.py " + " ".join(sys.argv[1:]),
+           "cpp_kernel": __import__("freeprm.kernels.cpu_ext", fromlist=["get"]).get() is not None,
+           "note": "shared machine: other processes may have run during the timed reps; ratios are from one "
+                   "interleaved run"}
     setup = {"policy": args.policy, "batch": args.batch, "seq": args.seq, "dtype": "float32", "reps": args.reps,
              "tokens": n_tokens, "scored_tokens": n_scored, "vocab": scorer.vocab_size}
     out = {"env": env, "setup": setup, "results": rows, "summary": summary}
@@ -178,7 +182,8 @@ def main() -> None:
     stem.with_suffix(".json").write_text(json.dumps(out, indent=2))
     md = [f"# Engine benchmark: score() vs naive HF, {args.batch} x {args.seq} tokens, fp32",
           "", f"- device: {env['device']}, {args.threads} threads", f"- torch {env['torch']}, transformers "
-          f"{env['transformers']}, git {sha}, {env['date']}",
+          f"{env['transformers']}, git {sha}, {env['date']}, C++ CPU kernel built: {env['cpp_kernel']}",
+          f"- command: `{env['command']}` (run under `flock /work/heavy.lock`; {env['note']})",
           f"- model: {args.policy} (V={scorer.vocab_size}), {n_tokens} tokens, {n_scored} scored; {args.reps} timed reps "
           "interleaved after one warm-up rep (machine shared with other jobs: ratios only); peak extra memory from one run per provider in a fresh process",
           "", "| provider | tokens/s (median) | time min..max (s) | peak extra memory (MB) |", "|---|---|---|---|"]

@@ -49,9 +49,15 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 def hidden_states(model_or_base: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Final (normed) hidden states ``[B, T, D]`` of the base model."""
-    out = model_or_base(input_ids=input_ids, attention_mask=attention_mask,
-                        position_ids=position_ids_from_mask(attention_mask), use_cache=False)
+    """Final (normed) hidden states ``[B, T, D]`` of the base model.
+
+    When no row has padding the mask is not passed: the model then takes its plain causal path (on CPU,
+    SDPA's ``is_causal`` kernel instead of a materialised ``[B, 1, T, T]`` mask), same values."""
+    if bool(attention_mask.bool().all()):
+        out = model_or_base(input_ids=input_ids, use_cache=False)
+    else:
+        out = model_or_base(input_ids=input_ids, attention_mask=attention_mask,
+                            position_ids=position_ids_from_mask(attention_mask), use_cache=False)
     return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
 

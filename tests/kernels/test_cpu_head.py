@@ -117,3 +117,20 @@ def test_env_var_disables_the_cpp_kernel(monkeypatch):
 def test_zero_rows(path):
     out = linear_logprobs(torch.zeros(0, 16), torch.randn(50, 16), torch.zeros(0, dtype=torch.long), impl="torch")
     assert out.shape == (0,)
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+def test_cpp_kernel_multithreaded_under_autograd(path, threads):
+    """Worker threads do not inherit the caller's no-grad mode: the forward inside autograd must still work."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        hidden, weight, targets = _inputs(50, 700, 32)
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        out = linear_logprobs(h, w, targets, impl="torch", logit_scale=0.5)
+        out.sum().backward()
+        oracle = reference.linear_logprobs(hidden.double(), weight.double(), targets, upcast=False, logit_scale=0.5)
+        assert torch.allclose(out.detach(), oracle, atol=1e-5)
+        assert h.grad is not None and w.grad is not None
+    finally:
+        torch.set_num_threads(old)

@@ -43,6 +43,7 @@ std::vector<at::Tensor> lse_target_fwd(const at::Tensor& hidden, const at::Tenso
   const bool has_cap = softcap > 0.0;
   const int64_t nblocks = (n + rows - 1) / rows;
   at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
+    at::NoGradGuard no_grad;  // grad mode is thread-local: worker threads do not inherit the caller's
     at::Tensor tile = at::empty({rows, cols}, hidden.options());  // [rows, cols] fp32, this thread's
     at::Tensor mt_buf = at::empty({rows}, hidden.options()), st_buf = at::empty({rows}, hidden.options());
     std::vector<float> m(rows), s(rows);
