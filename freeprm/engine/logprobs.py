@@ -48,7 +48,8 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def hidden_states(model_or_base: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def hidden_states(model_or_base: torch.nn.Module, input_ids: torch.Tensor,
+                  attention_mask: torch.Tensor) -> torch.Tensor:
     """Final (normed) hidden states ``[B, T, D]`` of the base model.
 
     When no row has padding the mask is not passed: the model then takes its plain causal path (on CPU,

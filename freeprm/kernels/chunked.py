@@ -11,9 +11,10 @@ Gradient, with g_i = d loss / d out_i and p = softmax(z_i):
 Forward: [rows, vocab block] tiles small enough for L2, the per-tile max and sum of exp merged at
 the end (``lse_torch``), target logits as rowwise dots (``target_logits``); for fp32 CPU inputs the
 C++ kernel in ``csrc/cpu_head.cpp`` does the same tile loop inside one parallel region (threads own
-row blocks), when it could be built (``cpu_ext.get()``). Only ``lse`` ([N] fp32) is saved; ``[chunk, vocab block]`` tiles of logits are recomputed in
-backward, so the full ``[N, V]`` matrix never exists, in forward or backward. The logsumexp is
-taken online over vocab blocks: m <- max(m, max_tile z); s <- s * exp(m_old - m) + sum exp(z - m).
+row blocks), when it could be built (``cpu_ext.get()``). Only ``lse`` ([N] fp32) is saved;
+``[chunk, vocab block]`` tiles of logits are recomputed in backward, so the full ``[N, V]`` matrix
+never exists, in forward or backward. The backward's logsumexp-free tiles are 2048 rows x up to
+32 MB (``_tiles``), with the gradient GEMMs fed from each tile.
 """
 
 from __future__ import annotations
@@ -125,8 +126,9 @@ def chunked_linear_logprobs_fwd(hidden, weight, targets, logit_scale=1.0, softca
     ext = _ext_for(hidden, weight)
     if ext is not None:
         r_blk, v_blk = _fwd_blocks(max(1, -(-hidden.shape[0] // torch.get_num_threads())), weight.shape[0])
-        lse, zt = ext.lse_target_fwd(hidden.detach().contiguous(), weight.detach().contiguous(), tgt, float(logit_scale),
-                                     float(softcap) if softcap is not None else -1.0, r_blk, v_blk)
+        lse, zt = ext.lse_target_fwd(hidden.detach().contiguous(), weight.detach().contiguous(), tgt,
+                                     float(logit_scale), float(softcap) if softcap is not None else -1.0,
+                                     r_blk, v_blk)
     else:
         lse = lse_torch(hidden, weight, logit_scale, softcap)
         zt = target_logits(hidden, weight, tgt, logit_scale, softcap, chunk_rows)
