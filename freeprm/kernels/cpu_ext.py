@@ -4,7 +4,8 @@ system C++ compiler through ``torch.utils.cpp_extension`` (``scripts/setup.sh`` 
 ``get()`` returns the compiled module, or ``None`` when it cannot be built (no compiler, no ninja,
 ``FREEPRM_CPU_EXT=0``); callers then take the pure-torch path, which computes the same values.
 The build is cached under ``$FREEPRM_CACHE/torch_extensions`` (default ``~/.cache/freeprm``), keyed
-by the source, the torch version and this CPU's instruction-set flags (it is compiled for the host).
+by the source, the torch version and this CPU's flags (a cache shared across machines stays safe).
+Only one build runs at a time (torch's lock file in the build folder).
 """
 
 from __future__ import annotations
