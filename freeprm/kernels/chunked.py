@@ -126,7 +126,7 @@ def chunked_linear_logprobs_fwd(hidden, weight, targets, logit_scale=1.0, softca
     ext = _ext_for(hidden, weight)
     if ext is not None:
         r_blk, v_blk = _fwd_blocks(max(1, -(-hidden.shape[0] // torch.get_num_threads())), weight.shape[0])
-        lse, zt = ext.lse_target_fwd(hidden.detach().contiguous(), weight.detach().contiguous(), tgt,
+        lse, zt = ext.lse_target_fwd(hidden.detach().contiguous(), weight.detach().contiguous(), tgt.contiguous(),
                                      float(logit_scale), float(softcap) if softcap is not None else -1.0,
                                      r_blk, v_blk)
     else:

@@ -134,3 +134,13 @@ def test_cpp_kernel_multithreaded_under_autograd(path, threads):
         assert h.grad is not None and w.grad is not None
     finally:
         torch.set_num_threads(old)
+
+
+def test_strided_targets_hidden_weight(path):
+    """Non-contiguous inputs (targets with stride 2, padded hidden rows, transposed weight)."""
+    g = torch.Generator().manual_seed(3)
+    targets = torch.randint(0, 700, (29, 2), generator=g)[:, 0]
+    hidden = torch.randn(29, 40, generator=g)[:, :32]
+    weight = (torch.randn(32, 700, generator=g) * 0.3).T
+    oracle = reference.linear_logprobs(hidden.double(), weight.double(), targets, upcast=False)
+    assert torch.allclose(linear_logprobs(hidden, weight, targets, impl="torch"), oracle, atol=1e-5)

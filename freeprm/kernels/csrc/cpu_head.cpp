@@ -35,7 +35,8 @@ std::vector<at::Tensor> lse_target_fwd(const at::Tensor& hidden, const at::Tenso
   const int64_t n = hidden.size(0), vocab = weight.size(0);
   at::Tensor lse = at::empty({n}, hidden.options());
   at::Tensor zt = at::empty({n}, hidden.options());
-  const int64_t* tgt = targets.contiguous().data_ptr<int64_t>();
+  const at::Tensor tgt_c = targets.contiguous();  // kept alive for the raw pointer below
+  const int64_t* tgt = tgt_c.data_ptr<int64_t>();
   float* lse_p = lse.data_ptr<float>();
   float* zt_p = zt.data_ptr<float>();
   const float scale = static_cast<float>(logit_scale);
