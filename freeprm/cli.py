@@ -17,6 +17,7 @@ _COMMAND_MODULES = (
     "freeprm.trainer.cli",  # train
     "freeprm.eval.cli",     # bon
     "freeprm.integrations.cli",  # serve
+    "freeprm.batch.cli",    # rerank
 )
 
 

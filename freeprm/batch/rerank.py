@@ -1,0 +1,357 @@
+"""``rerank()``: stream groups of candidates through the scorer into resumable Parquet/JSONL parts.
+
+Per input group the output row is::
+
+    id               str     the group's id
+    line             int     1-based input line (Parquet: row) of the group's first row
+    num_candidates   int     N
+    best             int     index of the best candidate under ``aggregation`` (ties: the lowest index)
+    best_score       float   its score
+    aggregation      str     the aggregation that picks ``best``
+    scores           [N]     each candidate's score under ``aggregation``
+    score_<agg>      [N]     each candidate's score under every aggregation in ``AGGREGATIONS``
+    step_rewards     [N][S_n] each candidate's step rewards (Q values are their running sums)
+    num_tokens       [N]     prompt + response tokens scored per candidate
+
+Memory is bounded by one chunk: ``rows_per_part`` groups are read, scored (through
+``Scorer.score_prepared``, all candidates of the chunk in one call, so the engine batches and
+shares prompts as it can), written as one part, and dropped. Peak memory is about
+``rows_per_part x candidates per group x (row text + per-token tensors)`` plus the engine's
+forward batch (``max_batch_tokens``) plus 16 bytes (about 100 bytes with Python's set
+overhead) per distinct group id, kept to detect duplicate ids; it does not grow with the
+number of rows otherwise.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from ..engine.loading import DEFAULT_POLICY, resolve_dtype, resolve_spec
+from ..engine.scorer import AGGREGATIONS, Scorer
+from .reader import BadLine, Group, detect_format, iter_chunks
+from .store import OutputDir
+
+FINGERPRINT_VERSION = 1
+_HASH_BYTES = 1 << 20
+
+
+@dataclass
+class RerankSummary:
+    """Totals of one ``rerank`` run (``resumed_groups`` were already in the output directory)."""
+
+    groups: int = 0
+    candidates: int = 0
+    tokens: int = 0
+    parts_written: int = 0
+    resumed_groups: int = 0
+    resumed_parts: int = 0
+    bad_lines: int = 0
+    invalid_groups: int = 0
+    seconds: float = 0.0
+    output: str = ""
+    bad: list = field(default_factory=list)  # [(line, message)] of this run (capped at 1000)
+
+    @property
+    def rows_per_s(self) -> float:
+        return self.candidates / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+    def line(self) -> str:
+        return (f"{self.groups} groups, {self.candidates} candidates, {self.tokens} tokens scored in "
+                f"{self.seconds:.1f} s ({self.rows_per_s:.1f} candidates/s, {self.tokens_per_s:.0f} tokens/s); "
+                f"{self.parts_written} parts written, {self.resumed_groups} groups already done "
+                f"({self.resumed_parts} parts), {self.bad_lines} bad lines and {self.invalid_groups} invalid "
+                f"groups skipped -> {self.output}")
+
+
+# ---------------------------------------------------------------------- fingerprint
+def _file_digest(path: Path) -> str:
+    """sha256 of a file's size, first and last MiB (fast on multi-GB weights; catches any re-save)."""
+    h = hashlib.sha256()
+    size = path.stat().st_size
+    h.update(str(size).encode())
+    with open(path, "rb") as f:
+        h.update(f.read(_HASH_BYTES))
+        if size > 2 * _HASH_BYTES:
+            f.seek(size - _HASH_BYTES)
+            h.update(f.read(_HASH_BYTES))
+        else:
+            h.update(f.read())
+    return h.hexdigest()
+
+
+def model_identity(spec) -> dict | None:
+    """What identifies a model in the fingerprint: resolved path + digests of its files, a hub id,
+    or (for an in-memory ``(model, tokenizer)`` pair) a sha256 of its parameters and vocabulary."""
+    if spec is None:
+        return None
+    if isinstance(spec, tuple):
+        model, tok = spec
+        return _params_identity(model, tok)
+    resolved = resolve_spec(spec)
+    p = Path(resolved)
+    if not p.is_dir():
+        return {"hub_id": str(resolved)}
+    names = sorted(f.name for f in p.iterdir() if f.is_file() and (
+        f.suffix in (".safetensors", ".bin", ".json", ".model", ".txt", ".jinja")))
+    return {"path": str(p.resolve()), "files": {n: _file_digest(p / n) for n in names}}
+
+
+def _params_identity(model, tokenizer) -> dict:
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        t = t.detach().to("cpu").contiguous()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(t.view(-1).view(__import__("torch").uint8).numpy().tobytes())
+    v = hashlib.sha256(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    v.update(str(getattr(tokenizer, "chat_template", None)).encode())
+    return {"params_sha256": h.hexdigest(), "tokenizer_sha256": v.hexdigest()}
+
+
+def make_fingerprint(*, policy, reference, beta, step_delimiter, step_pattern, aggregate, prompt_format, dtype,
+                     max_length, rows_per_part, fmt) -> dict:
+    pattern = getattr(step_pattern, "pattern", step_pattern)
+    return {"version": FINGERPRINT_VERSION, "policy": policy, "reference": reference, "beta": float(beta),
+            "step_delimiter": None if pattern is not None else step_delimiter, "step_pattern": pattern,
+            "aggregate": aggregate, "prompt_format": prompt_format, "dtype": str(resolve_dtype(dtype)),
+            "max_length": max_length, "rows_per_part": int(rows_per_part), "format": fmt}
+
+
+# ---------------------------------------------------------------------- scoring one chunk
+def score_groups(scorer: Scorer, groups: list[Group], aggregate: str) -> tuple[list[dict], list[list], int, int]:
+    """Score every candidate of ``groups`` in one ``score_prepared`` call.
+
+    Returns ``(rows, invalid, candidates, tokens)``: one output row per valid group (input order),
+    ``[line, message]`` per group with a candidate that fails validation (the group is skipped),
+    and the numbers of candidates and tokens scored.
+    """
+    prepared, spans, invalid = [], [], []
+    for g in groups:
+        start, bad = len(prepared), None
+        for k, cand in enumerate(g.candidates):
+            try:
+                p = scorer.prepare({"prompt": g.prompt, **cand}, k)
+            except ValueError as e:
+                bad = f"group {g.id!r}: candidate {k}: {str(e).removeprefix(f'item {k}: ')}"
+                break
+            if not p.spans:
+                bad = f"group {g.id!r}: candidate {k}: the response splits into zero steps (it is empty or blank)"
+                break
+            prepared.append(p)
+        if bad is not None:
+            del prepared[start:]
+            invalid.append([g.lines[k] if len(g.lines) > k else g.line, bad])
+            continue
+        spans.append((g, start, len(prepared)))
+    results = scorer.score_prepared(prepared, aggregate=aggregate) if prepared else []
+    rows = []
+    for g, a, b in spans:
+        res = results[a:b]
+        scores = [r.score for r in res]
+        best = max(range(len(scores)), key=lambda i: (scores[i] == scores[i], scores[i], -i))  # NaN never wins
+        row = {"id": g.id, "line": g.line, "num_candidates": len(res), "best": best, "best_score": scores[best],
+               "aggregation": aggregate, "scores": scores}
+        for agg in AGGREGATIONS:
+            row[f"score_{agg}"] = [r.aggregate(agg) for r in res]
+        row["step_rewards"] = [r.step_rewards.tolist() for r in res]
+        row["num_tokens"] = [len(r.input_ids) for r in res]
+        rows.append(row)
+    return rows, invalid, len(prepared), sum(len(p.input_ids) for p in prepared)
+
+
+# ---------------------------------------------------------------------- the job
+def _report(summary: RerankSummary, where: str, line: int, msg: str, strict: bool, quiet: bool) -> None:
+    if strict:
+        raise ValueError(f"{where}:{line}: {msg} (--strict: stopping; finished parts are kept, rerun to resume)")
+    if len(summary.bad) < 1000:
+        summary.bad.append((line, msg))
+    if not quiet:
+        print(f"freeprm rerank: skipping {where}:{line}: {msg}", file=sys.stderr)
+
+
+def _check_resumed(index: int, ids_digest: str, entry: dict, out: OutputDir) -> None:
+    if entry.get("ids_sha256") != ids_digest:
+        raise ValueError(
+            f"{out.part_path(index)} was written from other input rows than chunk {index} of this input "
+            f"(ids differ: the input file changed). Rerun with the original input, or delete {out.path} to start over")
+
+
+def rerank(
+    input: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    *,
+    policy=DEFAULT_POLICY,
+    reference=None,
+    scorer: Scorer | None = None,
+    beta: float = 1.0,
+    step_delimiter: str | None = "\n\n",
+    step_pattern: str | None = None,
+    aggregate: str = "min",
+    prompt_format: str = "auto",
+    dtype: str = "float32",
+    device: str | None = None,
+    max_length: int | None = None,
+    max_batch_tokens: int = 8192,
+    format: str = "parquet",
+    input_format: str | None = None,
+    rows_per_part: int = 1000,
+    strict: bool = False,
+    progress: bool = True,
+    quiet: bool = False,
+    engine: str = "local",
+    workers: int = 1,
+    num_cpus_per_worker: float = 1.0,
+    num_gpus_per_worker: float = 0.0,
+    torch_threads: int | None = None,
+    ray_address: str | None = None,
+    **scorer_kwargs,
+) -> RerankSummary:
+    """Rerank every group of ``input`` (JSONL or Parquet) into parts under ``output_dir``; resumable.
+
+    Equivalent, in memory, to::
+
+        for group in groups(input):                       # see reader.py for the row kinds
+            res = Scorer(...).score([{"prompt": group.prompt, **c} for c in group.candidates])
+            scores = [r.score for r in res]
+            write({"id": group.id, "best": scores.index(max(scores)), "scores": scores, ...})
+
+    but streamed in chunks of ``rows_per_part`` groups (one output part each) with bounded
+    memory, and resumable: rerunning with the same arguments after a crash or ``kill -9``
+    computes only the missing parts; another configuration is refused (``ValueError``).
+    ``scorer``: a ready ``Scorer`` (its models and options are used; ``policy`` .. ``max_batch_tokens``
+    are then ignored). ``engine="ray"`` runs the scoring on a Ray Data actor pool of ``workers``
+    actors (see ``ray_engine.py``; ``num_cpus_per_worker`` may be fractional, ``torch_threads`` sets
+    each actor's torch threads, ``ray_address`` the cluster when Ray is not initialised yet). Returns a ``RerankSummary``.
+    """
+    if engine not in ("local", "ray"):
+        raise ValueError(f"engine must be 'local' or 'ray', got {engine!r}")
+    if format not in ("parquet", "jsonl"):
+        raise ValueError(f"format must be 'parquet' or 'jsonl', got {format!r}")
+    if aggregate not in AGGREGATIONS:
+        raise ValueError(f"aggregate must be one of {AGGREGATIONS}, got {aggregate!r}")
+    if rows_per_part < 1:
+        raise ValueError(f"rows_per_part must be >= 1, got {rows_per_part}")
+    input = str(input)
+    if not os.path.isfile(input):
+        raise ValueError(f"input file not found: {input}")
+    in_fmt = detect_format(input, input_format)
+    if in_fmt == "parquet" or format == "parquet":
+        _require_pyarrow()
+    if Path(output_dir).resolve() == Path(input).resolve():
+        raise ValueError("the output directory is the input file; pass another --output")
+    if scorer is not None:
+        if engine == "ray":
+            raise ValueError("engine='ray' builds a Scorer in each worker: pass model specs (policy=...), not scorer=")
+        fp = make_fingerprint(
+            policy=_params_identity(scorer.policy, scorer.tokenizer),
+            reference=None if scorer.reference is None else _params_identity(scorer.reference, scorer.tokenizer),
+            beta=scorer.beta, step_delimiter=scorer.step_delimiter, step_pattern=scorer.step_pattern,
+            aggregate=aggregate, prompt_format=scorer.prompt_format, dtype=next(scorer.policy.parameters()).dtype,
+            max_length=scorer.max_length, rows_per_part=rows_per_part, fmt=format)
+    else:
+        fp = make_fingerprint(
+            policy=model_identity(policy), reference=model_identity(reference), beta=beta,
+            step_delimiter=step_delimiter, step_pattern=step_pattern, aggregate=aggregate,
+            prompt_format=prompt_format, dtype=dtype, max_length=max_length, rows_per_part=rows_per_part, fmt=format)
+    scorer_opts = dict(beta=beta, step_delimiter=step_delimiter, step_pattern=step_pattern, aggregate=aggregate,
+                       prompt_format=prompt_format, dtype=dtype, device=device, max_length=max_length,
+                       max_batch_tokens=max_batch_tokens, **scorer_kwargs)
+    t0 = time.perf_counter()
+    with OutputDir(output_dir, fp, format) as out:
+        summary = RerankSummary(output=str(out.path))
+        if engine == "ray":
+            from .ray_engine import run_ray
+
+            run_ray(input, in_fmt, out, summary, policy=policy, reference=reference, scorer_opts=scorer_opts,
+                    aggregate=aggregate, rows_per_part=rows_per_part, strict=strict, progress=progress, quiet=quiet,
+                    workers=workers, num_cpus=num_cpus_per_worker, num_gpus=num_gpus_per_worker, t0=t0,
+                    torch_threads=torch_threads, address=ray_address)
+        else:
+            if scorer is None:
+                scorer = Scorer(policy, reference, **scorer_opts)
+            _run_local(input, in_fmt, out, summary, scorer, aggregate, rows_per_part, strict, progress, quiet, t0)
+        summary.seconds = time.perf_counter() - t0
+        out.write_summary({k: v for k, v in asdict(summary).items() if k != "bad"}
+                          | {"rows_per_s": summary.rows_per_s, "tokens_per_s": summary.tokens_per_s})
+    if not quiet:
+        print(f"freeprm rerank: {summary.line()}", file=sys.stderr)
+    return summary
+
+
+def _require_pyarrow() -> None:
+    try:
+        import pyarrow  # noqa: F401
+    except ImportError:
+        raise ValueError("Parquet needs pyarrow: pip install 'freeprm[batch]' (or use --format jsonl and JSONL input)") from None
+
+
+class Progress:
+    """tqdm bar over candidates, with groups and tokens/s in the postfix (a no-op when disabled)."""
+
+    def __init__(self, enabled: bool, t0: float) -> None:
+        self.bar, self.t0, self.tokens, self.groups = None, t0, 0, 0
+        if enabled:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(desc="rerank", unit="cand", dynamic_ncols=True)
+
+    def update(self, groups: int, candidates: int, tokens: int) -> None:
+        self.groups += groups
+        self.tokens += tokens
+        if self.bar is not None:
+            self.bar.update(candidates)
+            dt = max(time.perf_counter() - self.t0, 1e-9)
+            self.bar.set_postfix(groups=self.groups, tok_s=f"{self.tokens / dt:.0f}", refresh=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _run_local(input, in_fmt, out, summary, scorer, aggregate, rows_per_part, strict, progress, quiet, t0) -> None:
+    bar = Progress(progress, t0)
+    last = -1
+    try:
+        for item in iter_chunks(input, rows_per_part, in_fmt):
+            if isinstance(item, BadLine):
+                summary.bad_lines += 1
+                _report(summary, input, item.line, item.message, strict, quiet)
+                continue
+            last = item.index
+            entry = out.done.get(item.index)
+            if entry is not None:
+                _check_resumed(item.index, item.ids_digest, entry, out)
+                summary.resumed_parts += 1
+                summary.resumed_groups += entry["rows"]
+                summary.invalid_groups += len(entry.get("invalid", []))
+                continue
+            rows, invalid, n_cand, n_tok = score_groups(scorer, item.groups, aggregate)
+            for line, msg in invalid:
+                summary.invalid_groups += 1
+                _report(summary, input, line, msg, strict, quiet)
+            out.write_part(item.index, rows, {"ids_sha256": item.ids_digest, "invalid": invalid,
+                                              "candidates": n_cand, "tokens": n_tok})
+            summary.parts_written += 1
+            summary.groups += len(rows)
+            summary.candidates += n_cand
+            summary.tokens += n_tok
+            bar.update(len(rows), n_cand, n_tok)
+    finally:
+        bar.close()
+    _warn_extra_parts(out, last, quiet)
+
+
+def _warn_extra_parts(out: OutputDir, last: int, quiet: bool) -> None:
+    extra = sorted(k for k in out.done if k > last)
+    if extra and not quiet:
+        print(f"freeprm rerank: warning: {out.path} holds parts {extra[0]}..{extra[-1]} beyond the end of this input "
+              "(the input got shorter?); they are left as they are", file=sys.stderr)

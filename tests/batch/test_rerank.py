@@ -1,0 +1,173 @@
+"""``rerank`` on the tiny model, in process: output rows, tie rule, formats, resume, fingerprint, errors."""
+
+import json
+import os
+
+import pytest
+
+from freeprm.batch import OutputDir, read_output, rerank
+from freeprm.engine.scorer import AGGREGATIONS, Scorer
+
+pytest.importorskip("pyarrow")
+
+
+@pytest.fixture(scope="module")
+def scorer(tiny_model_dir):
+    return Scorer(tiny_model_dir, prompt_format="raw")
+
+
+def _groups(n: int, seed: int = 0) -> list[dict]:
+    out = []
+    for i in range(n):
+        k = 1 + (i + seed) % 3
+        cands = [f"Step {j}: {i} + {j} = {i + j}.\n\nThe answer is {i + j}." for j in range(k)]
+        if i % 4 == 1:
+            cands.append({"steps": [f"{i} * 2 = {2 * i}.", "Done."]})
+        out.append({"id": f"g{i}", "prompt": f"What is {i} plus something?", "candidates": cands})
+    return out
+
+
+def _write(path, rows, extra_lines=()) -> str:
+    with open(path, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+        for line in extra_lines:
+            f.write(line + "\n")
+    return str(path)
+
+
+def test_rows_match_the_scorer_per_group(tmp_path, scorer):
+    groups = _groups(7)
+    flat = [{"group": "flat", "prompt": "Q?", "response": "a.\n\nb."}, {"group": "flat", "prompt": "Q?", "steps": ["c.", "d."]}]
+    inp = _write(tmp_path / "in.jsonl", groups + flat)
+    s = rerank(inp, tmp_path / "out", scorer=scorer, aggregate="q_mean", rows_per_part=3, progress=False, quiet=True)
+    rows = read_output(tmp_path / "out")
+    assert [r["id"] for r in rows] == [g["id"] for g in groups] + ["flat"]
+    assert (s.groups, s.parts_written, s.bad_lines) == (8, 3, 0)
+    expect_groups = [(g["prompt"], [c if isinstance(c, dict) else {"response": c} for c in g["candidates"]])
+                     for g in groups] + [("Q?", [{"response": "a.\n\nb."}, {"steps": ["c.", "d."]}])]
+    assert s.candidates == sum(len(c) for _, c in expect_groups)
+    for row, (prompt, cands) in zip(rows, expect_groups):
+        res = scorer.score([{"prompt": prompt, **c} for c in cands])  # one group alone: other batches
+        assert row["num_candidates"] == len(cands) and row["aggregation"] == "q_mean"
+        for agg in AGGREGATIONS:
+            assert row[f"score_{agg}"] == pytest.approx([r.aggregate(agg) for r in res], rel=1e-5, abs=1e-5)
+        assert row["scores"] == row["score_q_mean"]
+        for got, r in zip(row["step_rewards"], res):
+            assert got == pytest.approx(r.step_rewards.tolist(), rel=1e-5, abs=1e-5)
+        assert row["num_tokens"] == [len(r.input_ids) for r in res]
+        best = max(row["scores"])
+        assert row["best"] == row["scores"].index(best) and row["best_score"] == best
+
+
+def test_ties_pick_the_lowest_index(tmp_path, scorer):
+    cands = ["x = 1.\n\nSo 1.", "The answer is 42.", "Hmm.\n\nMaybe 7."]
+    scores = [r.score for r in scorer.score([{"prompt": "P", "response": c} for c in cands])]
+    top = cands[scores.index(max(scores))]
+    others = [c for c in cands if c != top]
+    inp = _write(tmp_path / "in.jsonl", [{"id": 1, "prompt": "P", "candidates": [others[0], top, others[1], top]}])
+    rerank(inp, tmp_path / "out", scorer=scorer, progress=False, quiet=True)
+    (row,) = read_output(tmp_path / "out")
+    assert row["scores"][1] == row["scores"][3] == row["best_score"]
+    assert row["best"] == 1
+
+
+def test_jsonl_and_parquet_outputs_hold_the_same_rows(tmp_path, scorer):
+    inp = _write(tmp_path / "in.jsonl", _groups(5))
+    rerank(inp, tmp_path / "pq", scorer=scorer, rows_per_part=2, progress=False, quiet=True)
+    rerank(inp, tmp_path / "jl", scorer=scorer, rows_per_part=2, format="jsonl", progress=False, quiet=True)
+    assert {"fingerprint.json", "manifest.jsonl", "part-000000.parquet", "part-000002.parquet"} <= set(os.listdir(tmp_path / "pq"))
+    assert read_output(tmp_path / "pq") == read_output(tmp_path / "jl")
+
+
+def test_resume_recomputes_only_missing_parts_and_cleans_up(tmp_path, scorer):
+    inp = _write(tmp_path / "in.jsonl", _groups(9))
+    out = tmp_path / "out"
+    rerank(inp, out, scorer=scorer, rows_per_part=2, progress=False, quiet=True)
+    full = read_output(out)
+    manifest = (out / "manifest.jsonl").read_text()
+    # what a kill can leave: a missing part (killed before its rename), its temp file, a torn manifest line
+    (out / "part-000002.parquet").unlink()
+    (out / ".part-000002.parquet.tmp").write_bytes(b"half a parquet file")
+    with open(out / "manifest.jsonl", "a") as f:
+        f.write('{"part": 7, "ro')
+    s = rerank(inp, out, scorer=scorer, rows_per_part=2, progress=False, quiet=True)
+    assert (s.parts_written, s.resumed_parts, s.groups, s.resumed_groups) == (1, 4, 2, 7)
+    assert read_output(out) == full
+    assert not [p for p in os.listdir(out) if p.endswith(".tmp")]
+    lines = (out / "manifest.jsonl").read_text().splitlines()
+    assert "\n".join(lines[:-1]) + "\n" == manifest and json.loads(lines[-1])["part"] == 2
+    again = rerank(inp, out, scorer=scorer, rows_per_part=2, progress=False, quiet=True)
+    assert (again.parts_written, again.resumed_groups) == (0, 9)
+
+
+def test_another_configuration_is_refused(tmp_path, scorer, tiny_model_dir):
+    inp = _write(tmp_path / "in.jsonl", _groups(3))
+    out = tmp_path / "out"
+    rerank(inp, out, policy=tiny_model_dir, prompt_format="raw", rows_per_part=2, progress=False, quiet=True)
+    for kwargs, key in [({"aggregate": "last"}, "aggregate"), ({"beta": 2.0}, "beta"), ({"rows_per_part": 3}, "rows_per_part"),
+                        ({"step_delimiter": "\n"}, "step_delimiter"), ({"format": "jsonl"}, "format")]:
+        opts = dict(policy=tiny_model_dir, prompt_format="raw", rows_per_part=2, progress=False, quiet=True) | kwargs
+        with pytest.raises(ValueError, match=f"another configuration.*{key}.*delete"):
+            rerank(inp, out, **opts)
+    with pytest.raises(ValueError, match="another configuration.*policy"):  # same options, other weights
+        rerank(inp, out, scorer=scorer, rows_per_part=2, progress=False, quiet=True)
+    # the same configuration resumes (here: nothing left to do)
+    s = rerank(inp, out, policy=tiny_model_dir, prompt_format="raw", rows_per_part=2, progress=False, quiet=True)
+    assert s.resumed_groups == 3 and s.parts_written == 0
+
+
+def test_changed_input_is_refused(tmp_path, scorer):
+    out = tmp_path / "out"
+    rerank(_write(tmp_path / "a.jsonl", _groups(4)), out, scorer=scorer, rows_per_part=2, progress=False, quiet=True)
+    changed = _groups(4)
+    changed[1]["id"] = "other"
+    with pytest.raises(ValueError, match="input file changed"):
+        rerank(_write(tmp_path / "b.jsonl", changed), out, scorer=scorer, rows_per_part=2, progress=False, quiet=True)
+
+
+def test_bad_lines_and_invalid_groups_are_skipped_and_counted(tmp_path, scorer, capsys):
+    groups = _groups(4)
+    groups[2]["candidates"] = ["fine.", "   "]  # zero steps: the group is invalid
+    inp = _write(tmp_path / "in.jsonl", groups, extra_lines=['{"id": "x", "prompt": "P"', json.dumps(groups[0])])
+    s = rerank(inp, tmp_path / "out", scorer=scorer, rows_per_part=2, progress=False)
+    err = capsys.readouterr().err
+    assert f"{inp}:5: invalid JSON" in err and f"{inp}:6: duplicate id 'g0'" in err
+    assert f"{inp}:3: group 'g2': candidate 1:" in err
+    assert (s.groups, s.bad_lines, s.invalid_groups) == (3, 2, 1)
+    assert [r["id"] for r in read_output(tmp_path / "out")] == ["g0", "g1", "g3"]
+    again = rerank(inp, tmp_path / "out", scorer=scorer, rows_per_part=2, progress=False, quiet=True)
+    assert (again.bad_lines, again.invalid_groups, again.resumed_groups) == (2, 1, 3)
+    with pytest.raises(ValueError, match=r"in.jsonl:3: group 'g2': candidate 1.*--strict"):
+        rerank(inp, tmp_path / "strict", scorer=scorer, rows_per_part=2, progress=False, strict=True)
+
+
+def test_one_writer_per_directory_and_bad_arguments(tmp_path, scorer):
+    inp = _write(tmp_path / "in.jsonl", _groups(2))
+    fp = {"x": 1}
+    with OutputDir(tmp_path / "out", fp, "parquet"):
+        with pytest.raises(ValueError, match="another rerank run is writing"):
+            OutputDir(tmp_path / "out", fp, "parquet")
+    with pytest.raises(ValueError, match="input file not found"):
+        rerank(tmp_path / "missing.jsonl", tmp_path / "o", scorer=scorer)
+    with pytest.raises(ValueError, match="is the input file"):
+        rerank(inp, inp, scorer=scorer)
+    with pytest.raises(ValueError, match="aggregate"):
+        rerank(inp, tmp_path / "o", scorer=scorer, aggregate="median")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="is a file"):
+        rerank(inp, tmp_path / "file", scorer=scorer, progress=False, quiet=True)
+
+
+def test_cli(tmp_path, tiny_model_dir, capsys):
+    from freeprm.cli import main
+
+    inp = _write(tmp_path / "in.jsonl", _groups(3))
+    args = ["rerank", "--policy", tiny_model_dir, "--input", inp, "--output", str(tmp_path / "out"),
+            "--format", "jsonl", "--rows-per-part", "2", "--no-progress", "--aggregate", "last"]
+    assert main(args) == 0
+    assert "3 groups" in capsys.readouterr().err
+    rows = read_output(tmp_path / "out")
+    assert [r["id"] for r in rows] == ["g0", "g1", "g2"] and rows[0]["aggregation"] == "last"
+    assert main(args[:-1] + ["min"]) == 2
+    assert "another configuration" in capsys.readouterr().err
