@@ -2,14 +2,17 @@
 
 Pipeline (``rerank(..., engine="ray", workers=K)`` / ``freeprm rerank --engine ray --workers K``)::
 
-    read task (one per input file)   the same streaming reader as the local engine: chunks of
-                                     rows_per_part groups, bad lines, and already-written chunks
-                                     (resume: an anti-join on the parts in the output directory)
-      -> map_batches(RerankUDF, compute=ActorPoolStrategy(size=K), num_cpus=c, num_gpus=g)
+    read task (one per input file)   the same streaming reader as the local engine; it emits one row
+                                     per chunk of rows_per_part groups (the groups as JSON), per bad
+                                     line, and per chunk whose part is already written (resume: an
+                                     anti-join on the parts in the output directory)
+      -> map_batches(RerankUDF, batch_size=1, compute=ActorPoolStrategy(size=K), num_cpus=c, num_gpus=g)
                                      each actor loads the models once and scores whole chunks
-      -> driver                      collects the rows of each chunk and writes its part with the
-                                     same atomic writer and manifest as the local engine
+      -> driver                      writes each chunk's part with the same atomic writer and manifest
+                                     as the local engine, in input order (preserve_order)
 
+Blocks hold one row each while the job runs (``DataContext.target_max_block_size`` is lowered,
+then restored) so that chunks spread over the actors rather than being coalesced into one block.
 Every chunk is scored in one ``score_groups`` call, as locally, so the output equals the local
 engine's (bitwise with the same device and thread count; ``torch_threads`` sets the latter).
 Ray Data 2.60 also has ``CheckpointConfig(id_column=...)`` (beta); it is not used because it
@@ -26,35 +29,30 @@ from .reader import BadLine, Group, iter_chunks, parse_row
 from .rerank import Progress, _check_resumed, _report, _warn_extra_parts, score_groups
 from .store import output_schema
 
-_TRANSPORT = ("kind", "part", "part_size", "ids_sha", "line", "msg", "payload", "n_cand", "n_tok")
-
-
 def _transport_schema():
     import pyarrow as pa
 
-    return pa.schema([("kind", pa.string()), ("part", pa.int64()), ("part_size", pa.int64()), ("ids_sha", pa.string()),
-                      ("line", pa.int64()), ("msg", pa.string()), ("payload", pa.large_string()),
-                      ("n_cand", pa.int64()), ("n_tok", pa.int64())])
+    return pa.schema([("kind", pa.string()), ("part", pa.int64()), ("ids_sha", pa.string()), ("line", pa.int64()),
+                      ("msg", pa.string()), ("payload", pa.large_string())])
 
 
-def _table(rows: list[dict]):
+def _row(**kw):
+    """One transport row as a one-row table: a whole chunk ("chunk" / "part"), a bad line, or a resumed chunk."""
     import pyarrow as pa
 
-    return pa.Table.from_pylist([{k: r.get(k) for k in _TRANSPORT} for r in rows], schema=_transport_schema())
+    return pa.Table.from_pylist([{k: kw.get(k) for k in _transport_schema().names}], schema=_transport_schema())
 
 
 def _read_chunks(path: str, fmt: str, rows_per_part: int, done: set[int]):
-    """Read-task body: one table per chunk ("group" rows), per bad line, per already-written chunk."""
+    """Read-task body: one row per chunk (its groups as JSON), per bad line, per already-written chunk."""
     for item in iter_chunks(path, rows_per_part, fmt):
         if isinstance(item, BadLine):
-            yield _table([{"kind": "bad", "line": item.line, "msg": item.message}])
-        elif item.index in done:
-            yield _table([{"kind": "resumed", "part": item.index, "ids_sha": item.ids_digest}])
+            yield _row(kind="bad", line=item.line, msg=item.message)
+        elif item.index in done:  # anti-join: this chunk's part is already in the output directory
+            yield _row(kind="resumed", part=item.index, ids_sha=item.ids_digest)
         else:
-            sha = item.ids_digest
-            yield _table([{"kind": "group", "part": item.index, "part_size": len(item.groups), "ids_sha": sha,
-                           "line": g.line, "payload": json.dumps([g.id, g.prompt, g.candidates, g.lines])}
-                          for g in item.groups])
+            yield _row(kind="chunk", part=item.index, ids_sha=item.ids_digest,
+                       payload=json.dumps([[g.id, g.prompt, g.candidates, g.line, g.lines] for g in item.groups]))
 
 
 def _datasource(path: str, fmt: str, rows_per_part: int, done: set[int]):
@@ -109,26 +107,18 @@ class RerankUDF:
         return self._user(batch.to_pylist())
 
     def _transport(self, rows: list[dict]):
-        out, by_part = [], {}
+        out = []
         for r in rows:
-            if r["kind"] == "group":
-                by_part.setdefault(r["part"], []).append(r)
-            else:
+            if r["kind"] != "chunk":
                 out.append(r)
-        for part, rs in by_part.items():
-            groups = []
-            for r in rs:
-                gid, prompt, cands, lines = json.loads(r["payload"])
-                groups.append(Group(gid, prompt, cands, r["line"], lines))
+                continue
+            groups = [Group(gid, prompt, cands, line, lines) for gid, prompt, cands, line, lines in json.loads(r["payload"])]
             scored, invalid, n_cand, n_tok = score_groups(self.scorer, groups, self.aggregate)
-            base = {"part": part, "part_size": rs[0]["part_size"], "ids_sha": rs[0]["ids_sha"]}
-            for i, row in enumerate(scored):  # the chunk's totals ride on its first row
-                out.append(dict(base, kind="row", line=row["line"], payload=json.dumps(row),
-                                n_cand=n_cand if i == 0 else 0, n_tok=n_tok if i == 0 else 0))
-            for j, (line, msg) in enumerate(invalid):
-                out.append(dict(base, kind="invalid", line=line, msg=msg,
-                                n_cand=n_cand if not scored and j == 0 else 0, n_tok=n_tok if not scored and j == 0 else 0))
-        return _table(out)
+            payload = json.dumps({"rows": scored, "invalid": invalid, "candidates": n_cand, "tokens": n_tok})
+            out.append(dict(r, kind="part", payload=payload))
+        import pyarrow as pa
+
+        return pa.Table.from_pylist(out, schema=_transport_schema())
 
     def _user(self, rows: list[dict]):
         import pyarrow as pa
@@ -170,21 +160,23 @@ def run_ray(input, in_fmt, out, summary, *, policy, reference, scorer_opts, aggr
     if not ray.is_initialized():
         ray.init(address=address, log_to_driver=False)
     ctx = ray.data.DataContext.get_current()
-    saved = (ctx.execution_options.preserve_order, ctx.enable_progress_bars)
-    ctx.execution_options.preserve_order = True
-    ctx.enable_progress_bars = False
+    saved = (ctx.execution_options.preserve_order, ctx.enable_progress_bars, ctx.target_max_block_size)
+    ctx.execution_options.preserve_order = True  # parts come back in input order
+    ctx.enable_progress_bars = False  # the driver shows its own bar
+    # one transport row (a whole chunk) per block, so that chunks spread over the actor pool instead of
+    # being coalesced into one block (and one actor task)
+    ctx.target_max_block_size = 1
     done = set(out.done)
     remote = {"num_cpus": num_cpus}
     if num_gpus:
         remote["num_gpus"] = num_gpus
     opts = {k: v for k, v in scorer_opts.items() if k != "aggregate"}
     ds = ray.data.read_datasource(_datasource(input, in_fmt, rows_per_part, done), override_num_blocks=1)
-    ds = ds.map_batches(RerankUDF, batch_format="pyarrow", batch_size=None,
+    ds = ds.map_batches(RerankUDF, batch_format="pyarrow", batch_size=1,
                         compute=ray.data.ActorPoolStrategy(size=workers),
                         fn_constructor_args=(str(policy), None if reference is None else str(reference)),
                         fn_constructor_kwargs=dict(aggregate=aggregate, torch_threads=torch_threads, **opts), **remote)
     bar = Progress(progress, t0)
-    pending: dict[int, dict] = {}
     last = -1
     try:
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
@@ -203,31 +195,18 @@ def run_ray(input, in_fmt, out, summary, *, policy, reference, scorer_opts, aggr
                     summary.resumed_groups += entry["rows"]
                     summary.invalid_groups += len(entry.get("invalid", []))
                     continue
-                p = pending.setdefault(part, {"rows": [], "invalid": [], "n": 0, "cand": 0, "tok": 0})
-                p["n"] += 1
-                p["cand"] += r["n_cand"] or 0
-                p["tok"] += r["n_tok"] or 0
-                if kind == "row":
-                    p["rows"].append(json.loads(r["payload"]))
-                else:
+                res = json.loads(r["payload"])
+                for line, msg in res["invalid"]:
                     summary.invalid_groups += 1
-                    _report(summary, input, r["line"], r["msg"], strict, quiet)
-                    p["invalid"].append([r["line"], r["msg"]])
-                if p["n"] == r["part_size"]:
-                    del pending[part]
-                    rows = sorted(p["rows"], key=lambda x: x["line"])
-                    invalid = sorted(p["invalid"])
-                    out.write_part(part, rows, {"ids_sha256": r["ids_sha"], "invalid": invalid,
-                                                "candidates": p["cand"], "tokens": p["tok"]})
-                    summary.parts_written += 1
-                    summary.groups += len(rows)
-                    summary.candidates += p["cand"]
-                    summary.tokens += p["tok"]
-                    bar.update(len(rows), p["cand"], p["tok"])
+                    _report(summary, input, line, msg, strict, quiet)
+                out.write_part(part, res["rows"], {"ids_sha256": r["ids_sha"], "invalid": res["invalid"],
+                                                   "candidates": res["candidates"], "tokens": res["tokens"]})
+                summary.parts_written += 1
+                summary.groups += len(res["rows"])
+                summary.candidates += res["candidates"]
+                summary.tokens += res["tokens"]
+                bar.update(len(res["rows"]), res["candidates"], res["tokens"])
     finally:
         bar.close()
-        ctx.execution_options.preserve_order, ctx.enable_progress_bars = saved
-    if pending and not quiet:
-        print(f"freeprm rerank: warning: parts {sorted(pending)} came back incomplete; rerun to finish them",
-              file=sys.stderr)
+        ctx.execution_options.preserve_order, ctx.enable_progress_bars, ctx.target_max_block_size = saved
     _warn_extra_parts(out, last, quiet)
