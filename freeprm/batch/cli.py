@@ -21,10 +21,17 @@ import sys
 
 
 def cmd_rerank(args) -> int:
+    from ..engine.cli import _check_scorer_args
     from .rerank import rerank
 
-    delim = args.step_delimiter.encode().decode("unicode_escape") if args.step_delimiter else None
+    delim = args.step_delimiter or None  # escapes already decoded by the shared option parser
     try:
+        if args.engine == "local":
+            _check_scorer_args(args)
+        elif args.step_pattern is not None:  # the device is the workers' business, not the driver's
+            saved, args.device = args.device, None
+            _check_scorer_args(args)
+            args.device = saved
         summary = rerank(
             args.input, args.output, policy=args.policy, reference=args.reference, beta=args.beta,
             step_delimiter=delim, step_pattern=args.step_pattern, aggregate=args.aggregate,
@@ -41,6 +48,7 @@ def cmd_rerank(args) -> int:
 
 
 def register(sub) -> None:
+    from ..cliargs import positive_int
     from ..engine.cli import _scorer_args
 
     p = sub.add_parser("rerank", help="rerank groups of candidates at scale (streaming, resumable, Ray)",
@@ -51,14 +59,14 @@ def register(sub) -> None:
                    help="default: from the extension (.parquet/.pq = parquet, else jsonl)")
     p.add_argument("--output", "-o", required=True, help="output directory (created; rerun to resume)")
     p.add_argument("--format", default="parquet", choices=["parquet", "jsonl"], help="format of the output parts")
-    p.add_argument("--rows-per-part", type=int, default=1000,
+    p.add_argument("--rows-per-part", type=positive_int, default=1000,
                    help="groups per output part; also the unit of work and of memory (default 1000)")
     p.add_argument("--strict", action="store_true", help="a bad line or invalid group is fatal (finished parts stay)")
     p.add_argument("--engine", default="local", choices=["local", "ray"])
-    p.add_argument("--workers", type=int, default=1, help="--engine ray: actors in the pool (one model copy each)")
+    p.add_argument("--workers", type=positive_int, default=1, help="--engine ray: actors in the pool (one model copy each)")
     p.add_argument("--num-cpus-per-worker", type=float, default=1.0, help="--engine ray: CPUs per actor (may be < 1)")
     p.add_argument("--num-gpus-per-worker", type=float, default=0.0, help="--engine ray: GPUs per actor (may be < 1)")
-    p.add_argument("--torch-threads", type=int, default=None, help="--engine ray: torch threads per actor")
+    p.add_argument("--torch-threads", type=positive_int, default=None, help="--engine ray: torch threads per actor")
     p.add_argument("--ray-address", default=None,
                    help="--engine ray: cluster address (default: $RAY_ADDRESS, else a local Ray instance)")
     p.add_argument("--no-progress", action="store_true")

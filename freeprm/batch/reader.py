@@ -15,17 +15,16 @@ comes back after its run ended is a duplicate id (see below): sort or cluster fl
 group first (``sort``, DuckDB, ``pyarrow.Table.sort_by``). Ids are strings or integers and are
 written as strings (``1`` and ``"1"`` are the same id).
 
-Bad lines (invalid UTF-8, invalid JSON, nesting too deep, lone surrogates in a used field, a
-missing or mistyped field, a duplicate id) are reported with their 1-based line (Parquet: row)
-number and skipped; the first occurrence of a duplicate id is kept. A UTF-8 BOM is ignored;
-lines are split on ``\\n`` only, so a raw CR inside a line neither splits it nor shifts later
-line numbers (raw control characters inside JSON strings are accepted).
+JSONL lines are read by ``freeprm.io.iter_jsonl`` (its rules: invalid UTF-8, non-standard JSON
+such as NaN or a raw CR inside a string, nesting deeper than 200, lone surrogates and non-objects
+are bad lines; a UTF-8 BOM is skipped; lines split on ``\\n`` only, so line numbers never shift).
+Those, and rows with a missing or mistyped field or a duplicate id, are reported with their
+1-based line (Parquet: row) number and skipped; the first occurrence of a duplicate id is kept.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -89,30 +88,12 @@ def _check_strings(obj, depth: int = 0) -> None:
 
 
 def iter_jsonl(path: str) -> Iterator[tuple[int, dict | BadLine]]:
-    """(line number, parsed object or BadLine) per non-blank line, reading one line at a time."""
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
-                raw = raw[3:]
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                yield lineno, BadLine(lineno, f"invalid UTF-8 at byte {e.start}")
-                continue
-            if not text.strip():
-                continue
-            try:
-                obj = json.loads(text, strict=False)
-            except json.JSONDecodeError as e:
-                yield lineno, BadLine(lineno, f"invalid JSON: {e.msg} (column {e.colno})")
-                continue
-            except RecursionError:
-                yield lineno, BadLine(lineno, "JSON nested too deeply")
-                continue
-            if not isinstance(obj, dict):
-                yield lineno, BadLine(lineno, f"expected a JSON object, got {type(obj).__name__}")
-                continue
-            yield lineno, obj
+    """(line number, parsed object or BadLine) per non-blank line, one line at a time (``freeprm.io``)."""
+    from ..io import LineError
+    from ..io import iter_jsonl as _iter_jsonl
+
+    for lineno, obj in _iter_jsonl(path):
+        yield lineno, BadLine(lineno, obj.message) if isinstance(obj, LineError) else obj
 
 
 def iter_parquet(path: str, batch_rows: int = 1024) -> Iterator[tuple[int, dict | BadLine]]:
