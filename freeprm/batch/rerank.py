@@ -119,12 +119,25 @@ def _params_identity(model, tokenizer) -> dict:
     return {"params_sha256": h.hexdigest(), "tokenizer_sha256": v.hexdigest()}
 
 
+def effective_dtype(dtype, device, on_gpu_workers: bool | None = None) -> str:
+    """The dtype the models will run in: ``"auto"`` is bfloat16 on CUDA and float32 elsewhere (as ``Scorer``)."""
+    import torch
+
+    if not (isinstance(dtype, str) and dtype == "auto"):
+        return str(resolve_dtype(dtype))
+    if on_gpu_workers is not None:
+        on_cuda = on_gpu_workers
+    else:
+        on_cuda = torch.device(device).type == "cuda" if device else torch.cuda.is_available()
+    return str(torch.bfloat16 if on_cuda else torch.float32)
+
+
 def make_fingerprint(*, policy, reference, beta, step_delimiter, step_pattern, aggregate, prompt_format, dtype,
                      max_length, rows_per_part, fmt) -> dict:
     pattern = getattr(step_pattern, "pattern", step_pattern)
     return {"version": FINGERPRINT_VERSION, "policy": policy, "reference": reference, "beta": float(beta),
             "step_delimiter": None if pattern is not None else step_delimiter, "step_pattern": pattern,
-            "aggregate": aggregate, "prompt_format": prompt_format, "dtype": str(resolve_dtype(dtype)),
+            "aggregate": aggregate, "prompt_format": prompt_format, "dtype": str(dtype),
             "max_length": max_length, "rows_per_part": int(rows_per_part), "format": fmt}
 
 
@@ -213,7 +226,7 @@ def rerank(
     step_pattern: str | None = None,
     aggregate: str = "min",
     prompt_format: str = "auto",
-    dtype: str = "float32",
+    dtype: str = "auto",
     device: str | None = None,
     max_length: int | None = None,
     max_batch_tokens: int = 8192,
@@ -271,13 +284,14 @@ def rerank(
             policy=_params_identity(scorer.policy, scorer.tokenizer),
             reference=None if scorer.reference is None else _params_identity(scorer.reference, scorer.tokenizer),
             beta=scorer.beta, step_delimiter=scorer.step_delimiter, step_pattern=scorer.step_pattern,
-            aggregate=aggregate, prompt_format=scorer.prompt_format, dtype=next(scorer.policy.parameters()).dtype,
+            aggregate=aggregate, prompt_format=scorer.prompt_format, dtype=effective_dtype(scorer.dtype, None),
             max_length=scorer.max_length, rows_per_part=rows_per_part, fmt=format)
     else:
         fp = make_fingerprint(
             policy=model_identity(policy), reference=model_identity(reference), beta=beta,
-            step_delimiter=step_delimiter, step_pattern=step_pattern, aggregate=aggregate,
-            prompt_format=prompt_format, dtype=dtype, max_length=max_length, rows_per_part=rows_per_part, fmt=format)
+            step_delimiter=step_delimiter, step_pattern=step_pattern, aggregate=aggregate, prompt_format=prompt_format,
+            dtype=effective_dtype(dtype, device, (num_gpus_per_worker > 0) if engine == "ray" else None),
+            max_length=max_length, rows_per_part=rows_per_part, fmt=format)
     scorer_opts = dict(beta=beta, step_delimiter=step_delimiter, step_pattern=step_pattern, aggregate=aggregate,
                        prompt_format=prompt_format, dtype=dtype, device=device, max_length=max_length,
                        max_batch_tokens=max_batch_tokens, **scorer_kwargs)

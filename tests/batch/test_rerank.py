@@ -106,7 +106,8 @@ def test_another_configuration_is_refused(tmp_path, scorer, tiny_model_dir):
     out = tmp_path / "out"
     rerank(inp, out, policy=tiny_model_dir, prompt_format="raw", rows_per_part=2, progress=False, quiet=True)
     for kwargs, key in [({"aggregate": "last"}, "aggregate"), ({"beta": 2.0}, "beta"), ({"rows_per_part": 3}, "rows_per_part"),
-                        ({"step_delimiter": "\n"}, "step_delimiter"), ({"format": "jsonl"}, "format")]:
+                        ({"step_delimiter": "\n"}, "step_delimiter"), ({"format": "jsonl"}, "format"),
+                        ({"dtype": "bfloat16"}, "dtype"), ({"prompt_format": "chat"}, "prompt_format")]:
         opts = dict(policy=tiny_model_dir, prompt_format="raw", rows_per_part=2, progress=False, quiet=True) | kwargs
         with pytest.raises(ValueError, match=f"another configuration.*{key}.*delete"):
             rerank(inp, out, **opts)
