@@ -37,6 +37,10 @@ FWD_TILE_ELEMS = 256 * 1024
 # Take the C++ forward (csrc/cpu_head.cpp) for fp32 CPU inputs when it is built; False forces the
 # pure-torch forward (``lse_torch``); so does the environment variable FREEPRM_CPU_EXT=0.
 USE_EXT = True
+# The pure-torch forward keeps large tiles (2048 x 4096 fp32): with 2 threads on shared cores its
+# per-tile ops each end in a thread barrier, so many small tiles were measured 3x slower than these.
+TORCH_FWD_ROWS = 2048
+TORCH_FWD_TILE_ELEMS = 2048 * 4096
 
 
 def _vocab_block(rows: int, vocab: int) -> int:
@@ -93,13 +97,14 @@ def _fwd_blocks(rows: int, vocab: int) -> tuple[int, int]:
 def lse_torch(hidden, weight, logit_scale=1.0, softcap=None):
     """logsumexp_v softcap(logit_scale * h W^T) per row, tile by tile in plain torch: [N] fp32.
 
-    Tiles of [FWD_ROWS, vocab block] fp32 (~512 KB: they stay in L2) are written by ``torch.mm(out=)``
+    Tiles of [TORCH_FWD_ROWS, vocab block] fp32 are written by ``torch.mm(out=)``
     into one reused buffer; each tile's row max and sum of exp(z - max) go to [blocks, N] tables,
     merged at the end. No [N, V] logits and no per-tile allocation beyond [rows] vectors."""
     n, vocab = hidden.shape[0], weight.shape[0]
     h32 = hidden if hidden.dtype == torch.float32 else hidden.float()
     w32 = weight if weight.dtype == torch.float32 else weight.float()
-    r_blk, v_blk = _fwd_blocks(n, vocab)
+    r_blk = max(1, min(TORCH_FWD_ROWS, n))
+    v_blk = max(1, min(vocab, TORCH_FWD_TILE_ELEMS // r_blk))
     nb = -(-vocab // v_blk)
     buf = torch.empty(r_blk * v_blk, dtype=torch.float32, device=hidden.device)
     mx = torch.empty(nb, n, dtype=torch.float32, device=hidden.device)  # per-block row max

@@ -16,6 +16,8 @@ def path(request, monkeypatch):
     """Forces one forward path; small tiles so every shape below spans many row and vocab blocks."""
     monkeypatch.setattr(chunked, "FWD_ROWS", 8)
     monkeypatch.setattr(chunked, "FWD_TILE_ELEMS", 8 * 96)  # 8-row x 96-column tiles
+    monkeypatch.setattr(chunked, "TORCH_FWD_ROWS", 8)
+    monkeypatch.setattr(chunked, "TORCH_FWD_TILE_ELEMS", 8 * 96)
     if request.param == "cpp":
         if shutil.which("c++") is None and shutil.which("g++") is None:
             pytest.skip("no C++ compiler: the C++ kernel cannot be built here")
