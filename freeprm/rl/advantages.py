@@ -73,6 +73,7 @@ def prime_advantages(
     process_coef: float = 5.0,
     outcome_coef: float = 5.0,
     whiten: bool = True,
+    process_baseline: str = "paper",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """PRIME advantages and returns (see the module docstring for the formula): two float32 ``[B, T]``.
 
@@ -80,6 +81,9 @@ def prime_advantages(
     ``response_mask``; outcome: ``[B]`` outcome rewards (verifier labels); response_mask: ``[B, T]``, True at
     response tokens, any padding side. Rows are ``B / group_size`` consecutive groups of ``group_size``
     responses to one prompt. ``process_coef = 0`` gives RLOO on outcomes only.
+    ``process_baseline="paper"`` (default) subtracts the other responses' mean token reward;
+    ``"verl"`` reproduces verl's PRIME recipe: ``r * K/(K-1) - sum_j mean_s r[j, s] / (K-1)``
+    (sum over the whole group), which adds ``(r - mean_s r[i, s]) / (K-1)`` per token.
 
     Equivalent plain torch (gamma = 1)::
 
@@ -91,6 +95,8 @@ def prime_advantages(
         advantages = masked_whiten(returns, m)
     """
     _check(token_rewards, outcome, response_mask, group_size, gamma)
+    if process_baseline not in ("paper", "verl"):
+        raise ValueError(f"process_baseline must be 'paper' or 'verl', got {process_baseline!r}")
     k = group_size
     m = response_mask.bool()
     mf = m.float()
@@ -102,7 +108,11 @@ def prime_advantages(
         return ((g.sum(1, keepdim=True) - g) / (k - 1)).reshape(-1)
 
     mu = r.sum(1) / mf.sum(1)  # [B] mean token reward per response
-    process = (r - leave_one_out(mu)[:, None]) * mf  # [B, T]
+    if process_baseline == "paper":
+        process = (r - leave_one_out(mu)[:, None]) * mf  # [B, T]
+    else:  # verl recipe: rescale by K/(K-1), subtract the whole group's sum of means / (K-1)
+        group_sum = mu.view(-1, k).sum(1, keepdim=True).expand(-1, k).reshape(-1)
+        process = (r * (k / (k - 1)) - group_sum[:, None] / (k - 1)) * mf
     t_idx = torch.arange(m.shape[1], device=m.device)
     last = torch.where(m, t_idx, -1).amax(1)  # [B] index of each row's last response token
     is_last = (t_idx[None, :] == last[:, None]).float()

@@ -86,6 +86,27 @@ def test_last_token_reward_is_kept():
     torch.testing.assert_close(ret[1], torch.tensor([0.0, (1 - 1.5) + (1 - 1.5), 1 - 1.5, 0.0]))
 
 
+def test_verl_process_baseline():
+    """process_baseline='verl' equals verl's masked_rloo, written as its loop, and differs from the paper's."""
+    r, y, mask = random_case(6, 9, seed=7, left=False)
+    k = 3
+    expect = torch.zeros_like(r)
+    for g0 in range(0, 6, k):
+        means = [float(r[i][mask[i]].mean()) for i in range(g0, g0 + k)]
+        for i in range(g0, g0 + k):
+            for s in range(9):
+                if mask[i, s]:
+                    expect[i, s] = float(r[i, s]) * k / (k - 1) - sum(means) / (k - 1)
+    _, ret = prime_advantages(r, torch.zeros(6), mask, k, process_coef=1.0, outcome_coef=0.0, gamma=0.0,
+                              whiten=False, process_baseline="verl")
+    torch.testing.assert_close(ret, expect, atol=1e-6, rtol=1e-6)
+    _, ret_paper = prime_advantages(r, torch.zeros(6), mask, k, process_coef=1.0, outcome_coef=0.0, gamma=0.0,
+                                    whiten=False)
+    assert not torch.allclose(ret, ret_paper)
+    with pytest.raises(ValueError, match="process_baseline"):
+        prime_advantages(r, y, mask, k, process_baseline="rloo")
+
+
 def test_outcome_only_is_rloo():
     y = torch.tensor([1.0, 0.0, 0.0, 1.0])
     mask = torch.tensor([[False, True, True]] * 4)
