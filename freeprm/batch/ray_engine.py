@@ -87,14 +87,14 @@ class RerankUDF:
     """
 
     def __init__(self, policy, reference=None, *, aggregate: str = "min", torch_threads: int | None = None,
-                 **scorer_opts) -> None:
+                 pattern_timeout: float | None = 2.0, **scorer_opts) -> None:
         import torch
 
         from ..engine.scorer import Scorer
 
         if torch_threads:
             torch.set_num_threads(int(torch_threads))
-        self.aggregate = aggregate
+        self.aggregate, self.pattern_timeout = aggregate, pattern_timeout
         self.scorer = Scorer(policy, reference, aggregate=aggregate, **scorer_opts)
 
     def __call__(self, batch):
@@ -113,7 +113,7 @@ class RerankUDF:
                 out.append(r)
                 continue
             groups = [Group(gid, prompt, cands, line, lines) for gid, prompt, cands, line, lines in json.loads(r["payload"])]
-            scored, invalid, n_cand, n_tok = score_groups(self.scorer, groups, self.aggregate)
+            scored, invalid, n_cand, n_tok = score_groups(self.scorer, groups, self.aggregate, self.pattern_timeout)
             payload = json.dumps({"rows": scored, "invalid": invalid, "candidates": n_cand, "tokens": n_tok})
             out.append(dict(r, kind="part", payload=payload))
         import pyarrow as pa
@@ -131,7 +131,7 @@ class RerankUDF:
                 errors[i] = str(e)
                 continue
             groups.append(Group(gid, prompt, cands, i + 1, []))
-        scored, invalid, _, _ = score_groups(self.scorer, groups, self.aggregate)
+        scored, invalid, _, _ = score_groups(self.scorer, groups, self.aggregate, self.pattern_timeout)
         by_line = {r["line"]: r for r in scored}
         errors.update({line - 1: msg for line, msg in invalid})
         schema = output_schema().append(pa.field("error", pa.string()))
@@ -145,7 +145,8 @@ class RerankUDF:
 
 
 def run_ray(input, in_fmt, out, summary, *, policy, reference, scorer_opts, aggregate, rows_per_part, strict, progress,
-            quiet, workers, num_cpus, num_gpus, t0, torch_threads: int | None = None, address: str | None = None) -> None:
+            quiet, workers, num_cpus, num_gpus, t0, torch_threads: int | None = None, address: str | None = None,
+            pattern_timeout: float | None = 2.0) -> None:
     """The driver side of ``rerank(engine="ray")`` (see the module docstring)."""
     try:
         import ray
@@ -175,7 +176,8 @@ def run_ray(input, in_fmt, out, summary, *, policy, reference, scorer_opts, aggr
     ds = ds.map_batches(RerankUDF, batch_format="pyarrow", batch_size=1,
                         compute=ray.data.ActorPoolStrategy(size=workers),
                         fn_constructor_args=(str(policy), None if reference is None else str(reference)),
-                        fn_constructor_kwargs=dict(aggregate=aggregate, torch_threads=torch_threads, **opts), **remote)
+                        fn_constructor_kwargs=dict(aggregate=aggregate, torch_threads=torch_threads,
+                                                   pattern_timeout=pattern_timeout, **opts), **remote)
     bar = Progress(progress, t0)
     last = -1
     try:

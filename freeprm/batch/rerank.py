@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..engine.cli import _PatternTimeout, _time_limit
 from ..engine.loading import DEFAULT_POLICY, resolve_dtype, resolve_spec
 from ..engine.scorer import AGGREGATIONS, Scorer
 from .reader import BadLine, Group, detect_format, iter_chunks
@@ -155,8 +156,13 @@ def _aggregates(r) -> dict[str, float]:
     return out
 
 
-def score_groups(scorer: Scorer, groups: list[Group], aggregate: str) -> tuple[list[dict], list[list], int, int]:
+def score_groups(scorer: Scorer, groups: list[Group], aggregate: str,
+                 pattern_timeout: float | None = None) -> tuple[list[dict], list[list], int, int]:
     """Score every candidate of ``groups`` in one ``score_prepared`` call.
+
+    With a ``step_pattern`` on the scorer, each candidate's validation (which runs the regex split)
+    is limited to ``pattern_timeout`` seconds (SIGALRM: main thread on Unix only; elsewhere unbounded);
+    a candidate over it makes its group invalid, like any other bad candidate.
 
     Returns ``(rows, invalid, candidates, tokens)``: one output row per valid group (input order),
     ``[line, message]`` per group with a candidate that fails validation (the group is skipped),
@@ -167,9 +173,14 @@ def score_groups(scorer: Scorer, groups: list[Group], aggregate: str) -> tuple[l
         start, bad = len(prepared), None
         for k, cand in enumerate(g.candidates):
             try:
-                p = scorer.prepare({"prompt": g.prompt, **cand}, k)
+                with _time_limit(pattern_timeout if scorer.step_pattern is not None else None):
+                    p = scorer.prepare({"prompt": g.prompt, **cand}, k)
             except ValueError as e:
                 bad = f"group {g.id!r}: candidate {k}: {str(e).removeprefix(f'item {k}: ')}"
+                break
+            except _PatternTimeout:
+                bad = (f"group {g.id!r}: candidate {k}: --step-pattern took over {pattern_timeout:g} s "
+                       "(catastrophic backtracking?); simplify the pattern or raise --pattern-timeout")
                 break
             if not p.spans:
                 bad = f"group {g.id!r}: candidate {k}: the response splits into zero steps (it is empty or blank)"
@@ -242,6 +253,7 @@ def rerank(
     num_gpus_per_worker: float = 0.0,
     torch_threads: int | None = None,
     ray_address: str | None = None,
+    pattern_timeout: float | None = 2.0,
     **scorer_kwargs,
 ) -> RerankSummary:
     """Rerank every group of ``input`` (JSONL or Parquet) into parts under ``output_dir``; resumable.
@@ -304,11 +316,12 @@ def rerank(
             run_ray(input, in_fmt, out, summary, policy=policy, reference=reference, scorer_opts=scorer_opts,
                     aggregate=aggregate, rows_per_part=rows_per_part, strict=strict, progress=progress, quiet=quiet,
                     workers=workers, num_cpus=num_cpus_per_worker, num_gpus=num_gpus_per_worker, t0=t0,
-                    torch_threads=torch_threads, address=ray_address)
+                    torch_threads=torch_threads, address=ray_address, pattern_timeout=pattern_timeout)
         else:
             if scorer is None:
                 scorer = Scorer(policy, reference, **scorer_opts)
-            _run_local(input, in_fmt, out, summary, scorer, aggregate, rows_per_part, strict, progress, quiet, t0)
+            _run_local(input, in_fmt, out, summary, scorer, aggregate, rows_per_part, strict, progress, quiet, t0,
+                       pattern_timeout)
         summary.seconds = time.perf_counter() - t0
         out.write_summary({k: v for k, v in asdict(summary).items() if k != "bad"}
                           | {"rows_per_s": summary.rows_per_s, "tokens_per_s": summary.tokens_per_s})
@@ -347,7 +360,8 @@ class Progress:
             self.bar.close()
 
 
-def _run_local(input, in_fmt, out, summary, scorer, aggregate, rows_per_part, strict, progress, quiet, t0) -> None:
+def _run_local(input, in_fmt, out, summary, scorer, aggregate, rows_per_part, strict, progress, quiet, t0,
+               pattern_timeout: float | None = None) -> None:
     bar = Progress(progress, t0)
     last = -1
     try:
@@ -364,7 +378,7 @@ def _run_local(input, in_fmt, out, summary, scorer, aggregate, rows_per_part, st
                 summary.resumed_groups += entry["rows"]
                 summary.invalid_groups += len(entry.get("invalid", []))
                 continue
-            rows, invalid, n_cand, n_tok = score_groups(scorer, item.groups, aggregate)
+            rows, invalid, n_cand, n_tok = score_groups(scorer, item.groups, aggregate, pattern_timeout)
             for line, msg in invalid:
                 summary.invalid_groups += 1
                 _report(summary, input, line, msg, strict, quiet)

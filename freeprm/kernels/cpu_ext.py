@@ -4,14 +4,20 @@ system C++ compiler through ``torch.utils.cpp_extension`` (``scripts/setup.sh`` 
 ``get()`` returns the compiled module, or ``None`` when it cannot be built (no compiler, no ninja,
 ``FREEPRM_CPU_EXT=0``); callers then take the pure-torch path, which computes the same values.
 The build is cached under ``$FREEPRM_CACHE/torch_extensions`` (default ``~/.cache/freeprm``), keyed
-by the source, the torch version and this CPU's flags (a cache shared across machines stays safe).
-Only one build runs at a time (torch's lock file in the build folder).
+by the source, the torch version, the Python environment (``sys.prefix``: two virtual environments
+never rebuild each other's copy) and this CPU's flags (a cache shared across machines stays safe).
+Only one build runs at a time: the loader holds an ``flock`` on ``build.flock`` in the build folder,
+which the kernel releases when the holder dies, and under it removes a stale ``lock`` file that a
+process killed mid-build (``kill -9``) left behind, since torch's own lock file would otherwise make
+every later load wait forever.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
+import sys
 import warnings
 from pathlib import Path
 
@@ -36,6 +42,16 @@ def enabled() -> bool:
     return os.environ.get("FREEPRM_CPU_EXT", "1") != "0"
 
 
+def build_dir() -> Path:
+    """The folder this environment's build lives in (see the module docstring for the key)."""
+    import torch
+
+    key = hashlib.sha256(_SRC.read_bytes() + torch.__version__.encode() + sys.prefix.encode()
+                         + _cpu_flags().encode()).hexdigest()[:12]
+    cache = Path(os.environ.get("FREEPRM_CACHE", Path.home() / ".cache" / "freeprm")) / "torch_extensions"
+    return cache / f"cpu_head_{key}"
+
+
 def get():
     """The compiled extension module, or None (the caller falls back to pure torch)."""
     global _MODULE, _TRIED
@@ -48,14 +64,17 @@ def get():
         import torch
         from torch.utils import cpp_extension
 
-        key = hashlib.sha256(_SRC.read_bytes() + torch.__version__.encode() + _cpu_flags().encode()).hexdigest()[:12]
-        cache = Path(os.environ.get("FREEPRM_CACHE", Path.home() / ".cache" / "freeprm")) / "torch_extensions"
-        build = cache / f"cpu_head_{key}"
+        build = build_dir()
+        key = build.name.removeprefix("cpu_head_")
         build.mkdir(parents=True, exist_ok=True)
-        _MODULE = cpp_extension.load(
-            name=f"freeprm_cpu_head_{key}", sources=[str(_SRC)], build_directory=str(build),
-            extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"],
-            verbose=False)
+        with open(build / "build.flock", "w") as guard:
+            fcntl.flock(guard, fcntl.LOCK_EX)  # released by the kernel if this process dies
+            # we hold the only right to build here: a torch lock file now is a dead builder's leftover
+            (build / "lock").unlink(missing_ok=True)
+            _MODULE = cpp_extension.load(
+                name=f"freeprm_cpu_head_{key}", sources=[str(_SRC)], build_directory=str(build),
+                extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"],
+                verbose=False)
     except Exception as e:  # no compiler / ninja / headers: the torch path is exact, only slower
         warnings.warn(f"freeprm: C++ CPU kernel unavailable ({type(e).__name__}: {e}); using the pure-torch path",
                       RuntimeWarning, stacklevel=2)

@@ -172,3 +172,16 @@ def test_cli(tmp_path, tiny_model_dir, capsys):
     assert [r["id"] for r in rows] == ["g0", "g1", "g2"] and rows[0]["aggregation"] == "last"
     assert main(args[:-1] + ["min"]) == 2
     assert "another configuration" in capsys.readouterr().err
+
+
+def test_slow_step_pattern_is_bounded_per_candidate(tmp_path, tiny_model_dir, capsys):
+    """--pattern-timeout: a catastrophic regex on one candidate invalidates its group only; the rest is scored."""
+    scorer = Scorer(tiny_model_dir, prompt_format="raw", step_pattern="(a+)+$|X")
+    rows_in = [{"id": "ok1", "prompt": "Q?", "candidates": ["one X two"]},
+               {"id": "slow", "prompt": "Q?", "candidates": ["fine X", "a" * 40 + "!"]},
+               {"id": "ok2", "prompt": "Q?", "candidates": ["three X four", "five"]}]
+    inp = _write(tmp_path / "in.jsonl", rows_in)
+    s = rerank(inp, tmp_path / "out", scorer=scorer, rows_per_part=10, progress=False, pattern_timeout=0.2)
+    assert [r["id"] for r in read_output(tmp_path / "out")] == ["ok1", "ok2"]
+    assert s.invalid_groups == 1
+    assert "group 'slow': candidate 1: --step-pattern took over 0.2 s" in capsys.readouterr().err
