@@ -21,7 +21,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.bench_shared_prompt import env_info  # noqa: E402
+from bench.common import env_info  # noqa: E402
 
 
 def main() -> None:

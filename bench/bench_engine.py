@@ -20,12 +20,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -33,13 +31,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-
-def _rss_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(field)
+from bench.common import env_info, rss_kb  # noqa: E402
 
 
 def build_items(tokenizer, batch: int, seq: int) -> list[dict]:
@@ -106,11 +98,11 @@ def child_memory(args) -> None:
     scorer, items = load(args)
     providers, _, _ = make_providers(scorer, items)
     fn = providers[args.child]
-    base = _rss_kb("VmRSS")
+    base = rss_kb("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset the peak-RSS mark (VmHWM) to the current RSS
     fn()
-    peak = _rss_kb("VmHWM")
+    peak = rss_kb("VmHWM")
     print(json.dumps({"provider": args.child, "peak_extra_mb": (peak - base) / 1024}))
 
 
@@ -159,16 +151,7 @@ def main() -> None:
         "memory_ratio_freeprm_over_naive": by["freeprm"]["peak_extra_mb"] / by["naive"]["peak_extra_mb"],
         "max_abs_diff_token_logprobs": max_err,
     }
-    try:
-        sha = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True).stdout.strip()
-    except OSError:
-        sha = "unknown"
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor())
-    env = {"device": f"CPU: {cpu}", "threads": args.threads, "torch": torch.__version__,
-           "transformers": __import__("transformers").__version__, "python": platform.python_version(),
-           "git_sha": sha, "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    env = env_info(args.threads) | {
            "command": "python bench/bench_engine.py " + " ".join(sys.argv[1:]),
            "cpp_kernel": __import__("freeprm.kernels.cpu_ext", fromlist=["get"]).get() is not None,
            "note": "shared machine: other processes may have run during the timed reps; ratios are from one "
@@ -182,7 +165,7 @@ def main() -> None:
     stem.with_suffix(".json").write_text(json.dumps(out, indent=2))
     md = [f"# Engine benchmark: score() vs naive HF, {args.batch} x {args.seq} tokens, fp32",
           "", f"- device: {env['device']}, {args.threads} threads", f"- torch {env['torch']}, transformers "
-          f"{env['transformers']}, git {sha}, {env['date']}, C++ CPU kernel built: {env['cpp_kernel']}",
+          f"{env['transformers']}, git {env['git_sha']}, {env['date']}, C++ CPU kernel built: {env['cpp_kernel']}",
           f"- command: `{env['command']}` (run under `flock /work/heavy.lock`; {env['note']})",
           f"- model: {args.policy} (V={scorer.vocab_size}), {n_tokens} tokens, {n_scored} scored; {args.reps} timed reps "
           "interleaved after one warm-up rep (machine shared with other jobs: ratios only); peak extra memory from one run per provider in a fresh process",

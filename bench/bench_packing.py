@@ -28,7 +28,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.bench_shared_prompt import _cut_to_tokens, env_info  # noqa: E402
+from bench.bench_shared_prompt import _cut_to_tokens  # noqa: E402
+from bench.common import env_info  # noqa: E402
 
 
 def workloads(scale: float) -> dict[str, list[int]]:

@@ -16,12 +16,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -29,15 +26,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-
-def env_info(threads: int) -> dict:
-    sha = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                         text=True).stdout.strip() or "unknown"
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor())
-    return {"device": f"CPU: {cpu}", "threads": threads, "torch": torch.__version__,
-            "transformers": __import__("transformers").__version__, "python": platform.python_version(),
-            "git_sha": sha, "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+from bench.common import env_info  # noqa: E402
 
 
 def _cut_to_tokens(text: str, n_tokens: int, count) -> str:

@@ -32,14 +32,12 @@ import argparse
 import copy
 import json
 import os
-import platform
 import shlex
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -47,18 +45,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.common import env_info, rss_kb  # noqa: E402
+
 from freeprm.eval.grading import grade  # noqa: E402
 from freeprm.rl import ImplicitPRM, auroc, encode_batch, prime_advantages  # noqa: E402
 
 STOP = ["\nQuestion:"]
-
-
-def _rss_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(field)
 
 
 def make_prm(args, full_logits: bool = False) -> ImplicitPRM:
@@ -106,14 +98,14 @@ def child_memory(args) -> None:
     ids, am, rm, y = data["input_ids"], data["attention_mask"], data["response_mask"], data["outcome"]
     if args.child.startswith("update"):
         prm.update(ids[:1], am[:1], rm[:1], y[:1])  # allocates AdamW's state, not counted
-    base = _rss_kb("VmRSS")
+    base = rss_kb("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset the peak-RSS mark (VmHWM) to the current RSS
     if args.child.startswith("update"):
         prm.update(ids, am, rm, y)
     else:
         prm.token_rewards(ids, am, rm)
-    print(json.dumps({"pass": args.child, "peak_extra_mb": (_rss_kb("VmHWM") - base) / 1024}))
+    print(json.dumps({"pass": args.child, "peak_extra_mb": (rss_kb("VmHWM") - base) / 1024}))
 
 
 def timed(fn):
@@ -230,13 +222,7 @@ def main() -> None:
     if mem:
         summary["rewards_memory_freeprm_over_naive"] = mem["rewards_freeprm"] / mem["rewards_naive"]
         summary["update_memory_freeprm_over_naive"] = mem["update_freeprm"] / mem["update_naive"]
-    sha = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                         text=True).stdout.strip() or "unknown"
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor())
-    env = {"device": f"CPU: {cpu}", "threads": args.threads, "torch": torch.__version__,
-           "transformers": __import__("transformers").__version__, "python": platform.python_version(),
-           "git_sha": sha, "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    env = env_info(args.threads) | {
            "command": "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__, ROOT)] + sys.argv[1:]),
            "wall_s": time.perf_counter() - t_start}
     setup = {k: getattr(args, k) for k in ("model", "steps", "prompts", "k", "max_new_tokens", "temperature", "beta",

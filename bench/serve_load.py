@@ -19,18 +19,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
-import subprocess
 import sys
 import threading
 import time
 import urllib.request
-from datetime import datetime, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from bench.common import env_info  # noqa: E402
 
 MODES = {"batched": dict(max_batch_size=32, batch_wait_ms=10.0), "unbatched": dict(max_batch_size=1, batch_wait_ms=0.0)}
 
@@ -124,13 +123,7 @@ def main() -> int:
     summary["throughput_ratio_batched_over_unbatched"] = (summary["batched"]["responses_per_s"]
                                                           / summary["unbatched"]["responses_per_s"])
     summary["max_abs_diff_vs_direct"] = max(r.get("max_abs_diff_vs_direct", 0.0) for r in runs)
-    sha = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                         text=True).stdout.strip() or "unknown"
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor())
-    env = {"device": f"CPU: {cpu}", "threads": args.threads, "torch": torch.__version__,
-           "transformers": __import__("transformers").__version__, "python": platform.python_version(),
-           "git_sha": sha, "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    env = env_info(args.threads) | {
            "command": "flock /work/heavy.lock python bench/serve_load.py " + " ".join(sys.argv[1:])}
     setup = {"policy": args.policy, "requests": args.requests, "per_request": args.per_request,
              "clients": args.clients, "reps": args.reps, "time_cap_s": args.time_cap, "modes": MODES,
@@ -141,7 +134,7 @@ def main() -> int:
     stem.with_suffix(".json").write_text(json.dumps(out, indent=2))
     md = ["# `freeprm serve` load test (loopback), batching on vs off", "",
           f"- device: {env['device']}, {args.threads} torch threads; torch {env['torch']}, transformers "
-          f"{env['transformers']}, Python {env['python']}; git {sha}; {env['date']}",
+          f"{env['transformers']}, Python {env['python']}; git {env['git_sha']}; {env['date']}",
           f"- command: `{env['command']}`",
           f"- {args.policy}, fp32, reference-free; {args.requests} requests x {args.per_request} responses "
           f"(GSM8K demo set), {args.clients} concurrent clients, {args.reps} interleaved repeats (medians), "
