@@ -84,15 +84,19 @@ def _describe(path: list) -> str:
     return out or "the top-level value"
 
 
-def check_value(obj: Any, *, allow_nan: bool = False, max_depth: int = MAX_DEPTH) -> str | None:
+def check_value(obj: Any, *, allow_nan: bool = False, max_depth: int = MAX_DEPTH,
+                allow_surrogates: bool = False) -> str | None:
     """The first problem of a parsed JSON value (lone surrogate, non-finite float, too deep), or None.
 
-    Iterative, so any depth is walked without recursion.
+    Iterative, so any depth is walked without recursion. ``allow_surrogates``: do not look for lone
+    surrogates (for a caller that checks parts of the value itself, e.g. ``rerank`` per candidate).
     """
     stack: list[tuple[Any, list, int]] = [(obj, [], 0)]
     while stack:
         v, path, depth = stack.pop()
         if isinstance(v, str):
+            if allow_surrogates:
+                continue
             m = _SURROGATE.search(v)
             if m:
                 return f"invalid \\u{ord(m.group()):04x} surrogate in key {_describe(path)!r}" if path else \
@@ -105,7 +109,7 @@ def check_value(obj: Any, *, allow_nan: bool = False, max_depth: int = MAX_DEPTH
                 return f"JSON nested deeper than {max_depth} levels"
             items = v.items() if isinstance(v, dict) else enumerate(v)
             for k, x in items:
-                if isinstance(k, str):
+                if isinstance(k, str) and not allow_surrogates:
                     m = _SURROGATE.search(k)
                     if m:
                         where = f" under {_describe(path)!r}" if path else ""
@@ -115,7 +119,7 @@ def check_value(obj: Any, *, allow_nan: bool = False, max_depth: int = MAX_DEPTH
 
 
 def parse_line(raw: bytes, *, allow_nan: bool = False, objects_only: bool = True,
-               max_depth: int = MAX_DEPTH) -> Any:
+               max_depth: int = MAX_DEPTH, allow_surrogates: bool = False) -> Any:
     """One JSONL line (bytes, no newline) -> its value; ``ValueError`` with a message naming the problem."""
     try:
         text = raw.decode("utf-8")
@@ -135,7 +139,7 @@ def parse_line(raw: bytes, *, allow_nan: bool = False, objects_only: bool = True
         raise ValueError(f"JSON nested too deeply to parse (limit {max_depth} levels)") from None
     except ValueError as e:  # e.g. an integer of more than 4300 digits
         raise ValueError(f"invalid JSON: {e}") from None
-    problem = check_value(obj, allow_nan=allow_nan, max_depth=max_depth)
+    problem = check_value(obj, allow_nan=allow_nan, max_depth=max_depth, allow_surrogates=allow_surrogates)
     if problem:
         raise ValueError(problem)
     if objects_only and not isinstance(obj, dict):
@@ -174,8 +178,12 @@ def _lines(f: BinaryIO, max_line_bytes: int | None) -> Iterator[tuple[bytes | No
 
 
 def iter_jsonl(source: str | os.PathLike | BinaryIO, *, allow_nan: bool = False, objects_only: bool = True,
-               max_line_bytes: int | None = None, max_depth: int = MAX_DEPTH) -> Iterator[tuple[int, Any]]:
+               max_line_bytes: int | None = None, max_depth: int = MAX_DEPTH,
+               allow_surrogates: bool = False) -> Iterator[tuple[int, Any]]:
     """Yield ``(line_number, obj | LineError)`` for each non-blank line of a JSONL file (1-based numbers).
+
+    ``allow_surrogates``: a lone surrogate is not a line error; the caller must check the strings it
+    uses (``check_value``) before writing or tokenizing them.
 
     ``source``: a path, ``"-"`` (stdin) or a binary file object. File-level problems (missing
     file, a directory, a UTF-16 file) raise ``ValueError`` before anything is yielded.
@@ -183,12 +191,12 @@ def iter_jsonl(source: str | os.PathLike | BinaryIO, *, allow_nan: bool = False,
     if isinstance(source, (str, os.PathLike)):
         if str(source) == STDIO:
             yield from iter_jsonl(sys.stdin.buffer, allow_nan=allow_nan, objects_only=objects_only,
-                                  max_line_bytes=max_line_bytes, max_depth=max_depth)
+                                  max_line_bytes=max_line_bytes, max_depth=max_depth, allow_surrogates=allow_surrogates)
             return
         check_input(source)
         with open(source, "rb") as f:
             yield from iter_jsonl(f, allow_nan=allow_nan, objects_only=objects_only,
-                                  max_line_bytes=max_line_bytes, max_depth=max_depth)
+                                  max_line_bytes=max_line_bytes, max_depth=max_depth, allow_surrogates=allow_surrogates)
         return
     f = source
     for lineno, (raw, nbytes, ended) in enumerate(_lines(f, max_line_bytes), 1):
@@ -204,7 +212,8 @@ def iter_jsonl(source: str | os.PathLike | BinaryIO, *, allow_nan: bool = False,
         if not raw.strip():
             continue
         try:
-            yield lineno, parse_line(raw, allow_nan=allow_nan, objects_only=objects_only, max_depth=max_depth)
+            yield lineno, parse_line(raw, allow_nan=allow_nan, objects_only=objects_only, max_depth=max_depth,
+                                     allow_surrogates=allow_surrogates)
         except ValueError as e:
             yield lineno, LineError(lineno, str(e), truncated=not ended)
 

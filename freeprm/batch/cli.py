@@ -8,10 +8,12 @@ Input rows (one per JSONL line or Parquet row)::
 
 Output: DIR/part-NNNNNN.parquet (or .jsonl with --format jsonl), one row per group: id, line,
 num_candidates, best (ties: the lowest index), best_score, aggregation, scores, score_<agg> for
-every aggregation, step_rewards, num_tokens; plus DIR/manifest.jsonl, DIR/fingerprint.json and
-DIR/summary.json. Rerun the same command after a crash or kill to resume; another configuration
-on the same DIR is refused. Bad lines are reported with their line number and skipped (--strict:
-fatal). Details: docs/batch.md.
+every aggregation, step_rewards, num_tokens, errors, extra (the row's other keys),
+candidate_extra; plus DIR/manifest.jsonl, DIR/fingerprint.json and DIR/summary.json. Rerun the
+same command after a crash or kill to resume; another configuration on the same DIR is refused.
+Bad lines are reported with their line number and skipped; a rejected candidate (empty, too long,
+...) is reported, gets null scores and its reason in errors, and the rest of its group is scored
+(--strict: either is fatal). Details: docs/batch.md.
 """
 
 from __future__ import annotations
@@ -62,7 +64,7 @@ def register(sub) -> None:
     p.add_argument("--format", default="parquet", choices=["parquet", "jsonl"], help="format of the output parts")
     p.add_argument("--rows-per-part", type=positive_int, default=1000,
                    help="groups per output part; also the unit of work and of memory (default 1000)")
-    p.add_argument("--strict", action="store_true", help="a bad line or invalid group is fatal (finished parts stay)")
+    p.add_argument("--strict", action="store_true", help="a bad line or rejected candidate is fatal (finished parts stay)")
     p.add_argument("--engine", default="local", choices=["local", "ray"])
     p.add_argument("--workers", type=positive_int, default=1, help="--engine ray: actors in the pool (one model copy each)")
     p.add_argument("--num-cpus-per-worker", type=float, default=1.0, help="--engine ray: CPUs per actor (may be < 1)")

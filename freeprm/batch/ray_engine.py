@@ -26,8 +26,8 @@ import json
 import sys
 
 from .reader import BadLine, Group, iter_chunks, parse_row
-from .rerank import Progress, _check_resumed, _report, _warn_extra_parts, score_groups
-from .store import output_schema
+from .rerank import Progress, _report, _resume_part, _warn_extra_parts, _write_scored_part, score_groups
+from .store import output_schema, to_arrow_rows
 
 def _transport_schema():
     import pyarrow as pa
@@ -52,7 +52,8 @@ def _read_chunks(path: str, fmt: str, rows_per_part: int, done: set[int]):
             yield _row(kind="resumed", part=item.index, ids_sha=item.ids_digest)
         else:
             yield _row(kind="chunk", part=item.index, ids_sha=item.ids_digest,
-                       payload=json.dumps([[g.id, g.prompt, g.candidates, g.line, g.lines] for g in item.groups]))
+                       payload=json.dumps([[g.id, g.prompt, g.candidates, g.line, g.lines, g.extra, g.cand_extra]
+                                           for g in item.groups]))
 
 
 def _datasource(path: str, fmt: str, rows_per_part: int, done: set[int]):
@@ -74,9 +75,11 @@ class RerankUDF:
     """Callable class for ``ray.data.Dataset.map_batches`` (``batch_format="pyarrow"``) that reranks groups.
 
     Builds one ``Scorer(policy, reference, **scorer_opts)`` per actor. A batch with columns ``id``,
-    ``prompt``, ``candidates`` (rows as in ``reader.py``) is scored as one call and returned with the
-    output columns of ``rerank`` (see ``rerank.py``) plus ``error`` (null, or why the group was
-    skipped; its other columns are then null). Example::
+    ``prompt``, ``candidates`` (rows as in ``reader.py``; each row is one group) is scored as one call
+    and returned, one row per input row, with the output columns of ``rerank`` (see ``rerank.py``;
+    ``extra`` and ``candidate_extra`` as JSON text, as in Parquet parts) plus ``error``: null, or why
+    the row could not be read (its other columns are then null). Rejected candidates are in ``errors``,
+    as in ``rerank``. Example::
 
         ds = ray.data.read_parquet("groups.parquet")
         out = ds.map_batches(RerankUDF, fn_constructor_kwargs={"policy": "/models/prm"},
@@ -112,7 +115,7 @@ class RerankUDF:
             if r["kind"] != "chunk":
                 out.append(r)
                 continue
-            groups = [Group(gid, prompt, cands, line, lines) for gid, prompt, cands, line, lines in json.loads(r["payload"])]
+            groups = [Group(*g) for g in json.loads(r["payload"])]
             scored, invalid, n_cand, n_tok = score_groups(self.scorer, groups, self.aggregate, self.pattern_timeout)
             payload = json.dumps({"rows": scored, "invalid": invalid, "candidates": n_cand, "tokens": n_tok})
             out.append(dict(r, kind="part", payload=payload))
@@ -126,14 +129,13 @@ class RerankUDF:
         groups, errors = [], {}
         for i, obj in enumerate(rows):
             try:
-                _, gid, prompt, cands = parse_row(obj)
-            except ValueError as e:
-                errors[i] = str(e)
+                _, gid, prompt, cands, extra, cand_extra = parse_row(obj)
+            except (ValueError, RecursionError) as e:
+                errors[i] = "JSON nested too deeply" if isinstance(e, RecursionError) else str(e)
                 continue
-            groups.append(Group(gid, prompt, cands, i + 1, []))
-        scored, invalid, _, _ = score_groups(self.scorer, groups, self.aggregate, self.pattern_timeout)
+            groups.append(Group(gid, prompt, cands, i + 1, [], extra, cand_extra))
+        scored, _, _, _ = score_groups(self.scorer, groups, self.aggregate, self.pattern_timeout)
         by_line = {r["line"]: r for r in scored}
-        errors.update({line - 1: msg for line, msg in invalid})
         schema = output_schema().append(pa.field("error", pa.string()))
         out = []
         for i, obj in enumerate(rows):
@@ -141,7 +143,7 @@ class RerankUDF:
             r["line"] = i + 1
             r["error"] = errors.get(i)
             out.append(r)
-        return pa.Table.from_pylist(out, schema=schema)
+        return pa.Table.from_pylist(to_arrow_rows(out), schema=schema)
 
 
 def run_ray(input, in_fmt, out, summary, *, policy, reference, scorer_opts, aggregate, rows_per_part, strict, progress,
@@ -191,23 +193,11 @@ def run_ray(input, in_fmt, out, summary, *, policy, reference, scorer_opts, aggr
                 part = r["part"]
                 last = max(last, part)
                 if kind == "resumed":
-                    entry = out.done[part]
-                    _check_resumed(part, r["ids_sha"], entry, out)
-                    summary.resumed_parts += 1
-                    summary.resumed_groups += entry["rows"]
-                    summary.invalid_groups += len(entry.get("invalid", []))
+                    _resume_part(part, r["ids_sha"], out, summary)
                     continue
                 res = json.loads(r["payload"])
-                for line, msg in res["invalid"]:
-                    summary.invalid_groups += 1
-                    _report(summary, input, line, msg, strict, quiet)
-                out.write_part(part, res["rows"], {"ids_sha256": r["ids_sha"], "invalid": res["invalid"],
-                                                   "candidates": res["candidates"], "tokens": res["tokens"]})
-                summary.parts_written += 1
-                summary.groups += len(res["rows"])
-                summary.candidates += res["candidates"]
-                summary.tokens += res["tokens"]
-                bar.update(len(res["rows"]), res["candidates"], res["tokens"])
+                _write_scored_part(part, r["ids_sha"], res["rows"], res["invalid"], res["candidates"], res["tokens"],
+                                   out, summary, input, strict, quiet, bar)
     finally:
         bar.close()
         ctx.execution_options.preserve_order, ctx.enable_progress_bars, ctx.target_max_block_size = saved

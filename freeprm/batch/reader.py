@@ -20,11 +20,22 @@ such as NaN or a raw CR inside a string, nesting deeper than 200, lone surrogate
 are bad lines; a UTF-8 BOM is skipped; lines split on ``\\n`` only, so line numbers never shift).
 Those, and rows with a missing or mistyped field or a duplicate id, are reported with their
 1-based line (Parquet: row) number and skipped; the first occurrence of a duplicate id is kept.
+
+Extra keys (passed through to the output, ``Group.extra`` / ``Group.cand_extra``): the keys of a
+group row other than ``id``, ``prompt``, ``candidates``; of a candidate object other than
+``response``, ``steps``; of a flat row other than its key (``group``, else ``id``), ``prompt``,
+``response``, ``steps`` (they belong to that row's candidate, so ``id`` is one when the key is
+``group``). A reserved name (``id``, ``group``, ``prompt``, ``candidates``, ``response``,
+``steps``) whose value is null is not an extra key (a Parquet column of the other row kind).
+Values are made plain JSON (``_jsonable``): non-finite floats become null; Parquet timestamps and
+dates ISO 8601 text, decimals text, binary base64 text.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -33,13 +44,16 @@ FORMATS = ("jsonl", "parquet")
 
 @dataclass
 class Group:
-    """One group to rerank: ``candidates`` are dicts with ``response`` and/or ``steps``."""
+    """One group to rerank: ``candidates`` are dicts with ``response`` and/or ``steps``, or ``{"error": why}``
+    for a malformed candidate (it is rejected alone; ``score_groups`` scores the others)."""
 
     id: str
     prompt: str
     candidates: list[dict]
     line: int  # 1-based line (or Parquet row) of the group's first row
     lines: list[int] = field(default_factory=list)  # line of each candidate (flat rows) or [line] * n
+    extra: dict | None = None  # the group row's extra keys (None: none, or flat rows)
+    cand_extra: list = field(default_factory=list)  # per candidate: its extra keys (dict) or None
 
 
 @dataclass
@@ -72,19 +86,11 @@ def detect_format(path: str, fmt: str | None = None) -> str:
     return "parquet" if str(path).endswith((".parquet", ".pq")) else "jsonl"
 
 
-def _check_strings(obj, depth: int = 0) -> None:
-    """Raise ValueError on a lone surrogate anywhere in ``obj`` (it cannot be written as UTF-8)."""
-    if isinstance(obj, str):
-        try:
-            obj.encode("utf-8")
-        except UnicodeEncodeError:
-            raise ValueError("a string holds a lone surrogate (e.g. \\ud800); it is not valid Unicode text") from None
-    elif isinstance(obj, dict):
-        for v in obj.values():
-            _check_strings(v, depth + 1)
-    elif isinstance(obj, list):
-        for v in obj:
-            _check_strings(v, depth + 1)
+def _surrogate(obj) -> str | None:
+    """Why ``obj`` cannot be written as UTF-8 (a lone surrogate in a string or key), or None."""
+    from ..io import check_value
+
+    return check_value(obj, allow_nan=True)
 
 
 def iter_jsonl(path: str) -> Iterator[tuple[int, dict | BadLine]]:
@@ -92,7 +98,7 @@ def iter_jsonl(path: str) -> Iterator[tuple[int, dict | BadLine]]:
     from ..io import LineError
     from ..io import iter_jsonl as _iter_jsonl
 
-    for lineno, obj in _iter_jsonl(path):
+    for lineno, obj in _iter_jsonl(path, allow_surrogates=True):  # checked by parse_row, per candidate
         yield lineno, BadLine(lineno, obj.message) if isinstance(obj, LineError) else obj
 
 
@@ -114,46 +120,99 @@ def _as_id(value, what: str) -> str:
     return str(value)
 
 
-def _candidate(c, k: int) -> dict:
+RESERVED = ("id", "group", "prompt", "candidates", "response", "steps")
+
+
+def _jsonable(v):
+    """``v`` as plain JSON types: non-finite float -> None; datetime/date -> ISO text; bytes -> base64; other -> str."""
+    if v is None or isinstance(v, (str, bool, int)):
+        return v
+    if isinstance(v, float):
+        return v if math.isfinite(v) else None
+    if isinstance(v, dict):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, (bytes, bytearray)):
+        return base64.b64encode(bytes(v)).decode("ascii")
+    if hasattr(v, "isoformat"):
+        return v.isoformat()
+    if hasattr(v, "item"):  # numpy scalars
+        return _jsonable(v.item())
+    return str(v)
+
+
+def _extra(obj: dict, consumed: tuple) -> dict | None:
+    """The keys of ``obj`` that rerank does not read (see the module doc), as plain JSON; None when there are none."""
+    out = {k: v for k, v in obj.items() if k not in consumed and not (k in RESERVED and v is None)}
+    return _jsonable(out) if out else None
+
+
+def _candidate(c) -> dict:
+    """A candidate as ``{"response"?, "steps"?}``; ValueError (why, without the index) if malformed."""
     if isinstance(c, str):
         return {"response": c}
     if not isinstance(c, dict):
-        raise ValueError(f"candidate {k} must be a string or a dict with 'response' and/or 'steps'")
+        raise ValueError(f"must be a string or an object with 'response' and/or 'steps', got {type(c).__name__}")
     out = {key: c[key] for key in ("response", "steps") if c.get(key) is not None}
     if not out:
-        raise ValueError(f"candidate {k} has neither 'response' nor 'steps'")
+        raise ValueError("has neither 'response' nor 'steps'")
     if "response" in out and not isinstance(out["response"], str):
-        raise ValueError(f"candidate {k}: 'response' must be a string")
+        raise ValueError("'response' must be a string")
     steps = out.get("steps")
     if steps is not None and (not isinstance(steps, list) or not all(isinstance(s, str) for s in steps)):
-        raise ValueError(f"candidate {k}: 'steps' must be a list of strings")
+        raise ValueError("'steps' must be a list of strings")
     return out
 
 
-def parse_row(obj: dict) -> tuple[str, str, str, list[dict]]:
-    """``(kind, id, prompt, candidates)`` with kind ``"group"`` or ``"flat"``; ValueError if malformed."""
-    if "candidates" in obj:
-        if "id" not in obj:
+def _checked_candidate(c, consumed: tuple) -> tuple[dict, dict | None]:
+    """``(candidate, its extra keys)``; a malformed one is ``{"error": why}`` (rejected alone, not its group)."""
+    problem = _surrogate(c)
+    if problem:
+        return {"error": problem.replace(" the top-level string", " the candidate's text")}, None
+    extra = _extra(c, consumed) if isinstance(c, dict) else None
+    try:
+        return _candidate(c), extra
+    except ValueError as e:
+        return {"error": str(e)}, extra
+
+
+def parse_row(obj: dict) -> tuple[str, str, str, list[dict], dict | None, list]:
+    """``(kind, id, prompt, candidates, extra, cand_extra)`` with kind ``"group"`` or ``"flat"``.
+
+    ``candidates``: ``{"response"?, "steps"?}`` each, or ``{"error": why}`` for a malformed one
+    (wrong type, a lone surrogate); ``extra``: the row's extra keys (group rows); ``cand_extra``: each
+    candidate's (see the module doc). ValueError if the row itself is malformed (no key, no prompt, ...).
+    """
+    if obj.get("candidates") is not None:  # a null reserved field counts as absent (a Parquet column of the other kind)
+        if obj.get("id") is None:
             raise ValueError("a group row needs an 'id'")
         gid = _as_id(obj["id"], "'id'")
-        cands = obj["candidates"]
-        if not isinstance(cands, list) or not cands:
+        cands_in = obj["candidates"]
+        if not isinstance(cands_in, list) or not cands_in:
             raise ValueError("'candidates' must be a non-empty list")
-        kind, cands = "group", [_candidate(c, k) for k, c in enumerate(cands)]
+        kind, row = "group", {k: v for k, v in obj.items() if k != "candidates"}
+        extra = _extra(obj, ("id", "prompt", "candidates"))
+        checked = [_checked_candidate(c, ("response", "steps")) for c in cands_in]
+        cands, cand_extra = [c for c, _ in checked], [e for _, e in checked]
     elif obj.get("response") is not None or obj.get("steps") is not None:
-        key = "group" if "group" in obj else "id"
-        if key not in obj:
+        key = "group" if obj.get("group") is not None else "id"
+        if obj.get(key) is None:
             raise ValueError("a flat row (with 'response'/'steps') needs a 'group' or an 'id'")
         gid = _as_id(obj[key], f"'{key}'")
-        kind, cands = "flat", [_candidate(obj, 0)]
+        kind, row, extra = "flat", {k: obj.get(k) for k in (key, "prompt")}, None
+        cand, ex = _checked_candidate(obj, (key, "prompt", "response", "steps"))
+        cands, cand_extra = [cand], [ex]
     else:
         raise ValueError("expected a group row {'id', 'prompt', 'candidates'} or a flat row "
                          "{'group' or 'id', 'prompt', 'response' or 'steps'}")
     prompt = obj.get("prompt")
     if not isinstance(prompt, str):
         raise ValueError("'prompt' must be a string")
-    _check_strings([gid, prompt, cands])
-    return kind, gid, prompt, cands
+    problem = _surrogate(row)
+    if problem:
+        raise ValueError(problem)
+    return kind, gid, prompt, cands, extra, cand_extra
 
 
 def iter_groups(path: str, fmt: str | None = None) -> Iterator[Group | BadLine]:
@@ -178,7 +237,7 @@ def iter_groups(path: str, fmt: str | None = None) -> Iterator[Group | BadLine]:
             yield obj
             continue
         try:
-            kind, gid, prompt, cands = parse_row(obj)
+            kind, gid, prompt, cands, extra, cand_extra = parse_row(obj)
         except (ValueError, RecursionError) as e:
             msg = "JSON nested too deeply" if isinstance(e, RecursionError) else str(e)
             yield BadLine(lineno, msg)
@@ -189,15 +248,16 @@ def iter_groups(path: str, fmt: str | None = None) -> Iterator[Group | BadLine]:
                               f"(line {cur.line}); skipped")
                 continue
             cur.candidates.extend(cands)
+            cur.cand_extra.extend(cand_extra)
             cur.lines.append(lineno)
             continue
         if cur is not None:
             yield from close(cur)
             cur = None
         if kind == "flat":
-            cur = Group(gid, prompt, cands, lineno, [lineno])
+            cur = Group(gid, prompt, cands, lineno, [lineno], None, cand_extra)
         else:
-            yield from close(Group(gid, prompt, cands, lineno, []))
+            yield from close(Group(gid, prompt, cands, lineno, [], extra, cand_extra))
     if cur is not None:
         yield from close(cur)
 

@@ -4,14 +4,21 @@ Per input group the output row is::
 
     id               str     the group's id
     line             int     1-based input line (Parquet: row) of the group's first row
-    num_candidates   int     N
-    best             int     index of the best candidate under ``aggregation`` (ties: the lowest index)
-    best_score       float   its score
+    num_candidates   int     N (rejected candidates included)
+    best             int     index of the best scored candidate under ``aggregation`` (ties: the lowest
+                             index); None when no candidate of the group could be scored
+    best_score       float   its score (None with ``best``)
     aggregation      str     the aggregation that picks ``best``
-    scores           [N]     each candidate's score under ``aggregation``
+    scores           [N]     each candidate's score under ``aggregation`` (None: candidate rejected)
     score_<agg>      [N]     each candidate's score under every aggregation in ``AGGREGATIONS``
-    step_rewards     [N][S_n] each candidate's step rewards (Q values are their running sums)
-    num_tokens       [N]     prompt + response tokens scored per candidate
+    step_rewards     [N][S_n] each candidate's step rewards (Q values are their running sums); None: rejected
+    num_tokens       [N]     prompt + response tokens scored per candidate; None: rejected
+    errors           [N]     None, or why the candidate was rejected ("group 'ID': candidate K: why")
+    extra            dict    the group row's other keys (None when it has none)
+    candidate_extra  [N]     each candidate's other keys (a candidate object's, or a flat row's), or None
+
+A candidate the engine rejects costs only its own entries: the group's other candidates are
+scored. (Parquet parts hold ``extra`` / ``candidate_extra`` as JSON text; ``read_output`` parses it.)
 
 Memory is bounded by one chunk: ``rows_per_part`` groups are read, scored (through
 ``Scorer.score_prepared``, all candidates of the chunk in one call, so the engine batches and
@@ -40,7 +47,7 @@ from ..engine.scorer import AGGREGATIONS, Scorer
 from .reader import BadLine, Group, detect_format, iter_chunks
 from .store import OutputDir
 
-FINGERPRINT_VERSION = 1
+FINGERPRINT_VERSION = 2  # 2: rows of groups with rejected candidates, errors, extra, candidate_extra
 _HASH_BYTES = 1 << 20
 
 
@@ -55,7 +62,8 @@ class RerankSummary:
     resumed_groups: int = 0
     resumed_parts: int = 0
     bad_lines: int = 0
-    invalid_groups: int = 0
+    invalid_candidates: int = 0  # candidates the engine rejected (not scored; their row says why)
+    unscored_groups: int = 0  # groups with no valid candidate (written with best = None)
     seconds: float = 0.0
     output: str = ""
     bad: list = field(default_factory=list)  # [(line, message)] of this run (capped at 1000)
@@ -72,8 +80,8 @@ class RerankSummary:
         return (f"{self.groups} groups, {self.candidates} candidates, {self.tokens} tokens scored in "
                 f"{self.seconds:.1f} s ({self.rows_per_s:.1f} candidates/s, {self.tokens_per_s:.0f} tokens/s); "
                 f"{self.parts_written} parts written, {self.resumed_groups} groups already done "
-                f"({self.resumed_parts} parts), {self.bad_lines} bad lines and {self.invalid_groups} invalid "
-                f"groups skipped -> {self.output}")
+                f"({self.resumed_parts} parts), {self.bad_lines} bad lines skipped, {self.invalid_candidates} invalid "
+                f"candidates not scored ({self.unscored_groups} groups without a valid one) -> {self.output}")
 
 
 # ---------------------------------------------------------------------- fingerprint
@@ -156,54 +164,77 @@ def _aggregates(r) -> dict[str, float]:
     return out
 
 
+def _prepare(scorer: Scorer, prompt: str, cand: dict, k: int, pattern_timeout: float | None):
+    """``(PreparedItem, None)``, or ``(None, why)`` for a candidate the engine rejects or that was malformed."""
+    if cand.get("error") is not None:  # malformed in the input (reader.py)
+        return None, cand["error"]
+    try:
+        with _time_limit(pattern_timeout if scorer.step_pattern is not None else None):
+            p = scorer.prepare({"prompt": prompt, **cand}, k)
+    except ValueError as e:
+        return None, str(e).removeprefix(f"item {k}: ")
+    except _PatternTimeout:
+        return None, (f"--step-pattern took over {pattern_timeout:g} s (catastrophic backtracking?); "
+                      "simplify the pattern or raise --pattern-timeout")
+    if not p.spans:
+        return None, "the response splits into zero steps (it is empty or blank)"
+    return p, None
+
+
+def _pick_best(scores: list) -> int | None:
+    """Index of the highest score among the scored (non-None) candidates; ties: the lowest index; NaN never
+    wins over a number (an all-NaN group picks its first scored candidate); None when nothing was scored."""
+    ok = [i for i, s in enumerate(scores) if s is not None]
+    if not ok:
+        return None
+    return max(ok, key=lambda i: (scores[i] == scores[i], scores[i], -i))
+
+
 def score_groups(scorer: Scorer, groups: list[Group], aggregate: str,
                  pattern_timeout: float | None = None) -> tuple[list[dict], list[list], int, int]:
-    """Score every candidate of ``groups`` in one ``score_prepared`` call.
+    """Score every valid candidate of ``groups`` in one ``score_prepared`` call; one output row per group.
 
-    With a ``step_pattern`` on the scorer, each candidate's validation (which runs the regex split)
-    is limited to ``pattern_timeout`` seconds (SIGALRM: main thread on Unix only; elsewhere unbounded);
-    a candidate over it makes its group invalid, like any other bad candidate.
+    A candidate the engine rejects (``Scorer.prepare`` raises: empty response, zero steps, over
+    ``max_length``, steps that are not the response; or its ``step_pattern`` split takes over
+    ``pattern_timeout`` seconds, SIGALRM: main thread on Unix only, elsewhere unbounded) is not
+    scored: its entries in the per-candidate columns are None and ``errors[k]`` says why (naming the
+    group id and the candidate index); the group's other candidates are scored and ``best`` is
+    chosen among them. A group with no valid candidate gets a row with ``best`` None.
 
-    Returns ``(rows, invalid, candidates, tokens)``: one output row per valid group (input order),
-    ``[line, message]`` per group with a candidate that fails validation (the group is skipped),
-    and the numbers of candidates and tokens scored.
+    Returns ``(rows, invalid, candidates, tokens)``: one output row per group (input order),
+    ``[line, message]`` per rejected candidate, and the numbers of candidates and tokens scored.
     """
     prepared, spans, invalid = [], [], []
     for g in groups:
-        start, bad = len(prepared), None
+        start, errors, where = len(prepared), [None] * len(g.candidates), []
         for k, cand in enumerate(g.candidates):
-            try:
-                with _time_limit(pattern_timeout if scorer.step_pattern is not None else None):
-                    p = scorer.prepare({"prompt": g.prompt, **cand}, k)
-            except ValueError as e:
-                bad = f"group {g.id!r}: candidate {k}: {str(e).removeprefix(f'item {k}: ')}"
-                break
-            except _PatternTimeout:
-                bad = (f"group {g.id!r}: candidate {k}: --step-pattern took over {pattern_timeout:g} s "
-                       "(catastrophic backtracking?); simplify the pattern or raise --pattern-timeout")
-                break
-            if not p.spans:
-                bad = f"group {g.id!r}: candidate {k}: the response splits into zero steps (it is empty or blank)"
-                break
+            p, bad = _prepare(scorer, g.prompt, cand, k, pattern_timeout)
+            if bad is not None:
+                errors[k] = f"group {g.id!r}: candidate {k}: {bad}"
+                invalid.append([g.lines[k] if len(g.lines) > k else g.line, errors[k]])
+                continue
             prepared.append(p)
-        if bad is not None:
-            del prepared[start:]
-            invalid.append([g.lines[k] if len(g.lines) > k else g.line, bad])
-            continue
-        spans.append((g, start, len(prepared)))
+            where.append(k)
+        spans.append((g, start, where, errors))
     results = scorer.score_prepared(prepared, aggregate=aggregate) if prepared else []
     rows = []
-    for g, a, b in spans:
-        res = results[a:b]
-        scores = [r.score for r in res]
-        best = max(range(len(scores)), key=lambda i: (scores[i] == scores[i], scores[i], -i))  # NaN never wins
-        row = {"id": g.id, "line": g.line, "num_candidates": len(res), "best": best, "best_score": scores[best],
-               "aggregation": aggregate, "scores": scores}
-        per_cand = [_aggregates(r) for r in res]
+    for g, start, where, errors in spans:
+        n = len(g.candidates)
+        res = [None] * n
+        for j, k in enumerate(where):
+            res[k] = results[start + j]
+        scores = [None if r is None else r.score for r in res]
+        best = _pick_best(scores)
+        row = {"id": g.id, "line": g.line, "num_candidates": n, "best": best,
+               "best_score": None if best is None else scores[best], "aggregation": aggregate, "scores": scores}
+        per_cand = [None if r is None else _aggregates(r) for r in res]
         for agg in AGGREGATIONS:
-            row[f"score_{agg}"] = scores if agg == aggregate else [c[agg] for c in per_cand]
-        row["step_rewards"] = [r.step_rewards.tolist() for r in res]
-        row["num_tokens"] = [len(r.input_ids) for r in res]
+            row[f"score_{agg}"] = scores if agg == aggregate else [None if c is None else c[agg] for c in per_cand]
+        row["step_rewards"] = [None if r is None else r.step_rewards.tolist() for r in res]
+        row["num_tokens"] = [None if r is None else len(r.input_ids) for r in res]
+        row["errors"] = errors
+        row["extra"] = g.extra
+        row["candidate_extra"] = [g.cand_extra[k] if k < len(g.cand_extra) else None for k in range(n)]
         rows.append(row)
     return rows, invalid, len(prepared), sum(len(p.input_ids) for p in prepared)
 
@@ -218,11 +249,34 @@ def _report(summary: RerankSummary, where: str, line: int, msg: str, strict: boo
         print(f"freeprm rerank: skipping {where}:{line}: {msg}", file=sys.stderr)
 
 
-def _check_resumed(index: int, ids_digest: str, entry: dict, out: OutputDir) -> None:
+def _resume_part(index: int, ids_digest: str, out: OutputDir, summary: RerankSummary) -> None:
+    """Count part ``index``, already written, after checking it holds the same groups as this chunk."""
+    entry = out.done[index]
     if entry.get("ids_sha256") != ids_digest:
         raise ValueError(
             f"{out.part_path(index)} was written from other input rows than chunk {index} of this input "
             f"(ids differ: the input file changed). Rerun with the original input, or delete {out.path} to start over")
+    summary.resumed_parts += 1
+    summary.resumed_groups += entry["rows"]
+    summary.invalid_candidates += len(entry.get("invalid", []))
+    summary.unscored_groups += entry.get("unscored", 0)
+
+
+def _write_scored_part(index: int, ids_digest: str, rows: list[dict], invalid: list, n_cand: int, n_tok: int,
+                       out: OutputDir, summary: RerankSummary, where: str, strict: bool, quiet: bool, bar) -> None:
+    """Report the rejected candidates of a scored chunk, write its part, count it (local and Ray engines)."""
+    for line, msg in invalid:
+        summary.invalid_candidates += 1
+        _report(summary, where, line, msg, strict, quiet)
+    unscored = sum(1 for r in rows if r["best"] is None)
+    out.write_part(index, rows, {"ids_sha256": ids_digest, "invalid": invalid, "unscored": unscored,
+                                 "candidates": n_cand, "tokens": n_tok})
+    summary.parts_written += 1
+    summary.groups += len(rows)
+    summary.unscored_groups += unscored
+    summary.candidates += n_cand
+    summary.tokens += n_tok
+    bar.update(len(rows), n_cand, n_tok)
 
 
 def rerank(
@@ -371,24 +425,12 @@ def _run_local(input, in_fmt, out, summary, scorer, aggregate, rows_per_part, st
                 _report(summary, input, item.line, item.message, strict, quiet)
                 continue
             last = item.index
-            entry = out.done.get(item.index)
-            if entry is not None:
-                _check_resumed(item.index, item.ids_digest, entry, out)
-                summary.resumed_parts += 1
-                summary.resumed_groups += entry["rows"]
-                summary.invalid_groups += len(entry.get("invalid", []))
+            if item.index in out.done:
+                _resume_part(item.index, item.ids_digest, out, summary)
                 continue
             rows, invalid, n_cand, n_tok = score_groups(scorer, item.groups, aggregate, pattern_timeout)
-            for line, msg in invalid:
-                summary.invalid_groups += 1
-                _report(summary, input, line, msg, strict, quiet)
-            out.write_part(item.index, rows, {"ids_sha256": item.ids_digest, "invalid": invalid,
-                                              "candidates": n_cand, "tokens": n_tok})
-            summary.parts_written += 1
-            summary.groups += len(rows)
-            summary.candidates += n_cand
-            summary.tokens += n_tok
-            bar.update(len(rows), n_cand, n_tok)
+            _write_scored_part(item.index, item.ids_digest, rows, invalid, n_cand, n_tok, out, summary, input,
+                               strict, quiet, bar)
     finally:
         bar.close()
     _warn_extra_parts(out, last, quiet)

@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import fcntl
 import json
-import math
 import os
 import re
 import signal
 from pathlib import Path
 
 from ..engine.scorer import AGGREGATIONS
+from ..io import dumps_line
 
 MANIFEST = "manifest.jsonl"
 FINGERPRINT = "fingerprint.json"
@@ -43,14 +43,45 @@ def _crash_point(stage: str, part: int) -> None:
 
 
 def output_schema():
+    """Arrow schema of the output rows (Parquet parts); ``extra`` / ``candidate_extra`` hold JSON object text."""
     import pyarrow as pa
 
     lst = pa.list_(pa.float64())
     fields = [("id", pa.string()), ("line", pa.int64()), ("num_candidates", pa.int64()), ("best", pa.int64()),
               ("best_score", pa.float64()), ("aggregation", pa.string()), ("scores", lst)]
     fields += [(f"score_{a}", lst) for a in AGGREGATIONS]
-    fields += [("step_rewards", pa.list_(lst)), ("num_tokens", pa.list_(pa.int64()))]
+    fields += [("step_rewards", pa.list_(lst)), ("num_tokens", pa.list_(pa.int64())),
+               ("errors", pa.list_(pa.string())), ("extra", pa.string()), ("candidate_extra", pa.list_(pa.string()))]
     return pa.schema(fields)
+
+
+JSON_COLUMNS = ("extra", "candidate_extra")  # objects in JSONL parts and in read_output, JSON text in Parquet
+
+
+def _json_text(v):
+    return None if v is None else dumps_line(v)[:-1]
+
+
+def to_arrow_rows(rows: list[dict]) -> list[dict]:
+    """Output rows with their ``JSON_COLUMNS`` as JSON text (the Parquet representation)."""
+    out = []
+    for r in rows:
+        r = dict(r)
+        if r.get("extra") is not None:
+            r["extra"] = _json_text(r["extra"])
+        if r.get("candidate_extra") is not None:
+            r["candidate_extra"] = [_json_text(v) for v in r["candidate_extra"]]
+        out.append(r)
+    return out
+
+
+def from_arrow_row(r: dict) -> dict:
+    """The inverse of ``to_arrow_rows`` for one row read from a Parquet part."""
+    if r.get("extra") is not None:
+        r["extra"] = json.loads(r["extra"])
+    if r.get("candidate_extra") is not None:
+        r["candidate_extra"] = [None if v is None else json.loads(v) for v in r["candidate_extra"]]
+    return r
 
 
 def _fsync_dir(path: Path) -> None:
@@ -59,15 +90,6 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _finite(x):
-    """JSON has no NaN/Infinity: non-finite floats are written as null (Parquet keeps them as is)."""
-    if isinstance(x, float):
-        return x if math.isfinite(x) else None
-    if isinstance(x, list):
-        return [_finite(v) for v in x]
-    return x
 
 
 class OutputDir:
@@ -110,7 +132,20 @@ class OutputDir:
         fpath = self.path / FINGERPRINT
         fp = json.loads(json.dumps(fp))  # normalise (tuples -> lists) before comparing
         if fpath.exists():
-            old = json.loads(fpath.read_text(encoding="utf-8"))
+            try:
+                old = json.loads(fpath.read_text(encoding="utf-8"))
+            except (ValueError, UnicodeDecodeError) as e:
+                old = e
+            if not isinstance(old, dict):
+                raise ValueError(f"{fpath} is damaged (not a JSON object), so the parts in {self.path} cannot be "
+                                 f"checked against this configuration. Delete {self.path} (or pass another --output) "
+                                 "to start over")
+            if old.get("version") != fp.get("version"):
+                raise ValueError(
+                    f"{self.path} was written by another version of freeprm rerank (output format "
+                    f"{old.get('version')!r}; this version writes format {fp.get('version')!r}, whose rows have other "
+                    f"columns), so its parts cannot be resumed. Read them as they are, or delete {self.path} (or pass "
+                    "another --output) to start over")
             if old != fp:
                 diff = sorted(k for k in set(old) | set(fp) if old.get(k) != fp.get(k))
                 details = "; ".join(f"{k}: written with {old.get(k)!r}, now {fp.get(k)!r}" for k in diff)
@@ -178,16 +213,15 @@ class OutputDir:
             import pyarrow as pa
             import pyarrow.parquet as pq
 
-            table = pa.Table.from_pylist(rows, schema=output_schema())
+            table = pa.Table.from_pylist(to_arrow_rows(rows), schema=output_schema())
             with open(tmp, "wb") as f:
                 pq.write_table(table, f)
                 f.flush()
                 os.fsync(f.fileno())
         else:
             with open(tmp, "w", encoding="utf-8") as f:
-                for row in rows:
-                    f.write(json.dumps({k: _finite(v) for k, v in row.items()}, ensure_ascii=False,
-                                       allow_nan=False) + "\n")
+                for row in rows:  # standard JSON: NaN/Infinity -> null (Parquet keeps them)
+                    f.write(dumps_line(row))
                 f.flush()
                 os.fsync(f.fileno())
         _crash_point("tmp", index)
@@ -215,7 +249,7 @@ def read_output(path: str | os.PathLike) -> list[dict]:
         if p.suffix == ".parquet":
             import pyarrow.parquet as pq
 
-            rows.extend(pq.read_table(p).to_pylist())
+            rows.extend(from_arrow_row(r) for r in pq.read_table(p).to_pylist())
         else:
             with open(p, encoding="utf-8") as f:
                 rows.extend(json.loads(line) for line in f if line.strip())

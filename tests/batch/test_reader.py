@@ -18,8 +18,9 @@ def _j(obj) -> bytes:
 
 def test_group_and_flat_rows(tmp_path):
     path = _write_lines(tmp_path / "in.jsonl", [
-        _j({"id": "a", "prompt": "P", "candidates": ["x", {"response": "y"}, {"steps": ["s1", "s2"]}], "extra": 1}),
-        _j({"group": 7, "prompt": "Q", "response": "r1"}),
+        _j({"id": "a", "prompt": "P", "candidates": ["x", {"response": "y", "label": True}, {"steps": ["s1", "s2"]}],
+            "extra": 1}),
+        _j({"group": 7, "prompt": "Q", "response": "r1", "id": "c1"}),
         _j({"group": 7, "prompt": "Q", "steps": ["t1", "t2"]}),
         b"",
         _j({"id": "b", "prompt": "R", "response": "only"}),
@@ -29,6 +30,8 @@ def test_group_and_flat_rows(tmp_path):
     a, g7, b = out
     assert (a.id, a.prompt, a.line) == ("a", "P", 1)
     assert a.candidates == [{"response": "x"}, {"response": "y"}, {"steps": ["s1", "s2"]}]
+    assert a.extra == {"extra": 1} and a.cand_extra == [None, {"label": True}, None]
+    assert g7.extra is None and g7.cand_extra == [{"id": "c1"}, None] and b.cand_extra == [None]
     assert (g7.id, g7.line, g7.lines) == ("7", 2, [2, 3])
     assert g7.candidates == [{"response": "r1"}, {"steps": ["t1", "t2"]}]
     assert (b.id, b.line, b.candidates) == ("b", 5, [{"response": "only"}])
@@ -63,18 +66,23 @@ def test_bad_lines_are_reported_with_their_numbers_and_good_lines_kept(tmp_path)
         b"[1, 2]",                                                     # 9: not an object
         _j({"id": 5, "prompt": 3, "candidates": ["c"]}),               # 10: prompt not a string
         _j({"id": 5, "prompt": "P", "candidates": []}),                # 11: no candidates
-        _j({"id": 5, "prompt": "P", "candidates": [{"text": "c"}]}),   # 12: candidate without response
+        _j({"id": 5, "prompt": "P", "candidates": [{"text": "c"}]}),   # 12: candidate without response: rejected alone
         _j({"id": True, "prompt": "P", "candidates": ["c"]}),          # 13: bool id
         _j({"prompt": "P", "response": "c"}),                          # 14: flat row without key
         good[4],                                                       # 15
+        b'{"id": 6, "prompt": "P", "candidates": ["ok", "\\udc00", 7]}',  # 16: surrogate / int candidate: rejected alone
     ]
     out = list(iter_groups(_write_lines(tmp_path / "in.jsonl", lines)))
     groups = [o for o in out if isinstance(o, Group)]
     bad = {o.line: o.message for o in out if isinstance(o, BadLine)}
-    assert [(g.id, g.line) for g in groups] == [("0", 1), ("1", 3), ("3", 5), ("4", 15)]
-    assert sorted(bad) == [2, 4, 6, 7, 8, 9, 10, 11, 12, 13, 14]
+    assert [(g.id, g.line) for g in groups] == [("0", 1), ("1", 3), ("3", 5), ("5", 12), ("4", 15), ("6", 16)]
+    assert sorted(bad) == [2, 4, 6, 7, 8, 9, 10, 11, 13, 14]
     assert "UTF-8" in bad[2] and "surrogate" in bad[6] and "nested" in bad[7] and "invalid JSON" in bad[8]
-    assert "'prompt'" in bad[10] and "non-empty" in bad[11] and "candidate 0" in bad[12]
+    assert "'prompt'" in bad[10] and "non-empty" in bad[11]
+    g5, g6 = groups[3], groups[5]
+    assert g5.candidates == [{"error": "has neither 'response' nor 'steps'"}] and g5.cand_extra == [{"text": "c"}]
+    assert g6.candidates[0] == {"response": "ok"} and "surrogate" in g6.candidates[1]["error"]
+    assert "must be a string or an object" in g6.candidates[2]["error"]
 
 
 def test_flat_row_with_another_prompt_is_a_bad_line(tmp_path):
@@ -110,3 +118,21 @@ def test_parquet_input_reads_like_jsonl(tmp_path):
     a = list(iter_groups(str(tmp_path / "in.parquet")))
     b = list(iter_groups(jl))
     assert a == b and len(a) == 5
+
+
+def test_parquet_extra_columns_become_plain_json(tmp_path):
+    """Parquet-only types in extra keys (timestamps, binary, NaN) become JSON text/null; null columns of the
+    other row kind are not extras."""
+    pa = pytest.importorskip("pyarrow")
+    import datetime
+
+    import pyarrow.parquet as pq
+
+    rows = [{"id": "a", "prompt": "P", "candidates": ["x"], "group": None, "response": None,
+             "when": datetime.datetime(2026, 1, 2, 3, 4, 5), "blob": b"\x00\xff", "w": float("nan")},
+            {"id": None, "prompt": "P", "candidates": None, "group": "b", "response": "r",
+             "when": None, "blob": None, "w": 1.5}]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "in.parquet")
+    a, b = iter_groups(str(tmp_path / "in.parquet"))
+    assert a.extra == {"when": "2026-01-02T03:04:05", "blob": "AP8=", "w": None}
+    assert b.extra is None and b.cand_extra == [{"when": None, "blob": None, "w": 1.5}]
