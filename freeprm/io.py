@@ -24,7 +24,8 @@ What a caller does with an error is its own, explicit policy: ``load_jsonl(..., 
 raises (``"raise"``), drops and reports (``"skip"``), or ``freeprm score`` reports and goes on.
 
 Writing (``AtomicJsonlWriter``, ``write_jsonl_atomic``) emits standard JSON only: ``NaN`` and
-``±Infinity`` floats become ``null``; a string holding a lone surrogate is written with
+``±Infinity`` floats become ``null`` (``mark_nonfinite`` also records which keys held them, for
+files such as ``metrics.jsonl`` where a diverged value must not read as a missing one); a string holding a lone surrogate is written with
 ``\\uXXXX`` escapes rather than crashing; U+0085, U+2028 and U+2029 are escaped so that a
 reader splitting on any line break (Python's ``str.splitlines``) still sees one row per line.
 A file output goes to a temporary file beside it (``.NAME.PID.tmp``), fsynced and renamed into
@@ -292,6 +293,25 @@ def _plain(v: Any) -> Any:
     if isinstance(v, (list, tuple)):
         return [_plain(x) for x in v]
     return v
+
+
+NONFINITE_KEY = "nonfinite"
+
+
+def mark_nonfinite(row: dict) -> dict:
+    """``row`` with each non-finite float value (top level) set to None and named in ``row["nonfinite"]``.
+
+    ``{"loss": nan, "grad_norm": inf}`` -> ``{"loss": None, "grad_norm": None, "nonfinite": {"loss": "NaN",
+    "grad_norm": "Infinity"}}``: standard JSON, and a reader can still tell a diverged value from a missing
+    one (``None`` as is). A row without non-finite values is returned unchanged (no ``nonfinite`` key).
+    """
+    bad = {k: ("NaN" if v != v else "Infinity" if v > 0 else "-Infinity")
+           for k, v in row.items() if isinstance(v, float) and not math.isfinite(v)}
+    if not bad:
+        return row
+    if NONFINITE_KEY in row:
+        raise ValueError(f"the row already has a key {NONFINITE_KEY!r}; rename it")
+    return {k: (None if k in bad else v) for k, v in row.items()} | {NONFINITE_KEY: bad}
 
 
 def dumps_line(row: Any) -> str:

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 STATE_FORMAT = "freeprm-trainer-1"
+_STATE_KEYS = ("step", "epoch", "pos", "total_steps", "n_items", "config")  # what resuming reads
 
 
 def rng_state() -> dict:
@@ -79,9 +80,21 @@ def read_state(path: str | os.PathLike) -> dict:
     p = Path(path) / "trainer_state.json"
     if not p.is_file():
         raise ValueError(f"{path} is not a trainer checkpoint (no trainer_state.json)")
-    state = json.loads(p.read_text())
+    fix = (f"delete {path} to resume from the checkpoint before it (--resume auto takes the latest one left), "
+           "or start over in a new --out")
+    try:
+        state = json.loads(p.read_bytes())
+    except (ValueError, UnicodeDecodeError) as e:  # a truncated or corrupt file (a kill or a full disk mid-write)
+        raise ValueError(f"{p} is damaged ({str(e).splitlines()[0]}), so this checkpoint cannot be resumed; {fix}") \
+            from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{p} is damaged (not a JSON object), so this checkpoint cannot be resumed; {fix}")
     if state.get("format") != STATE_FORMAT:
         raise ValueError(f"{p} has format {state.get('format')!r}, expected {STATE_FORMAT!r}")
+    missing = [k for k in _STATE_KEYS if k not in state]
+    if missing or not isinstance(state["config"], dict):
+        raise ValueError(f"{p} is damaged (missing or mistyped {', '.join(missing) or 'config'}), so this checkpoint "
+                         f"cannot be resumed; {fix}")
     return state
 
 
@@ -101,5 +114,7 @@ def truncate_metrics(path: Path, step: int) -> None:
         return
     from ..io import load_jsonl, write_jsonl_atomic
 
-    rows = load_jsonl(path, on_error="raise", allow_truncated_tail=True, allow_nan=True)
-    write_jsonl_atomic(path, [r for _, r in rows if r.get("step", 0) <= step])
+    from ..io import mark_nonfinite
+
+    rows = load_jsonl(path, on_error="raise", allow_truncated_tail=True, allow_nan=True)  # NaN: files of older versions
+    write_jsonl_atomic(path, [mark_nonfinite(r) for _, r in rows if r.get("step", 0) <= step])

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 from ..cliargs import check_device, positive_int
+from ..io import dumps_line, mark_nonfinite
 from .config import SCHEDULES, TrainConfig
 from .losses import CE_BALANCE, LOSSES
 
@@ -80,8 +80,8 @@ def run(args) -> int:
         print(f"freeprm train: {e}", file=sys.stderr)
         return 2
     last = res.metrics[-1] if res.metrics else {}
-    print(json.dumps({"final": str(res.final_dir) if res.final_dir else None, "steps": res.steps,
+    print(dumps_line({"final": str(res.final_dir) if res.final_dir else None, "steps": res.steps,
                       "ref_cache": str(res.ref_cache) if res.ref_cache else None,
                       "ref_computed": res.ref_computed, "truncated": res.truncated,
-                      "last": {k: last.get(k) for k in ("loss", "accuracy", "margin")}}))
+                      "last": mark_nonfinite({k: last.get(k) for k in ("loss", "accuracy", "margin")})}), end="")
     return 0

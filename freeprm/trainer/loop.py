@@ -8,7 +8,6 @@ row per optimizer step; checkpoints through ``checkpoint.py``.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import random
@@ -22,6 +21,7 @@ import torch
 
 from ..engine import sequence_logprobs
 from ..engine.batching import pad_id_of
+from ..io import dumps_line, mark_nonfinite
 from . import checkpoint, losses
 from .config import TrainConfig
 from .data import TrainItem, collate
@@ -228,13 +228,14 @@ class Trainer:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=self.total_steps, initial=self.step, desc=f"train {self.config.loss}", unit="step")
-        log = open(self.out_dir / "metrics.jsonl", "a") if self.out_dir is not None else None
+        # standard JSON (freeprm.io): a NaN/Inf value is written as null and named in the row's "nonfinite"
+        log = open(self.out_dir / "metrics.jsonl", "a", encoding="utf-8") if self.out_dir is not None else None
         try:
             while self.step < end:
                 row = self.train_step()
                 rows.append(row)
                 if log is not None and (self.step % self.config.log_every == 0 or self.step == end):
-                    log.write(json.dumps(row) + "\n")
+                    log.write(dumps_line(mark_nonfinite(row)))
                     log.flush()
                 if bar is not None:
                     bar.update(1)
