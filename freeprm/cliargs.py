@@ -1,7 +1,9 @@
-"""Command-line argument checks shared by ``freeprm score``, ``bon`` and ``train``.
+"""Command-line helpers shared by ``freeprm score``, ``rerank``, ``serve``, ``bon`` and ``train``.
 
-Each raises ``ValueError`` (or ``argparse.ArgumentTypeError`` when used as an argparse
+The checks raise ``ValueError`` (or ``argparse.ArgumentTypeError`` when used as an argparse
 ``type=``) with a message that says what to pass instead; all run before any model is loaded.
+``HelpFormatter`` is the one help layout of every subcommand: defaults shown as one would type them
+(``--step-delimiter``'s ``"\n\n"`` as ``'\n\n'``, not as two blank lines).
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import argparse
 
 _ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
+_UNESCAPES = {"\n": "\\n", "\t": "\\t", "\r": "\\r"}
 
 
 def decode_escapes(text: str) -> str:
@@ -44,6 +47,51 @@ def decode_escapes(text: str) -> str:
             raise ValueError(f"{text!r}: unknown escape \\{e}; understood: \\n \\t \\r \\\\ \\uXXXX "
                              "(write \\\\ for a literal backslash)")
     return "".join(out)
+
+
+def encode_escapes(text: str) -> str:
+    r"""The inverse of ``decode_escapes``: ``text`` as one types it, e.g. ``"\n\n"`` -> ``'\n\n'`` (4 characters).
+
+    Backslash, newline, tab and CR get their escapes; other characters that do not print as
+    themselves (control and format characters, line/paragraph separators, non-space whitespace)
+    become ``\uXXXX``; everything else, non-ASCII included, is kept.
+    ``decode_escapes(encode_escapes(s)) == s`` for any string without surrogates.
+    """
+    out = []
+    for c in text:
+        if c == "\\":
+            out.append("\\\\")
+        elif c in _UNESCAPES:
+            out.append(_UNESCAPES[c])
+        elif (not c.isprintable() or (c.isspace() and c != " ")) and ord(c) <= 0xFFFF:
+            out.append(f"\\u{ord(c):04x}")
+        else:
+            out.append(c)
+    return "".join(out)
+
+
+def show_default(value) -> str:
+    r"""A default as help text: strings through ``encode_escapes``, quoted when that changed them or when
+    they are empty or have outer spaces (so ``"\n\n"`` reads ``'\n\n'``, ``""`` reads ``''``); lists comma-joined."""
+    if isinstance(value, str):
+        shown = encode_escapes(value)
+        return f"'{shown}'" if shown != value or not value or value.strip() != value else value
+    if isinstance(value, (list, tuple)):
+        return ",".join(show_default(v) for v in value)
+    return str(value)
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Help of every ``freeprm`` subcommand: the description as written, and each option's default
+    (``show_default``) appended, unless it is None/False or the help text already speaks of its default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""  # a %-template: only the default we add is escaped
+        d = action.default
+        if (text == argparse.SUPPRESS or not action.option_strings or d is None or d is False
+                or d == argparse.SUPPRESS or "default" in text.lower()):
+            return text
+        return f"{text} (default: {show_default(d).replace('%', '%%')})".lstrip()
 
 
 def escapes_arg(text: str) -> str:

@@ -56,3 +56,46 @@ def test_train_last_layers_reaches_the_config(monkeypatch, tmp_path):
     assert seen["config"].train_last_layers == 2
     with pytest.raises(SystemExit):
         main(["train", "--policy", "p", "--data", "d", "--out", str(tmp_path), "--train-last-layers", "0"])
+
+
+def _parsers(parser: argparse.ArgumentParser, path: tuple = ()):
+    yield path, parser
+    for a in parser._actions:
+        if isinstance(a, argparse._SubParsersAction):
+            for name, sub in a.choices.items():
+                yield from _parsers(sub, path + (name,))
+
+
+def test_escapes_round_trip():
+    from freeprm.cliargs import decode_escapes, encode_escapes
+
+    for s in ["\n\n", "\t", "\r\n", "\\", "a\\nb", "。", "\u2028", "\u200b", "\x00\x7f", " x ", "é😀", ""]:
+        assert decode_escapes(encode_escapes(s)) == s, repr(s)
+    assert encode_escapes("\n\n") == "\\n\\n" and encode_escapes("。") == "。"
+    assert encode_escapes("\u2028") == "\\u2028"
+
+
+def test_help_shows_every_default_readably(monkeypatch):
+    """`--help` of every command prints (UTF-8-encodable), and a string default such as --step-delimiter's
+    "\\n\\n" is shown as one types it ('\\n\\n'), not as blank lines."""
+    from freeprm.cliargs import decode_escapes, show_default
+
+    monkeypatch.setenv("COLUMNS", "250")  # no wrapping inside "(default: ...)"
+    seen = set()
+    for path, p in _parsers(build_parser()):
+        text = p.format_help()
+        text.encode("utf-8")  # `freeprm score --help` used to crash on a lone surrogate in its description
+        for a in p._actions:
+            d = a.default
+            if not a.option_strings or not a.help or d is None or d is False or d == argparse.SUPPRESS:
+                continue
+            if "default" in a.help.lower():
+                continue
+            assert f"(default: {show_default(d)})" in text, (path, a.option_strings)
+            if isinstance(d, str):
+                shown = show_default(d)
+                assert decode_escapes(shown.strip("'")) == d and shown.isprintable(), (path, a.option_strings)
+        if any("--step-delimiter" in a.option_strings for a in p._actions):
+            assert "(default: '\\n\\n')" in text, path
+            seen.add(path)
+    assert {("score",), ("demo",), ("serve",), ("rerank",), ("bon", "score"), ("bon", "all")} <= seen

@@ -18,7 +18,6 @@ Bad lines are reported with their line number and skipped; a rejected candidate 
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 
@@ -51,11 +50,11 @@ def cmd_rerank(args) -> int:
 
 
 def register(sub) -> None:
-    from ..cliargs import positive_int
+    from ..cliargs import HelpFormatter, positive_int
     from ..engine.cli import _scorer_args
 
     p = sub.add_parser("rerank", help="rerank groups of candidates at scale (streaming, resumable, Ray)",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       description=__doc__, formatter_class=HelpFormatter)
     _scorer_args(p)
     p.add_argument("--input", "-i", required=True, help="input .jsonl or .parquet")
     p.add_argument("--input-format", default=None, choices=["jsonl", "parquet"],
@@ -63,7 +62,7 @@ def register(sub) -> None:
     p.add_argument("--output", "-o", required=True, help="output directory (created; rerun to resume)")
     p.add_argument("--format", default="parquet", choices=["parquet", "jsonl"], help="format of the output parts")
     p.add_argument("--rows-per-part", type=positive_int, default=1000,
-                   help="groups per output part; also the unit of work and of memory (default 1000)")
+                   help="groups per output part; also the unit of work and of memory")
     p.add_argument("--strict", action="store_true", help="a bad line or rejected candidate is fatal (finished parts stay)")
     p.add_argument("--engine", default="local", choices=["local", "ray"])
     p.add_argument("--workers", type=positive_int, default=1, help="--engine ray: actors in the pool (one model copy each)")

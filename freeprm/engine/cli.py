@@ -21,7 +21,7 @@ NaN or infinite number is written as ``null``.
 
 A bad line is reported on stderr as ``PATH:LINE: why`` and skipped (counted in the summary);
 with ``--strict`` it is fatal and nothing is written. Bad: not UTF-8, not one standard JSON
-object (``NaN`` literals, raw control characters in strings, a lone ``\ud800`` surrogate, nesting
+object (``NaN`` literals, raw control characters in strings, a lone ``\\ud800`` surrogate, nesting
 deeper than 200), longer than ``--max-line-bytes``, missing or mistyped fields, over
 ``--max-length`` tokens, steps that are not the response, no step, a ``--step-pattern`` split
 slower than ``--pattern-timeout``. Blank lines are skipped silently; a UTF-8 BOM is ignored;
@@ -43,7 +43,7 @@ import sys
 import threading
 from pathlib import Path
 
-from ..cliargs import check_device, escapes_arg, positive_float, positive_int
+from ..cliargs import HelpFormatter, check_device, escapes_arg, positive_float, positive_int
 from ..io import STDIO, AtomicJsonlWriter, LineError, check_input, iter_jsonl, load_jsonl
 from .loading import DEFAULT_POLICY
 
@@ -283,7 +283,7 @@ def cmd_demo(args) -> int:
 
 def register(sub) -> None:
     p = sub.add_parser("score", help="score a JSONL file of (prompt, response/steps) items",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       description=__doc__, formatter_class=HelpFormatter)
     _scorer_args(p)
     p.add_argument("--input", "-i", required=True, help="input JSONL, or - for stdin")
     p.add_argument("--output", "-o", required=True, help="output JSONL (written atomically), or - for stdout")
@@ -294,7 +294,8 @@ def register(sub) -> None:
     p.add_argument("--tokens", action="store_true", help="also write per-token rewards and ids")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_score)
-    d = sub.add_parser("demo", help="score the bundled GSM8K candidate set and print per-step tables")
+    d = sub.add_parser("demo", help="score the bundled GSM8K candidate set and print per-step tables",
+                       formatter_class=HelpFormatter)
     _scorer_args(d)
     d.add_argument("--input", default=None, help=f"candidates JSONL (default: {DEMO_SET.name}, bundled)")
     d.add_argument("--no-progress", action="store_true")

@@ -17,6 +17,8 @@ import shlex
 import sys
 from pathlib import Path
 
+from ..cliargs import HelpFormatter
+
 STAGES = ("generate", "score", "report", "all")
 
 
@@ -85,7 +87,7 @@ def _add_score(p: argparse.ArgumentParser) -> None:
                    help="reference model, or 'none' (the default: reference-free)")
     g.add_argument("--beta", type=float, default=1.0)
     g.add_argument("--step-delimiter", default="\n\n", type=_unescape,
-                   help="step delimiter, backslash escapes allowed (default: '\\n\\n', a blank line)")
+                   help="step delimiter, backslash escapes allowed (\\n \\t \\r \\\\ \\uXXXX)")
     g.add_argument("--score-dtype", default="float32")
     g.add_argument("--score-chunk", type=int, default=16, help="candidates per scorer call (one flush each)")
 
@@ -93,7 +95,7 @@ def _add_score(p: argparse.ArgumentParser) -> None:
 def _add_report(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("report")
     g.add_argument("--aggregations", type=_csv, default=["min"],
-                   help="engine aggregations to select by (comma-separated; default min)")
+                   help="engine aggregations to select by (comma-separated)")
     g.add_argument("--weights", type=_csv, default=["raw", "sigmoid", "softmax"], help="weighted-vote weightings")
     g.add_argument("--methods", type=_csv, default=None, help="explicit method list (overrides the two above), "
                    "e.g. random,majority,bon:min,wmv:min:sigmoid,pass@N")
@@ -107,12 +109,13 @@ def _add_report(p: argparse.ArgumentParser) -> None:
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("bon", help="best-of-N evaluation: generate, score, report",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                              description=__doc__, formatter_class=HelpFormatter)
     stages = p.add_subparsers(dest="stage", metavar="STAGE", required=True)
     for stage in STAGES:
         sp = stages.add_parser(stage, help={"generate": "sample N candidates per problem",
                                             "score": "score candidates with the implicit PRM",
-                                            "report": "table + plot", "all": "generate, score, report"}[stage])
+                                            "report": "table + plot", "all": "generate, score, report"}[stage],
+                               formatter_class=HelpFormatter)
         _add_common(sp)
         if stage in ("generate", "all"):
             _add_task(sp)

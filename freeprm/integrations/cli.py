@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 
 def register(sub) -> None:
+    from ..cliargs import HelpFormatter
     from ..engine.cli import _scorer_args
 
     p = sub.add_parser(
         "serve", help="serve implicit process rewards over HTTP (OpenRLHF --remote_rm_url)",
         description="POST /get_reward {query, prompts, labels} -> {rewards, scores, extra_logs}; GET /health. "
                     "Loopback only unless --allow-remote.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     _scorer_args(p)
     p.set_defaults(prompt_format="raw")  # OpenRLHF prompts arrive already through the chat template
     p.add_argument("--host", default="127.0.0.1", help="address to bind (loopback unless --allow-remote)")

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from ..cliargs import check_device, positive_int
+from ..cliargs import HelpFormatter, check_device, positive_int
 from ..io import dumps_line, mark_nonfinite
 from .config import SCHEDULES, TrainConfig
 from .losses import CE_BALANCE, LOSSES
@@ -16,7 +15,7 @@ def register(subparsers) -> None:
         "train", help="train an implicit PRM (CE, DPO, KTO, NCA) on response-level labels",
         description="Train r = beta * log(pi/pi_ref) as an outcome reward model; the result scores steps "
                     "(freeprm score --policy OUT/final --reference REF).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     d = TrainConfig()
     p.add_argument("--loss", choices=LOSSES, default=d.loss)
     p.add_argument("--policy", default="smollm2", help="model to train: HF dir, hub id, .gguf file or 'smollm2'")
