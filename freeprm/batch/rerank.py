@@ -31,8 +31,6 @@ number of rows otherwise.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import sys
 import time
@@ -42,13 +40,14 @@ from pathlib import Path
 import numpy as np
 
 from ..engine.cli import _PatternTimeout, _time_limit
-from ..engine.loading import DEFAULT_POLICY, resolve_dtype, resolve_spec
+from ..engine.loading import DEFAULT_POLICY, resolve_dtype
+from ..identity import model_identity
+from ..identity import params_identity as _params_identity
 from ..engine.scorer import AGGREGATIONS, Scorer
 from .reader import BadLine, Group, detect_format, iter_chunks
 from .store import OutputDir
 
 FINGERPRINT_VERSION = 2  # 2: rows of groups with rejected candidates, errors, extra, candidate_extra
-_HASH_BYTES = 1 << 20
 
 
 @dataclass
@@ -85,49 +84,6 @@ class RerankSummary:
 
 
 # ---------------------------------------------------------------------- fingerprint
-def _file_digest(path: Path) -> str:
-    """sha256 of a file's size, first and last MiB (fast on multi-GB weights; catches any re-save)."""
-    h = hashlib.sha256()
-    size = path.stat().st_size
-    h.update(str(size).encode())
-    with open(path, "rb") as f:
-        h.update(f.read(_HASH_BYTES))
-        if size > 2 * _HASH_BYTES:
-            f.seek(size - _HASH_BYTES)
-            h.update(f.read(_HASH_BYTES))
-        else:
-            h.update(f.read())
-    return h.hexdigest()
-
-
-def model_identity(spec) -> dict | None:
-    """What identifies a model in the fingerprint: resolved path + digests of its files, a hub id,
-    or (for an in-memory ``(model, tokenizer)`` pair) a sha256 of its parameters and vocabulary."""
-    if spec is None:
-        return None
-    if isinstance(spec, tuple):
-        model, tok = spec
-        return _params_identity(model, tok)
-    resolved = resolve_spec(spec)
-    p = Path(resolved)
-    if not p.is_dir():
-        return {"hub_id": str(resolved)}
-    names = sorted(f.name for f in p.iterdir() if f.is_file() and (
-        f.suffix in (".safetensors", ".bin", ".json", ".model", ".txt", ".jinja")))
-    return {"path": str(p.resolve()), "files": {n: _file_digest(p / n) for n in names}}
-
-
-def _params_identity(model, tokenizer) -> dict:
-    h = hashlib.sha256()
-    for name, t in model.state_dict().items():
-        t = t.detach().to("cpu").contiguous()
-        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
-        h.update(t.view(-1).view(__import__("torch").uint8).numpy().tobytes())
-    v = hashlib.sha256(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
-    v.update(str(getattr(tokenizer, "chat_template", None)).encode())
-    return {"params_sha256": h.hexdigest(), "tokenizer_sha256": v.hexdigest()}
-
-
 def effective_dtype(dtype, device, on_gpu_workers: bool | None = None) -> str:
     """The dtype the models will run in: ``"auto"`` is bfloat16 on CUDA and float32 elsewhere (as ``Scorer``)."""
     import torch

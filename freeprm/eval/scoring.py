@@ -8,8 +8,11 @@ Scores are appended to ``scores.jsonl``, one line per candidate::
 A line is reused on a rerun when its ``(problem_id, candidate_id)`` and ``scorer`` string match.
 The string (``scorer_tag``) covers every option that changes scores: policy, reference, beta,
 step delimiter, step pattern, prompt format and dtype, so changing any of them rescores. A model
-is named by its spec, or, inside an already-built ``Scorer``, by the path it was loaded from
-(``config._name_or_path``); weights changed in place under the same name are not detected. Candidates with
+is named by its spec (or, inside an already-built ``Scorer``, the path it was loaded from) plus
+``@`` and a digest of its content (``freeprm.identity``, the code of the ``rerank`` fingerprint):
+of its files for a spec (size, first and last MiB of each weight/config/tokenizer file), of its
+parameters and vocabulary for a model in memory; so weights changed in place under the same path
+miss the cache and are rescored. A hub id has no local files: it is named as given. Candidates with
 an empty response are not sent to the engine; they get ``null`` (read as ``-inf``) for every aggregation (never
 picked by best-of-N while any other candidate has a score, weight 0 in voting).
 """
@@ -23,13 +26,17 @@ from .candidates import append_jsonl, key_of, read_jsonl
 
 
 def _model_name(model) -> str:
-    """A spec as given; a ``(model, tokenizer)`` pair or a bare model by the path it was loaded from."""
+    """``NAME@DIGEST``: a spec as given, or a model object (a ``(model, tokenizer)`` pair from a ``Scorer``) by the
+    path it was loaded from, plus a digest of its content (``freeprm.identity``); ``"none"`` for no model."""
+    from ..identity import identity_digest, model_identity
+
     if model is None:
         return "none"
     if isinstance(model, (str, os.PathLike)):
-        return str(model)
-    m = model[0] if isinstance(model, tuple) else model
-    return getattr(getattr(m, "config", None), "_name_or_path", None) or "<object>"
+        return f"{model}@{identity_digest(model_identity(model))}"
+    m, tok = model if isinstance(model, tuple) else (model, None)
+    name = getattr(getattr(m, "config", None), "_name_or_path", None) or "<object>"
+    return f"{name}@{identity_digest(model_identity((m, tok)))}"
 
 
 def _dtype_name(dtype) -> str:
@@ -42,8 +49,10 @@ def scorer_tag(policy, reference, beta: float, step_delimiter: str | None, *, st
                prompt_format: str = "auto", dtype="float32") -> str:
     """The scorer config string of ``scores.jsonl`` lines: every ``Scorer`` option that changes scores.
 
-    Options that do not change scores (device, impl, batching, padding side, aggregate) are left
-    out. ``step_pattern`` may be a string or a compiled pattern; ``dtype`` a name or ``torch.dtype``.
+    ``policy`` / ``reference``: specs (named with a digest of their files) or ``(model, tokenizer)``
+    pairs (a digest of their parameters); see the module doc. Options that do not change scores
+    (device, impl, batching, padding side, aggregate) are left out. ``step_pattern`` may be a string
+    or a compiled pattern; ``dtype`` a name or ``torch.dtype``.
     """
     pattern = getattr(step_pattern, "pattern", step_pattern)
     return (f"policy={_model_name(policy)};reference={_model_name(reference)};beta={float(beta):g};"
@@ -51,9 +60,10 @@ def scorer_tag(policy, reference, beta: float, step_delimiter: str | None, *, st
 
 
 def scorer_tag_of(scorer) -> str:
-    """``scorer_tag`` of a built ``freeprm.engine.Scorer``, from its own models and settings."""
+    """``scorer_tag`` of a built ``freeprm.engine.Scorer``, from its own models (their parameters) and settings."""
     dtype = next(scorer.policy.parameters()).dtype
-    return scorer_tag(scorer.policy, scorer.reference, scorer.beta, scorer.step_delimiter,
+    ref = None if scorer.reference is None else (scorer.reference, scorer.tokenizer)
+    return scorer_tag((scorer.policy, scorer.tokenizer), ref, scorer.beta, scorer.step_delimiter,
                       step_pattern=scorer.step_pattern, prompt_format=scorer.prompt_format, dtype=dtype)
 
 
