@@ -55,15 +55,13 @@ def output_schema():
     return pa.schema(fields)
 
 
-JSON_COLUMNS = ("extra", "candidate_extra")  # objects in JSONL parts and in read_output, JSON text in Parquet
-
-
 def _json_text(v):
     return None if v is None else dumps_line(v)[:-1]
 
 
 def to_arrow_rows(rows: list[dict]) -> list[dict]:
-    """Output rows with their ``JSON_COLUMNS`` as JSON text (the Parquet representation)."""
+    """Output rows with ``extra`` / ``candidate_extra`` as JSON text (the Parquet representation; JSONL parts and
+    ``read_output`` hold them as objects)."""
     out = []
     for r in rows:
         r = dict(r)
@@ -134,8 +132,8 @@ class OutputDir:
         if fpath.exists():
             try:
                 old = json.loads(fpath.read_text(encoding="utf-8"))
-            except (ValueError, UnicodeDecodeError) as e:
-                old = e
+            except (ValueError, UnicodeDecodeError):
+                old = None
             if not isinstance(old, dict):
                 raise ValueError(f"{fpath} is damaged (not a JSON object), so the parts in {self.path} cannot be "
                                  f"checked against this configuration. Delete {self.path} (or pass another --output) "
