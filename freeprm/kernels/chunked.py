@@ -41,6 +41,11 @@ USE_EXT = True
 # per-tile ops each end in a thread barrier, so many small tiles were measured 3x slower than these.
 TORCH_FWD_ROWS = 2048
 TORCH_FWD_TILE_ELEMS = 2048 * 4096
+# C++ backward (csrc/cpu_head.cpp ``softmax_bwd``): per-thread [BWD_ROWS, BWD_COLS] fp32 tiles (stay in L2);
+# threads own vocab blocks; rows go in chunks whose per-thread d_hidden partials stay under BWD_PARTIAL_BYTES.
+BWD_ROWS = 256
+BWD_COLS = 512
+BWD_PARTIAL_BYTES = 64 * 2**20
 
 
 def _vocab_block(rows: int, vocab: int) -> int:
@@ -146,35 +151,83 @@ def _ext_for(hidden, weight):
     return cpu_ext.get()
 
 
+def _softmax_bwd_torch(hidden, weight, lse, coef, logit_scale, softcap, chunk_rows, need_hidden, need_weight):
+    """The softmax term of the backward in plain torch (what ``softmax_bwd`` in csrc/cpu_head.cpp computes):
+    dx = coef[:, None] * exp(z - lse[:, None]) * dz/dx, d_hidden = dx W, d_weight = dx^T h, both fp32.
+
+    Tiles of [chunk rows, vocab block] (2048 x up to 32 MB) written by ``torch.mm(out=)`` into reused buffers
+    and turned into dx in place; the gradient GEMMs accumulate with ``addmm_``."""
+    n, vocab = hidden.shape[0], weight.shape[0]
+    w32 = weight if weight.dtype == torch.float32 else weight.float()
+    dh32 = torch.zeros(n, hidden.shape[1], dtype=torch.float32, device=hidden.device) if need_hidden else None
+    dw32 = torch.zeros_like(w32, dtype=torch.float32) if need_weight else None
+    buf = dbuf = None
+    for a, b, blocks in _tiles(n, vocab, chunk_rows):
+        h32 = hidden[a:b] if hidden.dtype == torch.float32 else hidden[a:b].float()
+        lse_r, coef_r = lse[a:b, None], coef[a:b, None]
+        if buf is None:
+            size = (b - a) * (blocks[0][1] - blocks[0][0])
+            buf = torch.empty(size, dtype=torch.float32, device=hidden.device)
+            dbuf = torch.empty_like(buf) if softcap is not None else None
+        for v0, v1 in blocks:
+            x = buf[: (b - a) * (v1 - v0)].view(b - a, v1 - v0)  # [C, Vb] fp32
+            torch.mm(h32, w32[v0:v1].T, out=x)
+            if softcap is not None:
+                x.mul_(logit_scale / softcap).tanh_()  # th
+                dd = torch.mul(x, x, out=dbuf[: x.numel()].view_as(x)).neg_().add_(1.0)  # 1 - th^2
+                x.mul_(softcap).sub_(lse_r).exp_().mul_(dd).mul_(coef_r)
+            else:
+                if logit_scale != 1.0:
+                    x.mul_(logit_scale)
+                x.sub_(lse_r).exp_().mul_(coef_r)
+            if need_hidden:
+                dh32[a:b].addmm_(x, w32[v0:v1])
+            if need_weight:
+                dw32[v0:v1].addmm_(x.T, h32)
+    return dh32, dw32
+
+
+def _bwd_chunk_rows(d: int) -> int:
+    """Rows per parallel region of the C++ backward: its d_hidden partials stay under BWD_PARTIAL_BYTES."""
+    extra = max(1, torch.get_num_threads() - 1)
+    return max(BWD_ROWS, BWD_PARTIAL_BYTES // (4 * max(d, 1) * extra))
+
+
 def chunked_linear_logprobs_bwd(grad, hidden, weight, targets, lse, logit_scale=1.0, softcap=None,
                                 chunk_rows=None, need_hidden=True, need_weight=True):
-    """Returns (d_hidden [N, D] in hidden's dtype or None, d_weight [V, D] in weight's dtype or None)."""
+    """Returns (d_hidden [N, D] in hidden's dtype or None, d_weight [V, D] in weight's dtype or None).
+
+    dz_iv = g_i (onehot(t_i)_v - p_iv) splits into the softmax term (C++ ``softmax_bwd`` for fp32 CPU inputs,
+    else ``_softmax_bwd_torch``: the three GEMM-sized products, tile by tile) and the target term
+    g_i s d_i at (i, t_i) (d_i = 1 - tanh^2 under soft-cap, else 1), added here with one gather and one
+    ``index_add_``: O(N D), no per-tile search of the targets."""
     n = hidden.shape[0]
-    w32 = weight.float()
-    tgt = targets.long()
-    dh = torch.empty_like(hidden) if need_hidden else None
-    dw32 = torch.zeros_like(w32) if need_weight else None
     g = grad.float()
-    for a, b, blocks in _tiles(n, weight.shape[0], chunk_rows):
-        h32, t, ga = hidden[a:b].float(), tgt[a:b], g[a:b]
-        dh32 = torch.zeros_like(h32) if need_hidden else None
-        for v0, v1 in blocks:
-            z, th = _logits(h32, w32[v0:v1], logit_scale, softcap)
-            dz = torch.exp(z - lse[a:b, None]).mul_(-ga[:, None])  # -g * softmax, [C, Vb]
-            inb = (t >= v0) & (t < v1)
-            if bool(inb.any()):
-                rows = inb.nonzero(as_tuple=True)[0]
-                dz[rows, t[rows] - v0] += ga[rows]
-            if softcap is not None:
-                dz.mul_(1.0 - th * th)
-            if logit_scale != 1.0:
-                dz.mul_(logit_scale)
-            if need_hidden:
-                dh32.addmm_(dz, w32[v0:v1])
-            if need_weight:
-                dw32[v0:v1].addmm_(dz.T, h32)
+    coef = g * (-float(logit_scale))  # [N]: d loss / d x of the softmax term, per row
+    ext = _ext_for(hidden, weight)
+    if ext is not None and (need_hidden or need_weight):
+        dh32, dw32 = ext.softmax_bwd(hidden.detach().contiguous(), weight.detach().contiguous(), lse.float(), coef,
+                                     float(logit_scale), float(softcap) if softcap is not None else -1.0,
+                                     BWD_ROWS, BWD_COLS, int(chunk_rows or _bwd_chunk_rows(hidden.shape[1])),
+                                     need_hidden, need_weight)
+        dh32 = dh32 if need_hidden else None
+        dw32 = dw32 if need_weight else None
+    else:
+        dh32, dw32 = _softmax_bwd_torch(hidden, weight, lse, coef, logit_scale, softcap, chunk_rows,
+                                        need_hidden, need_weight)
+    tgt = targets.long()
+    gt = g * float(logit_scale)  # [N]: the target term's coefficient
+    if softcap is not None:
+        th = target_logits(hidden, weight, tgt, logit_scale, softcap, chunk_rows).div_(softcap)
+        gt = gt * (1.0 - th * th)
+    rows = chunk_rows or DEFAULT_CHUNK_ROWS
+    for a in range(0, n, rows):  # bounded [rows, D] temporaries
+        b = min(a + rows, n)
         if need_hidden:
-            dh[a:b] = dh32.to(hidden.dtype)
+            dh32[a:b].addcmul_(weight[tgt[a:b]].float(), gt[a:b, None])
+        if need_weight:
+            dw32.index_add_(0, tgt[a:b], hidden[a:b].float() * gt[a:b, None])
+    dh = None if dh32 is None else dh32.to(hidden.dtype)
     dw = None if dw32 is None else dw32.to(weight.dtype)
     return dh, dw
 
