@@ -1,5 +1,5 @@
-"""The CPU forward of linear_logprobs: the C++ tile kernel and the pure-torch fallback, each against an
-fp64 oracle, on tiles that do not divide the shapes, with soft-cap / logit scale, and through backward."""
+"""The CPU path of linear_logprobs: the C++ tile kernels (forward and backward) and the pure-torch fallback,
+each against an fp64 oracle, on tiles that do not divide the shapes, with soft-cap / logit scale."""
 
 import shutil
 
@@ -13,11 +13,15 @@ PATHS = ["cpp", "torch"]
 
 @pytest.fixture(params=PATHS)
 def path(request, monkeypatch):
-    """Forces one forward path; small tiles so every shape below spans many row and vocab blocks."""
+    """Forces one path; small tiles so every shape below spans many row and vocab blocks, forward and backward."""
     monkeypatch.setattr(chunked, "FWD_ROWS", 8)
     monkeypatch.setattr(chunked, "FWD_TILE_ELEMS", 8 * 96)  # 8-row x 96-column tiles
     monkeypatch.setattr(chunked, "TORCH_FWD_ROWS", 8)
     monkeypatch.setattr(chunked, "TORCH_FWD_TILE_ELEMS", 8 * 96)
+    monkeypatch.setattr(chunked, "BWD_ROWS", 8)
+    monkeypatch.setattr(chunked, "BWD_COLS", 96)
+    monkeypatch.setattr(chunked, "MIN_VOCAB_BLOCK", 96)  # torch backward: 16-row chunks x 96-wide blocks
+    monkeypatch.setattr(chunked, "TILE_BYTES", 4 * 16 * 96)
     if request.param == "cpp":
         if shutil.which("c++") is None and shutil.which("g++") is None:
             pytest.skip("no C++ compiler: the C++ kernel cannot be built here")
@@ -69,23 +73,56 @@ def test_extreme_logits_stay_finite(path):
     assert torch.allclose(out, oracle, atol=1e-3, rtol=1e-5)
 
 
-@pytest.mark.parametrize("transform", [{}, {"logit_scale": 0.7, "softcap": 3.0}])
-def test_grads_with_random_grad_output(path, transform):
-    hidden, weight, targets = _inputs(37, 1000, 64, seed=1)
-    g = torch.randn(37, generator=torch.Generator().manual_seed(2))
+def _grads(fn, h, w, g, need=(True, True)):
+    h, w = h.clone().requires_grad_(need[0]), w.clone().requires_grad_(need[1])
+    out = fn(h, w)
+    wrt = [x for x in (h, w) if x.requires_grad]
+    grads = torch.autograd.grad((out * g.to(out.dtype)).sum(), wrt)
+    return [out.detach().double()] + [x.double() for x in grads]
 
-    def run(fn, h, w):
-        h, w = h.clone().requires_grad_(), w.clone().requires_grad_()
-        out = fn(h, w)
-        dh, dw = torch.autograd.grad((out * g.to(out.dtype)).sum(), (h, w))
-        return out.double(), dh.double(), dw.double()
 
-    oracle = run(lambda h, w: reference.linear_logprobs(h, w, targets, upcast=False, **transform),
-                 hidden.double(), weight.double())
-    plain = run(lambda h, w: reference.linear_logprobs(h, w, targets, upcast=False, **transform), hidden, weight)
-    ours = run(lambda h, w: linear_logprobs(h, w, targets, impl="torch", **transform), hidden, weight)
+def _check_grads(transform, n, v, d=64, need=(True, True), chunk_rows=None, seed=1):
+    hidden, weight, targets = _inputs(n, v, d, seed=seed)
+    g = torch.randn(n, generator=torch.Generator().manual_seed(seed + 1))  # never ones: exercises g != 1
+    ref = lambda h, w: reference.linear_logprobs(h, w, targets, upcast=False, **transform)  # noqa: E731
+    oracle = _grads(ref, hidden.double(), weight.double(), g, need)
+    plain = _grads(ref, hidden, weight, g, need)
+    ours = _grads(lambda h, w: linear_logprobs(h, w, targets, impl="torch", chunk_rows=chunk_rows, **transform),
+                  hidden, weight, g, need)
+    assert len(ours) == 1 + sum(need)
     for o, p, k in zip(oracle, plain, ours):
-        assert ((k - o).abs() <= 2 * (p - o).abs() + 1e-5).all(), (k - o).abs().max()
+        assert ((k - o).abs() <= 2 * (p - o).abs() + 1e-5 * max(1.0, float(o.abs().max()))).all(), (k - o).abs().max()
+
+
+@pytest.mark.parametrize("n,v", [(37, 1000), (64, 960)], ids=["ragged", "aligned"])
+@pytest.mark.parametrize("transform", [{}, {"logit_scale": 0.7}, {"logit_scale": 0.7, "softcap": 3.0}])
+def test_grads_with_random_grad_output(path, transform, n, v):
+    _check_grads(transform, n, v)
+
+
+@pytest.mark.parametrize("need", [(True, False), (False, True)], ids=["hidden_only", "weight_only"])
+def test_grads_of_one_input(path, need):
+    _check_grads({"logit_scale": 1.3, "softcap": 3.0}, 37, 1000, need=need)
+
+
+def test_grads_over_several_row_chunks(path):
+    """chunk_rows below N: the C++ backward runs one parallel region per chunk (d_weight accumulates across
+    them, the d_hidden partials are cleared per chunk); the torch backward uses it as its row chunk."""
+    _check_grads({"logit_scale": 0.7}, 45, 700, d=80, chunk_rows=16)
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize("v", [1000, 150], ids=["11_blocks", "2_blocks"])
+def test_grads_multithreaded(path, threads, v):
+    """Several workers (the suite runs single-threaded): d_hidden partials summed, each d_weight block written by
+    one worker; V = 150 is two 96-wide blocks, so with 3 threads one worker gets none."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _check_grads({"logit_scale": 0.7, "softcap": 3.0}, 29, v, d=32)
+        _check_grads({}, 45, v, d=32, chunk_rows=16)
+    finally:
+        torch.set_num_threads(old)
 
 
 def test_fp16_inputs_take_the_torch_path_and_match(path):
