@@ -176,6 +176,7 @@ class Scorer:
         self.max_batch_tokens, self.padding_side, self.impl = max_batch_tokens, padding_side, impl
         self.share_prompt, self.fuse_reference, self.pack = bool(share_prompt), bool(fuse_reference), pack
         self._share_supported = True
+        self._prefill_attention = "auto"  # shared_prompt_hidden(attention=...); benchmarks compare "repeat"
         self.vocab_size = split_lm(self.policy)[1].weight.shape[0]
         self.pad_id = pad_id_of(self.tokenizer)
 
@@ -325,7 +326,8 @@ class Scorer:
         """Shared-prompt hidden rows of one group, concatenated: ``(rows [N, D], LMHead, targets [N])``."""
         base, head = split_lm(model)
         rows = shared_prompt_hidden(base, group[0].prompt_ids, [p.input_ids[p.response_start:] for p in group],
-                                    pad_id=self.pad_id, max_batch_tokens=self.max_batch_tokens)
+                                    pad_id=self.pad_id, max_batch_tokens=self.max_batch_tokens,
+                                    attention=self._prefill_attention)
         return torch.cat(rows, 0), head
 
     def _run_shared(self, group: list[PreparedItem], out: list) -> None:

@@ -153,13 +153,24 @@ def test_packing_equals_padding_without_cross_contamination(tiny_model_dir, tiny
 
 @pytest.mark.smollm
 def test_shared_prompt_and_packing_on_smollm2(smollm2_dir):
+    """House three-way form against an fp64 oracle: |path - oracle| <= 2 |unshared - oracle| + atol.
+
+    On SmolLM2 (|reward| up to ~12) every fp32 path is 1.5e-5 .. 2e-5 from fp64, so two fp32 paths that round
+    differently cannot agree to 1e-5; each must be as close to the fp64 result as the unshared path is."""
+    import copy
+
     model, tok = load_model(smollm2_dir)
     items = [{"prompt": PROMPT + "\n", "response": r} for r in (
         "48 / 2 = 24.\n\n48 + 24 = 72.", "48 + 48 = 96.\n\nThe answer is 96.", "72")] + [
         {"prompt": "What is 7 * 6?\n", "response": "42"}]
     kw = dict(prompt_format="raw")
+    oracle = Scorer((copy.deepcopy(model).double(), tok), share_prompt=False, pack=False, **kw).score(items)
     base = Scorer((model, tok), share_prompt=False, pack=False, **kw).score(items)
-    # fp32 rounding on SmolLM2 (|reward| up to ~12): shared vs unshared measured 1.1e-5, while the unshared path
-    # is itself 2.4e-5 from the naive full-logits oracle; so 2e-5 here (the tiny model holds 1e-5 above)
-    assert_same(Scorer((model, tok), share_prompt=True, pack=False, **kw).score(items), base, atol=2e-5)
-    assert_same(Scorer((model, tok), share_prompt=False, pack=True, **kw).score(items), base, atol=2e-5)
+    shared = Scorer((model, tok), share_prompt=True, pack=False, **kw)
+    assert len(shared._shared_groups([shared.prepare(it, i) for i, it in enumerate(items)])[0]) == 1
+    for other in (shared.score(items), Scorer((model, tok), share_prompt=False, pack=True, **kw).score(items)):
+        assert_same(other, base, atol=5e-5)  # a coarse guard on every field; the precise check follows
+        for x, y, o in zip(other, base, oracle):
+            err_x = float((x.token_rewards.double() - o.token_rewards).abs().max())
+            err_y = float((y.token_rewards.double() - o.token_rewards).abs().max())
+            assert err_x <= 2 * err_y + 2e-6, (err_x, err_y)
