@@ -126,6 +126,16 @@ def main() -> None:
         print(f"rep {rep}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in times.items() if v), file=sys.stderr)
     max_err = {k: max(float((a.token_rewards - b.token_rewards).abs().max()) for a, b in zip(outs["unshared"], outs[k]))
                for k in providers if k != "unshared"}
+    # fp64 oracle (unshared, each sequence whole): how far each fp32 path is from the exact result
+    import copy
+
+    from freeprm.engine import Scorer
+
+    m64 = copy.deepcopy(scorer.policy).double()
+    oracle = Scorer((m64, scorer.tokenizer), share_prompt=False, prompt_format=scorer.prompt_format).score_prepared(prepared)
+    del m64
+    err64 = {k: max(float((a.token_rewards.double() - o.token_rewards).abs().max()) for a, o in zip(outs[k], oracle))
+             for k in providers}
     scored = sum(n_resp)
     rows = []
     for k in providers:
@@ -144,7 +154,7 @@ def main() -> None:
     summary = {"speedup_shared_over_unshared": speedup, "speedup_shared_repeat_over_unshared": speedup_repeat,
                "flops_unshared": fl_un, "flops_shared": fl_sh,
                "flop_ratio_unshared_over_shared": fl_un["total"] / fl_sh["total"],
-               "max_abs_diff_token_rewards": max_err}
+               "max_abs_diff_token_rewards": max_err, "max_abs_err_vs_fp64": err64}
     out = {"env": env, "setup": setup, "results": rows, "summary": summary}
     Path(args.out).mkdir(parents=True, exist_ok=True)
     stem = Path(args.out) / f"shared_prompt_cpu_n{args.n}_p{args.prompt}_r{args.response}"
@@ -166,7 +176,9 @@ def main() -> None:
            f"{fl_un['attention'] / 1e9:.0f} + LM head {fl_un['head'] / 1e9:.0f}; shared {fl_sh['total'] / 1e9:.0f} = "
            f"{fl_sh['linear'] / 1e9:.0f} + {fl_sh['attention'] / 1e9:.0f} + {fl_sh['head'] / 1e9:.0f})",
            "- max |token reward difference| vs unshared: "
-           + ", ".join(f"{k} {v:.2e}" for k, v in max_err.items()), ""]
+           + ", ".join(f"{k} {v:.2e}" for k, v in max_err.items()),
+           "- max |token reward error| vs an fp64 run of the unshared path: "
+           + ", ".join(f"{k} {v:.2e}" for k, v in err64.items()), ""]
     stem.with_suffix(".md").write_text("\n".join(md))
     print("\n".join(md))
 
