@@ -10,10 +10,7 @@ Providers:
   chunked    a hand-written loop: base model, then per 1024-row chunk full-vocabulary logits,
              ``logsumexp`` and gather (the reference point issue 10 quotes)
   base-only  the base model's forward alone (hidden states, no LM head): no scorer that runs the same
-             base model can take less time, so ``naive / base-only`` bounds every eager provider's speedup
-  freeprm+compile  ``Scorer(compile=True).score()`` on its own copy of the model (``--no-compile`` skips
-             it); the warm-up rep pays the compilation (reported), the timed reps do not; its peak
-             memory is measured on a second pass, after compiling
+             base model can take less time, so ``naive / base-only`` bounds every provider's speedup
 
 Throughput: both providers are timed in one process, interleaved rep by rep (naive, freeprm,
 naive, ...), so a noisy machine slows both alike; we report median tokens/s and min..max.
@@ -69,7 +66,7 @@ def build_items(tokenizer, batch: int, seq: int) -> list[dict]:
     return items
 
 
-def make_providers(scorer, items, compiled=None):
+def make_providers(scorer, items):
     from freeprm.engine.batching import pad_batch
     from freeprm.testing import naive_sequence_logprobs
 
@@ -108,10 +105,7 @@ def make_providers(scorer, items, compiled=None):
 
     n_tokens = int(am.sum())
     n_scored = int(tm.sum())
-    providers = {"naive": naive, "freeprm": freeprm, "chunked": chunked, "base-only": base_only}
-    if compiled is not None:
-        providers["freeprm+compile"] = lambda: [r.token_rewards for r in compiled.score(items)]
-    return providers, n_tokens, n_scored
+    return {"naive": naive, "freeprm": freeprm, "chunked": chunked, "base-only": base_only}, n_tokens, n_scored
 
 
 def load(args):
@@ -120,19 +114,13 @@ def load(args):
     torch.set_num_threads(args.threads)
     scorer = Scorer(args.policy, dtype="float32", device="cpu", max_batch_tokens=args.batch * args.seq)
     items = build_items(scorer.tokenizer, args.batch, args.seq)
-    compiled = None
-    if args.compile and (args.child is None or args.child == "freeprm+compile"):
-        compiled = Scorer(args.policy, dtype="float32", device="cpu", max_batch_tokens=args.batch * args.seq,
-                          compile=True)
-    return scorer, items, compiled
+    return scorer, items
 
 
 def child_memory(args) -> None:
-    scorer, items, compiled = load(args)
-    providers, _, _ = make_providers(scorer, items, compiled)
+    scorer, items = load(args)
+    providers, _, _ = make_providers(scorer, items)
     fn = providers[args.child]
-    if compiled is not None:
-        fn()  # compile first: the peak is that of a compiled pass
     base = rss_kb("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset the peak-RSS mark (VmHWM) to the current RSS
@@ -149,33 +137,30 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
-    ap.add_argument("--no-compile", dest="compile", action="store_false", help="skip the freeprm+compile provider")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         return child_memory(args)
 
-    scorer, items, compiled = load(args)
-    providers, n_tokens, n_scored = make_providers(scorer, items, compiled)
+    scorer, items = load(args)
+    providers, n_tokens, n_scored = make_providers(scorer, items)
     # rep 0 is the warm-up (not timed) and gives the outputs compared for correctness
-    times, outs, warmup = {k: [] for k in providers}, {}, {}
+    times, outs = {k: [] for k in providers}, {}
     for rep in range(args.reps + 1):
         for k, fn in providers.items():
             t0 = time.perf_counter()
             out = fn()
             if rep == 0:
-                outs[k], warmup[k] = out, time.perf_counter() - t0
+                outs[k] = out
             else:
                 times[k].append(time.perf_counter() - t0)
         print(f"rep {rep}: " + ", ".join(f"{k} {v[-1]:.1f}s" for k, v in times.items() if v), file=sys.stderr)
     max_err = max(float((a - b).abs().max()) for a, b in zip(outs["naive"], outs["freeprm"]))
     max_err_chunked = max(float((a - b).abs().max()) for a, b in zip(outs["naive"], outs["chunked"]))
-    max_err_compiled = (max(float((a - b).abs().max()) for a, b in zip(outs["naive"], outs["freeprm+compile"]))
-                        if "freeprm+compile" in outs else None)
     mem = {}
     for k in providers:
         cmd = [sys.executable, __file__, "--child", k, "--policy", args.policy, "--batch", str(args.batch),
-               "--seq", str(args.seq), "--threads", str(args.threads)] + ([] if args.compile else ["--no-compile"])
+               "--seq", str(args.seq), "--threads", str(args.threads)]
         res = subprocess.run(cmd, capture_output=True, text=True, check=True)
         mem[k] = json.loads(res.stdout.strip().splitlines()[-1])["peak_extra_mb"]
 
@@ -193,12 +178,6 @@ def main() -> None:
         "max_abs_diff_token_logprobs": max_err,
         "max_abs_diff_token_logprobs_chunked": max_err_chunked,
     }
-    if "freeprm+compile" in by:
-        c = by["freeprm+compile"]
-        summary |= {"throughput_ratio_compiled_over_naive": c["tokens_per_s"] / by["naive"]["tokens_per_s"],
-                    "memory_ratio_compiled_over_naive": c["peak_extra_mb"] / by["naive"]["peak_extra_mb"],
-                    "compiled_warmup_over_eager_warmup": warmup["freeprm+compile"] / warmup["freeprm"],
-                    "max_abs_diff_token_logprobs_compiled": max_err_compiled}
     env = env_info(args.threads) | {
            "command": "python bench/bench_engine.py " + " ".join(sys.argv[1:]),
            "cpp_kernel": __import__("freeprm.kernels.cpu_ext", fromlist=["get"]).get() is not None,
@@ -226,13 +205,7 @@ def main() -> None:
            f"- throughput chunked loop / naive: {summary['throughput_ratio_chunked_over_naive']:.2f}x",
            f"- bound for any LM-head implementation over this base model, naive / base-only time: "
            f"**{summary['bound_naive_over_base_only']:.2f}x**",
-           f"- max |token log-prob difference| vs naive: freeprm {max_err:.2e}, chunked {max_err_chunked:.2e}"
-           + (f", freeprm+compile {max_err_compiled:.2e}" if max_err_compiled is not None else "")]
-    if "freeprm+compile" in by:
-        md += [f"- throughput freeprm+compile / naive: **{summary['throughput_ratio_compiled_over_naive']:.2f}x**, "
-               f"peak extra memory {100 * summary['memory_ratio_compiled_over_naive']:.1f}% of naive; its first pass "
-               f"(compilation included) took {summary['compiled_warmup_over_eager_warmup']:.1f}x the eager first pass"]
-    md.append("")
+           f"- max |token log-prob difference| vs naive: freeprm {max_err:.2e}, chunked {max_err_chunked:.2e}", ""]
     stem.with_suffix(".md").write_text("\n".join(md))
     print("\n".join(md))
 

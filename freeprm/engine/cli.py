@@ -69,8 +69,6 @@ def _scorer_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batch-tokens", type=positive_int, default=8192)
     p.add_argument("--trust-remote-code", action="store_true")
     p.add_argument("--allow-pickle", action="store_true", help="allow pickle (*.bin) checkpoints")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the base models: slower start (compilation), faster long runs")
 
 
 def _check_scorer_args(args) -> None:
@@ -94,7 +92,7 @@ def _make_scorer(args):
                   step_pattern=args.step_pattern, aggregate=args.aggregate, prompt_format=args.prompt_format,
                   dtype=args.dtype, device=args.device, max_length=args.max_length,
                   max_batch_tokens=args.max_batch_tokens, trust_remote_code=args.trust_remote_code,
-                  allow_pickle=args.allow_pickle, compile=args.compile)
+                  allow_pickle=args.allow_pickle)
 
 
 class _PatternTimeout(Exception):

@@ -100,11 +100,6 @@ class Scorer:
             batch only where it pays: when packing removes at least ``PACK_MIN_SAVING`` of its padded tokens (a prior;
             ``bench/bench_packing.py`` measures it on CPU), on models with plain causal attention (sdpa/eager, no sliding window).
             ``True`` packs every batch on such models; ``False`` never packs.
-        compile: opt-in. ``torch.compile`` the base models (the transformer body below the LM head) in place,
-            with dynamic shapes. The first batches pay the compilation (on 2 CPU cores about one to two minutes for
-            SmolLM2, and again for the shared-prompt and packed variants), later ones run the base model faster
-            (``bench/bench_engine.py``). Results differ from eager by float rounding (order 1e-4 in SmolLM2 fp32
-            log-probs). Meant for long jobs (reranking, serving); it needs a C++ compiler on CPU.
         fuse_reference: opt-in. With a reference and the Triton path, compute ``beta * (log pi - log pi_ref)`` in
             one kernel launch reading both models' hidden states and LM heads; the per-model log-probs are then
             not kept (``ScoreResult.token_logprobs`` / ``ref_logprobs`` are None). Off by default, so results
@@ -136,7 +131,6 @@ class Scorer:
         share_prompt: bool = True,
         pack: bool | str = "auto",
         fuse_reference: bool = False,
-        compile: bool = False,
         **unknown,
     ) -> None:
         _check_unknown("Scorer", unknown, _SCORER_OPTIONS)
@@ -150,8 +144,6 @@ class Scorer:
             raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
         if max_batch_tokens < 1:
             raise ValueError("max_batch_tokens must be >= 1")
-        if not isinstance(compile, bool):
-            raise ValueError(f"compile must be True or False, got {compile!r}")
         if pack not in (True, False, "auto"):
             raise ValueError(f"pack must be True, False or 'auto', got {pack!r}")
         if max_length is not None and max_length < 2:
@@ -188,11 +180,6 @@ class Scorer:
         self._share_supported = True
         self._prefill_attention = "auto"  # shared_prompt_hidden(attention=...); benchmarks compare "repeat"
         self.vocab_size = split_lm(self.policy)[1].weight.shape[0]
-        self.compile = bool(compile)
-        if self.compile:
-            for m in (self.policy, self.reference):
-                if m is not None:
-                    split_lm(m)[0].compile(dynamic=True)  # nn.Module.compile: in place, forward unchanged
         self.pad_id = pad_id_of(self.tokenizer)
 
     def _load(self, spec, torch_dtype, move: bool, trust_remote_code: bool, allow_pickle: bool):
