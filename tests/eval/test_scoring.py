@@ -72,7 +72,9 @@ def _perturb_in_place(model_dir) -> None:
     (path,) = [p for p in Path(model_dir).iterdir() if p.suffix == ".safetensors"]
     sd = load_file(path)
     name = sorted(sd)[0]
-    sd[name] = sd[name] + 0.05
+    # scaled, not shifted: a constant added to every LM-head entry shifts all logits of a row alike and
+    # leaves log-softmax (so every score) unchanged, so that edit would only show through rounding
+    sd[name] = sd[name] * 1.5
     save_file(sd, path, metadata={"format": "pt"})
 
 
