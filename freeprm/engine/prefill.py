@@ -19,9 +19,10 @@ Two ways to attend to the prompt (``attention=``):
       o_s, lse_s = attn(q, K_resp, V_resp, causal=True)    # each response against itself
       o = o_s + sigmoid(lse_p - lse_s) * (o_p - o_s)       # == softmax over [prompt, response] keys
 
-  The prompt's keys are never repeated over candidates (no ``G x`` cache copies, no padding mask), and
-  the prompt part is one long query sequence against shared keys, with grouped-query heads folded into
-  the query length. It needs an attention op that returns the log-sum-exp (CPU flash attention).
+  The prompt's keys are never repeated over candidates (no ``G x`` cache copies, no padding mask): they
+  are broadcast over the responses, with grouped-query heads folded into the query length. Each response
+  is its own batch entry, so responses with an equal prefix get bitwise equal rewards for it (ties stay
+  exact). It needs an attention op that returns the log-sum-exp (CPU flash attention).
 - ``"repeat"`` (elsewhere): the prompt's ``DynamicCache`` is repeated over the candidates of a chunk
   and the model attends through it with a padding mask.
 
@@ -106,17 +107,21 @@ def cascade_attention(module, query, key, value, attention_mask, scaling=None, d
         raise SharedPromptUnsupported(f"unexpected attention shapes q {tuple(query.shape)}, prompt k {tuple(kp.shape)}")
     rep = h // hkv
     scale = float(scaling) if scaling is not None else d ** -0.5
-    # prompt part: every query of every response against one copy of the prompt's keys; the heads that share
-    # a key head are folded into the query length: [G, Hkv*rep, R, d] -> [1, Hkv, rep*G*R, d]
-    qf = query.view(g, hkv, rep, r, d).permute(1, 2, 0, 3, 4).reshape(1, hkv, rep * g * r, d)
-    o_p, lse_p = _attend(qf, kp.to(query.dtype), vp.to(query.dtype), scale, False)
-    o_p = o_p.view(hkv, rep, g, r, d).permute(2, 0, 1, 3, 4).reshape(g, h, r, d)
-    lse_p = lse_p.view(hkv, rep, g, r).permute(2, 0, 1, 3).reshape(g, h, r)
+    # prompt part: each response's queries against the ONE copy of the prompt's keys (broadcast over responses,
+    # not copied); the heads that share a key head are folded into the query length: [G, Hkv*rep, R, d] ->
+    # [G, Hkv, rep*R, d]. One batch entry per response, so equal responses get bitwise equal rows (exact ties)
+    kp, vp = kp.to(query.dtype), vp.to(query.dtype)
+    qf = query.reshape(g, hkv, rep * r, d)
+    o_p, lse_p = _attend(qf, kp.expand(g, -1, -1, -1), vp.expand(g, -1, -1, -1), scale, False)
+    o_p, lse_p = o_p.reshape(g, h, r, d), lse_p.reshape(g, h, r)
     # response part: causal attention of each response to itself (right padding sits after every real token)
     if rep > 1:
         key, value = key.repeat_interleave(rep, 1), value.repeat_interleave(rep, 1)
     o_s, lse_s = _attend(query, key, value, scale, True)
-    w = torch.sigmoid(lse_p - lse_s).unsqueeze(-1)  # share of the softmax mass on the prompt keys
+    # share of the softmax mass on the prompt keys. In fp64: torch's vectorised and scalar (loop-tail) sigmoid
+    # differ in the last fp32 bit, and which elements fall in the tail depends on their place in the tensor, so
+    # equal rows of two responses could get different weights; rounded from fp64 they agree
+    w = torch.sigmoid((lse_p - lse_s).double()).float().unsqueeze(-1)
     out = torch.lerp(o_s.float(), o_p.float(), w).to(query.dtype)  # [G, H, R, d]
     return out.transpose(1, 2).contiguous(), None
 

@@ -112,3 +112,22 @@ def test_bad_attention_option_is_a_value_error():
     base, _ = split_lm(_model("llama"))
     with pytest.raises(ValueError, match="attention must be"):
         shared_prompt_hidden(base, [1, 2], [[3]], pad_id=0, max_batch_tokens=64, attention="flash")
+
+
+@pytest.mark.parametrize("attention", ["cascade", "repeat"])
+@torch.inference_mode()
+def test_equal_prefixes_give_bitwise_equal_rows(attention):
+    """Candidates that share a response prefix get bitwise equal rows for it, wherever they sit in the
+    group: best-of-N ties between such candidates stay exact ties (broken by file order, not rounding)."""
+    base, _ = split_lm(_model("llama"))
+    prompt, responses = _inputs(3)
+    common = responses[4][:9]
+    group = [responses[0], common + [5, 6], responses[2], common + [7], common + [5, 6]]
+    got = shared_prompt_hidden(base, prompt, group, pad_id=0, max_batch_tokens=4096, attention=attention)
+    assert torch.equal(got[1][:10], got[3][:10]) and torch.equal(got[1], got[4])
+    # two rows only: the second row's elements sit at the end of every [G, H, R] tensor, where torch's
+    # elementwise loops finish with a scalar tail (which once rounded the cascade merge differently)
+    for extra in range(1, 9):
+        pair = [common + [5] * extra, common + [6] * extra]
+        got = shared_prompt_hidden(base, prompt, pair, pad_id=0, max_batch_tokens=4096, attention=attention)
+        assert torch.equal(got[0][:10], got[1][:10]), extra
