@@ -53,8 +53,9 @@ def hidden_states(model_or_base: torch.nn.Module, input_ids: torch.Tensor,
     """Final (normed) hidden states ``[B, T, D]`` of the base model.
 
     When no row has padding the mask is not passed: the model then takes its plain causal path (on CPU,
-    SDPA's ``is_causal`` kernel instead of a materialised ``[B, 1, T, T]`` mask), same values."""
-    if bool(attention_mask.bool().all()):
+    SDPA's ``is_causal`` kernel instead of a materialised ``[B, 1, T, T]`` mask), same values. Checked only
+    for a mask on the CPU: on a GPU the check would be a device sync per forward, and the mask is passed."""
+    if attention_mask.device.type == "cpu" and bool(attention_mask.bool().all()):
         out = model_or_base(input_ids=input_ids, use_cache=False)
     else:
         out = model_or_base(input_ids=input_ids, attention_mask=attention_mask,
