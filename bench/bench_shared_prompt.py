@@ -129,8 +129,6 @@ def main() -> None:
     # fp64 oracle (unshared, each sequence whole): how far each fp32 path is from the exact result
     import copy
 
-    from freeprm.engine import Scorer
-
     m64 = copy.deepcopy(scorer.policy).double()
     oracle = Scorer((m64, scorer.tokenizer), share_prompt=False, prompt_format=scorer.prompt_format).score_prepared(prepared)
     del m64

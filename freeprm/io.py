@@ -354,6 +354,15 @@ def clean_stale_temps(path: str | os.PathLike) -> list[Path]:
     return removed
 
 
+def fsync_dir(path: str | os.PathLike) -> None:
+    """fsync a directory, so that a rename into it survives a crash."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class AtomicJsonlWriter:
     """Write JSONL rows to ``path`` atomically (see the module doc); ``"-"`` writes to stdout.
 
@@ -391,11 +400,7 @@ class AtomicJsonlWriter:
         self._f.close()
         os.replace(self.tmp, self.final)
         try:  # make the rename durable
-            dfd = os.open(self.final.parent, os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
+            fsync_dir(self.final.parent)
         except OSError:
             pass
 

@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from ..engine.cli import _PatternTimeout, _time_limit
-from ..engine.loading import DEFAULT_POLICY, resolve_dtype
+from ..engine.loading import DEFAULT_POLICY, auto_dtype, resolve_dtype
 from ..identity import model_identity
 from ..identity import params_identity as _params_identity
 from ..engine.scorer import AGGREGATIONS, Scorer
@@ -85,7 +85,7 @@ class RerankSummary:
 
 # ---------------------------------------------------------------------- fingerprint
 def effective_dtype(dtype, device, on_gpu_workers: bool | None = None) -> str:
-    """The dtype the models will run in: ``"auto"`` is bfloat16 on CUDA and float32 elsewhere (as ``Scorer``)."""
+    """The dtype the models will run in: ``"auto"`` as ``Scorer`` resolves it (``loading.auto_dtype``)."""
     import torch
 
     if not (isinstance(dtype, str) and dtype == "auto"):
@@ -94,7 +94,7 @@ def effective_dtype(dtype, device, on_gpu_workers: bool | None = None) -> str:
         on_cuda = on_gpu_workers
     else:
         on_cuda = torch.device(device).type == "cuda" if device else torch.cuda.is_available()
-    return str(torch.bfloat16 if on_cuda else torch.float32)
+    return str(auto_dtype("cuda" if on_cuda else "cpu"))
 
 
 def make_fingerprint(*, policy, reference, beta, step_delimiter, step_pattern, aggregate, prompt_format, dtype,

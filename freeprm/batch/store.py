@@ -27,7 +27,7 @@ import signal
 from pathlib import Path
 
 from ..engine.scorer import AGGREGATIONS
-from ..io import dumps_line
+from ..io import dumps_line, fsync_dir
 
 MANIFEST = "manifest.jsonl"
 FINGERPRINT = "fingerprint.json"
@@ -80,14 +80,6 @@ def from_arrow_row(r: dict) -> dict:
     if r.get("candidate_extra") is not None:
         r["candidate_extra"] = [None if v is None else json.loads(v) for v in r["candidate_extra"]]
     return r
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class OutputDir:
@@ -163,7 +155,7 @@ class OutputDir:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        _fsync_dir(self.path)
+        fsync_dir(self.path)
 
     def _load_manifest(self) -> dict[int, dict]:
         mpath = self.path / MANIFEST
@@ -230,7 +222,7 @@ class OutputDir:
             os.fsync(f.fileno())
         _crash_point("manifest", index)
         os.replace(tmp, final)
-        _fsync_dir(self.path)
+        fsync_dir(self.path)
         _crash_point("rename", index)
         self.done[index] = entry
 

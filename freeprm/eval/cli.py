@@ -17,7 +17,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from ..cliargs import HelpFormatter
+from ..cliargs import HelpFormatter, escapes_arg
 
 STAGES = ("generate", "score", "report", "all")
 
@@ -31,13 +31,6 @@ def _ints(s: str) -> list[int]:
         return [int(x) for x in _csv(s)]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
-
-
-def _unescape(s: str) -> str:
-    """Backslash escapes (\\n \\t \\r \\\\ \\uXXXX) decoded; other text, non-ASCII included, kept as is."""
-    from ..cliargs import escapes_arg
-
-    return escapes_arg(s)
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -76,7 +69,7 @@ def _add_generate(p: argparse.ArgumentParser) -> None:
     g.add_argument("--gen-dtype", default="float32")
     g.add_argument("--device", default=None)
     g.add_argument("--prompt-template", default=None, help="user prompt with {question} (default: per task)")
-    g.add_argument("--stop", action="append", type=_unescape, default=None,
+    g.add_argument("--stop", action="append", type=escapes_arg, default=None,
                    help="stop string, repeatable, backslash escapes allowed (e.g. '\\nQuestion:')")
 
 
@@ -86,7 +79,7 @@ def _add_score(p: argparse.ArgumentParser) -> None:
     g.add_argument("--reference", default=None, type=lambda s: None if s.lower() == "none" else s,
                    help="reference model, or 'none' (the default: reference-free)")
     g.add_argument("--beta", type=float, default=1.0)
-    g.add_argument("--step-delimiter", default="\n\n", type=_unescape,
+    g.add_argument("--step-delimiter", default="\n\n", type=escapes_arg,
                    help="step delimiter, backslash escapes allowed (\\n \\t \\r \\\\ \\uXXXX)")
     g.add_argument("--score-dtype", default="float32")
     g.add_argument("--score-chunk", type=int, default=16, help="candidates per scorer call (one flush each)")

@@ -13,8 +13,9 @@ the end (``lse_torch``), target logits as rowwise dots (``target_logits``); for 
 C++ kernel in ``csrc/cpu_head.cpp`` does the same tile loop inside one parallel region (threads own
 row blocks), when it could be built (``cpu_ext.get()``). Only ``lse`` ([N] fp32) is saved;
 ``[chunk, vocab block]`` tiles of logits are recomputed in backward, so the full ``[N, V]`` matrix
-never exists, in forward or backward. The backward's logsumexp-free tiles are 2048 rows x up to
-32 MB (``_tiles``), with the gradient GEMMs fed from each tile.
+never exists, in forward or backward. The backward recomputes tiles of logits and feeds the gradient
+GEMMs from each (C++ ``softmax_bwd``: [BWD_ROWS, BWD_COLS] per thread; pure torch: 2048 rows x up to
+32 MB, ``_tiles``).
 """
 
 from __future__ import annotations
@@ -96,10 +97,10 @@ def target_logits(hidden, weight, targets, logit_scale=1.0, softcap=None, chunk_
     return _transform_(out, logit_scale, softcap)
 
 
-def _fwd_blocks(rows: int, vocab: int) -> tuple[int, int]:
-    """(row block, vocab block) of the forward's cache-sized tiles."""
-    r = max(1, min(FWD_ROWS, rows))
-    return r, max(1, min(vocab, FWD_TILE_ELEMS // r))
+def _fwd_blocks(rows: int, vocab: int, max_rows: int = FWD_ROWS, tile_elems: int = FWD_TILE_ELEMS) -> tuple[int, int]:
+    """(row block, vocab block) of a forward's tiles of about ``tile_elems`` fp32 elements."""
+    r = max(1, min(max_rows, rows))
+    return r, max(1, min(vocab, tile_elems // r))
 
 
 def lse_torch(hidden, weight, logit_scale=1.0, softcap=None):
@@ -111,8 +112,7 @@ def lse_torch(hidden, weight, logit_scale=1.0, softcap=None):
     n, vocab = hidden.shape[0], weight.shape[0]
     h32 = hidden if hidden.dtype == torch.float32 else hidden.float()
     w32 = weight if weight.dtype == torch.float32 else weight.float()
-    r_blk = max(1, min(TORCH_FWD_ROWS, n))
-    v_blk = max(1, min(vocab, TORCH_FWD_TILE_ELEMS // r_blk))
+    r_blk, v_blk = _fwd_blocks(n, vocab, TORCH_FWD_ROWS, TORCH_FWD_TILE_ELEMS)
     nb = -(-vocab // v_blk)
     buf = torch.empty(r_blk * v_blk, dtype=torch.float32, device=hidden.device)
     mx = torch.empty(nb, n, dtype=torch.float32, device=hidden.device)  # per-block row max

@@ -112,9 +112,7 @@ def truncate_metrics(path: Path, step: int) -> None:
     """
     if not path.is_file():
         return
-    from ..io import load_jsonl, write_jsonl_atomic
-
-    from ..io import mark_nonfinite
+    from ..io import load_jsonl, mark_nonfinite, write_jsonl_atomic
 
     rows = load_jsonl(path, on_error="raise", allow_truncated_tail=True, allow_nan=True)  # NaN: files of older versions
     write_jsonl_atomic(path, [mark_nonfinite(r) for _, r in rows if r.get("step", 0) <= step])
