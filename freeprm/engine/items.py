@@ -13,6 +13,8 @@ naming the item's index, raised before any model runs, so a bad item loses nothi
   steps cut inside a word): its reward would silently be 0, so the item is refused and the message says
   which step; join it with its neighbour or cut at a token boundary;
 * token ids within the model's vocabulary.
+
+A ``response`` string loses trailing EOS / pad token texts first (``tokenization.strip_end_markers``).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from .steps import split_steps, token_steps
-from .tokenization import encode
+from .tokenization import encode, strip_end_markers
 
 MAX_CHARS_PER_TOKEN = 32
 
@@ -70,6 +72,8 @@ def prepare_item(
         raise ValueError(f"item {index}: give 'response' (a string) or 'steps' (a list of strings)")
     if steps is not None and (isinstance(steps, str) or not isinstance(steps, Sequence)):
         raise ValueError(f"item {index}: 'steps' must be a list of strings")
+    if isinstance(response, str):
+        response = strip_end_markers(response, tokenizer)  # a trailing EOS/pad text is not scored (tokenization.py)
     if response is None:
         if not all(isinstance(s, str) for s in steps):
             raise ValueError(f"item {index}: 'steps' must be a list of strings")

@@ -10,6 +10,12 @@ are exactly a tokenization of the response text and their offset mapping indexes
   * ``"raw"``: the prompt text as is (with BOS if the tokenizer adds one); put any separator
     (e.g. a trailing newline) in the prompt yourself;
   * ``"auto"`` (default): ``"chat"`` when the tokenizer has a chat template, else ``"raw"``.
+
+End markers: a response that ends with the text of the tokenizer's EOS or pad token (``<|im_end|>``,
+``<|endoftext|>``: what a framework leaves when it decodes with ``skip_special_tokens=False``) has those
+markers removed before it is split and tokenized (``strip_end_markers``). A response is scored on its
+text, so ``"... 42.<|im_end|>"`` and ``"... 42."`` get the same steps and rewards whichever adapter
+passed them (``freeprm serve``, ``Scorer.score``, the TRL reward function).
 """
 
 from __future__ import annotations
@@ -24,6 +30,24 @@ class Encoded:
     input_ids: list[int]  # prompt + response tokens
     response_start: int  # index of the first response token
     offsets: list[tuple[int, int]]  # per response token: (start, end) characters in the response
+
+
+def end_markers(tokenizer) -> tuple[str, ...]:
+    """The texts of the tokenizer's EOS and pad tokens (the non-empty ones, longest first)."""
+    marks = {getattr(tokenizer, name, None) for name in ("eos_token", "pad_token")}
+    return tuple(sorted((m for m in marks if isinstance(m, str) and m), key=len, reverse=True))
+
+
+def strip_end_markers(text: str, tokenizer) -> str:
+    """``text`` without the EOS / pad token texts repeated at its end (``"a.<|im_end|><|endoftext|>"`` -> ``"a."``)."""
+    marks = end_markers(tokenizer)
+    done = False
+    while not done:
+        done = True
+        for m in marks:
+            if text.endswith(m):
+                text, done = text[:-len(m)], False
+    return text
 
 
 def prompt_ids(tokenizer, prompt: str, prompt_format: str = "auto") -> list[int]:

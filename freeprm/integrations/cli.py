@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 
 
@@ -17,13 +18,21 @@ def register(sub) -> None:
     _scorer_args(p)
     p.set_defaults(prompt_format="raw")  # OpenRLHF prompts arrive already through the chat template
     p.add_argument("--host", default="127.0.0.1", help="address to bind (loopback unless --allow-remote)")
-    p.add_argument("--port", type=int, default=5000)
+    p.add_argument("--port", type=int, default=5000, help="TCP port, 0-65535 (0: any free port)")
     p.add_argument("--allow-remote", action="store_true",
                    help="allow a non-loopback --host (no authentication: anyone who can reach it can use it)")
     p.add_argument("--max-batch-size", type=int, default=64,
                    help="responses scored together across concurrent requests (1 = no batching)")
     p.add_argument("--batch-wait-ms", type=float, default=5.0,
-                   help="how long the scoring thread waits for more requests to fill a batch")
+                   help="how long the scoring thread waits for more requests to fill a batch (0-10000)")
+    p.add_argument("--read-timeout-s", type=float, default=60.0,
+                   help="a client that sends nothing for this long, or whose body takes longer, is dropped (0.1-3600)")
+    p.add_argument("--max-connections", type=int, default=64,
+                   help="connections handled at once; one more is answered 503 (1-4096)")
+    p.add_argument("--no-extra-logs", dest="extra_logs", action="store_false",
+                   help="leave 'extra_logs' out of replies (OpenRLHF 0.8.x torch.cat's them and fails on JSON lists)")
+    p.add_argument("--invalid-reward", type=float, default=0.0,
+                   help="reward sent for a query that cannot be scored (its reason is in the reply's 'errors')")
     p.add_argument("--log-requests", action="store_true", help="log each HTTP request to stderr")
     p.set_defaults(func=_serve)
 
@@ -31,7 +40,7 @@ def register(sub) -> None:
 def _serve(args) -> int:
     from ..engine.cli import _make_scorer
     from ..engine.scorer import AGGREGATIONS
-    from .openrlhf import RewardServer, is_loopback
+    from .openrlhf import RewardServer, check_options, is_loopback
 
     if args.aggregate not in AGGREGATIONS:
         print(f"error: --aggregate must be one of {AGGREGATIONS}", file=sys.stderr)
@@ -40,11 +49,21 @@ def _serve(args) -> int:
         print(f"error: --host {args.host} is not a loopback address; the server has no authentication. "
               "Pass --allow-remote to bind it anyway.", file=sys.stderr)
         return 2
+    try:  # every option is checked before the model loads
+        check_options(port=args.port, max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms,
+                      read_timeout_s=args.read_timeout_s, max_connections=args.max_connections)
+        if not math.isfinite(args.invalid_reward):
+            raise ValueError(f"--invalid-reward must be a finite number, got {args.invalid_reward}")
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     try:
         scorer = _make_scorer(args)
         server = RewardServer(scorer, args.host, args.port, aggregate=args.aggregate,
                               max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms,
-                              allow_remote=args.allow_remote, log_requests=args.log_requests)
+                              allow_remote=args.allow_remote, log_requests=args.log_requests,
+                              extra_logs=args.extra_logs, invalid_reward=args.invalid_reward,
+                              read_timeout_s=args.read_timeout_s, max_connections=args.max_connections)
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -20,7 +20,10 @@ Formats:
   their contents joined by a blank line, so a system prompt becomes the head of the user turn. A prompt
   holding an assistant turn (multi-turn) raises ``ValueError``: the scorer's format is single-turn.
 
-None rewards: an empty or whitespace-only completion (no steps to score), and, with ``label_column``,
+A trailing EOS / pad token text (TRL configured to keep special tokens) is not scored: the scorer drops
+it (``freeprm/engine/tokenization.py``, "End markers"), as ``freeprm serve`` does.
+
+None rewards: an empty or whitespace-only completion (no steps to score; an EOS text alone counts as empty), and, with ``label_column``,
 every row whose label is missing or None.
 
 ``label_column``: the name of a dataset column (TRL passes it in ``columns``). Rows whose value is None
@@ -34,7 +37,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 
-from ._common import check_reward_model, finite_or_none, score_items
+from freeprm.engine.tokenization import strip_end_markers
+from freeprm.integrations._common import check_reward_model, finite_or_none, score_items
 
 # keyword arguments TRL adds besides the dataset columns (trainer state, logging hooks, environments)
 _TRL_EXTRA_KWARGS = ("trainer_state", "log_extra", "log_metric", "environments")
@@ -56,6 +60,7 @@ def reward_function(prm_or_scorer, *, aggregate: str = "min", label_column: str 
     if label_column is not None and not isinstance(label_column, str):
         raise ValueError(f"label_column must be a column name (str) or None, got {label_column!r}")
     prm = prm_or_scorer
+    tok = getattr(prm, "tokenizer", None)
 
     def freeprm_reward(prompts, completions, completion_ids=None, **kwargs) -> list[float | None]:
         if len(prompts) != len(completions):
@@ -76,7 +81,7 @@ def reward_function(prm_or_scorer, *, aggregate: str = "min", label_column: str 
             if labels is not None and labels[i] is None:
                 continue
             response = _completion_text(c, i)
-            if not response.strip():
+            if not _strip_end(response, tok).strip():
                 continue
             item = {"prompt": _prompt_text(p, i), "response": response}
             if labels is not None:
@@ -89,6 +94,10 @@ def reward_function(prm_or_scorer, *, aggregate: str = "min", label_column: str 
 
     freeprm_reward.__name__ = freeprm_reward.__qualname__ = name or f"freeprm_{aggregate}"
     return freeprm_reward
+
+
+def _strip_end(text: str, tok) -> str:
+    return strip_end_markers(text, tok) if tok is not None else text
 
 
 def _is_messages(x) -> bool:

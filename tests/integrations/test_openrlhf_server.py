@@ -63,10 +63,10 @@ def test_empty_response_and_health(server):
     (b"{not json", None, "not valid JSON"),
     (None, [1, 2], "JSON object"),
     (None, {"query": "abc", "prompts": ["a"]}, "'query' must be a list"),
-    (None, {"query": ["ab"]}, "'prompts' must be a list"),
+    (None, {"query": ["ab"]}, "0.4.6) sends only 'query' and is not supported"),
+    (None, {"query": ["ab"], "prompts": "a"}, "'prompts' must be a list"),
     (None, {"query": ["ab", "cd"], "prompts": ["a"]}, "'prompts' has 1 entries"),
     (None, {"query": ["ab"], "prompts": ["a"], "labels": [1, 2]}, "'labels'"),
-    (None, {"query": ["ab"], "prompts": ["x"]}, "does not start with"),
     (None, {"query": ["ab"], "prompts": ["a"], "return_step_rewards": "yes"}, "return_step_rewards"),
 ])
 def test_bad_requests_are_400(server, raw, payload, msg):
@@ -74,8 +74,15 @@ def test_bad_requests_are_400(server, raw, payload, msg):
     assert code == 400 and msg in out["error"]
 
 
-def test_scorer_rejection_is_400_and_others_unaffected(server, tiny_scorer):
-    """A request the scorer rejects (too long) fails alone even when batched with good ones."""
+def test_row_that_does_not_fit_its_prompt_is_a_row_error(server):
+    code, out = _post(server.url, {"query": ["ab", ITEMS[1][0] + ITEMS[1][1]], "prompts": ["x", ITEMS[1][0]]})
+    assert code == 200 and out["rewards"][0] == 0.0 and "does not start with" in out["errors"][0]
+    assert out["errors"][1] is None and out["extra_logs"]["prm_invalid"] == [1, 0]
+
+
+def test_scorer_rejection_is_a_row_error_and_others_unaffected(server, tiny_scorer):
+    """A response the scorer rejects (too long) fails alone, even batched with good ones: its row gets the
+    sentinel reward and an 'errors' entry; the other rows and requests are scored."""
     too_long = ("Q", "7 * 6 = 42. " * (tiny_scorer.max_length // 2))
     results = {}
     barrier = threading.Barrier(3)
@@ -85,13 +92,15 @@ def test_scorer_rejection_is_400_and_others_unaffected(server, tiny_scorer):
         results[key] = _post(server.url, _payload(pairs))
 
     threads = [threading.Thread(target=go, args=(k, v)) for k, v in
-               [("bad", [too_long]), ("good1", ITEMS[:1]), ("good2", ITEMS[1:])]]
+               [("bad", [too_long, ITEMS[0]]), ("good1", ITEMS[:1]), ("good2", ITEMS[1:])]]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert results["bad"][0] == 400 and "max_length" in results["bad"][1]["error"]
     want = [r.score for r in tiny_scorer.score([{"prompt": p, "response": r} for p, r in ITEMS])]
+    code, bad = results["bad"]
+    assert code == 200 and "max_length" in bad["errors"][0] and bad["errors"][1] is None
+    assert bad["rewards"][0] == 0.0 and bad["rewards"][1] == pytest.approx(want[0], abs=1e-5)
     assert results["good1"][0] == 200 and results["good1"][1]["rewards"] == pytest.approx(want[:1], abs=1e-5)
     assert results["good2"][0] == 200 and results["good2"][1]["rewards"] == pytest.approx(want[1:], abs=1e-5)
 
@@ -182,6 +191,7 @@ def test_docs_curl_body_is_a_valid_request():
 
     text = (Path(__file__).resolve().parents[2] / "docs" / "rl.md").read_text()
     body = re.search(r"-d '(\{.*?\})'", text, re.S).group(1)
-    items, step = parse_request(body.encode())
-    assert step is True and len(items) == 1 and items[0]["label"] == "42"
+    parsed = parse_request(body.encode())
+    items, step = parsed.items, parsed.step_rewards
+    assert step is True and parsed.errors == [None] and len(items) == 1 and items[0]["label"] == "42"
     assert items[0]["response"] == "7 * 6 = 42.\n\nThe answer is 42."
