@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-AGGREGATIONS = ("min", "last", "mean", "sum", "q_min", "q_last", "q_mean", "q_sum")
+from ..config import AGGREGATIONS
 
 
 def aggregate_steps(step_rewards: torch.Tensor, q_values: torch.Tensor, name: str) -> float:

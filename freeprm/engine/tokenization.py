@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-PROMPT_FORMATS = ("auto", "chat", "raw")
+from ..config import PROMPT_FORMATS
 
 
 @dataclass
