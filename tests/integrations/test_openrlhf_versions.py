@@ -240,3 +240,25 @@ def test_trailing_eos_is_not_scored_in_serve_scorer_and_trl(raw_scorer):
     assert reply["rewards"][0] == pytest.approx(bare.score, abs=1e-5)
     assert reply["extra_logs"]["prm_num_tokens"] == [len(bare.token_rewards), 0]
     assert reply["rewards"][1] == 0.0 and "errors" not in reply  # EOS alone: an empty response
+
+
+def test_split_query_rules_and_suffix_search():
+    """The three rules of ``split_query``, and the O(n) suffix search against a brute force on random strings."""
+    import random
+
+    from freeprm.integrations.openrlhf import RequestError, _longest_suffix_prefix, split_query
+
+    rng = random.Random(0)
+    for _ in range(300):
+        p = "".join(rng.choice("ab") for _ in range(rng.randint(0, 12)))
+        q = "".join(rng.choice("ab") for _ in range(rng.randint(0, 12)))
+        brute = max(k for k in range(min(len(p), len(q)) + 1) if p[len(p) - k:] == q[:k])
+        assert _longest_suffix_prefix(p, q) == brute, (p, q)
+    prompt = "<|im_start|>user\nA long question about clips and friends?<|im_end|>\n<|im_start|>assistant\n"
+    assert split_query(prompt + "R", prompt) == (prompt, "R")
+    assert split_query("<pad><pad>" + prompt + "R<pad>", prompt, ["<pad>"]) == (prompt, "R")
+    assert split_query(prompt[-30:] + "R", prompt) == (prompt[-30:], "R")
+    with pytest.raises(RequestError, match="does not start with its prompt"):
+        split_query(prompt[-10:] + "R", prompt)  # under 16 characters of the prompt: not taken as truncation
+    n = 200_000  # a border-heavy worst case stays linear
+    assert _longest_suffix_prefix("a" * n, "a" * (n - 1) + "b") == n - 1

@@ -57,12 +57,19 @@ def server(tiny_scorer):
         yield s
 
 
-def test_huge_integer_and_deep_nesting_are_400(server):
-    code, out = _post(server.url, b'{"query": [' + b"7" * 5000 + b'], "prompts": ["a"]}')
+@pytest.fixture
+def plain_server(tiny_scorer):
+    """A server built with the options it always had (so these tests also ran against the code before the fix)."""
+    with RewardServer(tiny_scorer, "127.0.0.1", 0, batch_wait_ms=1) as s:
+        yield s
+
+
+def test_huge_integer_and_deep_nesting_are_400(plain_server):
+    code, out = _post(plain_server.url, b'{"query": [' + b"7" * 5000 + b'], "prompts": ["a"]}')
     assert code == 400 and "not valid JSON" in out["error"]
-    code, out = _post(server.url, b"[" * 200_000 + b"]" * 200_000)
+    code, out = _post(plain_server.url, b"[" * 200_000 + b"]" * 200_000)
     assert code == 400 and "nested too deeply" in out["error"]
-    assert _post(server.url, _good_body())[0] == 200  # and the server still answers
+    assert _post(plain_server.url, _good_body())[0] == 200  # and the server still answers
 
 
 @pytest.mark.parametrize("opts,name", [
@@ -132,7 +139,8 @@ def test_connections_over_the_bound_get_503(tiny_scorer):
         assert code == 200
 
 
-def test_client_disconnecting_mid_request_logs_one_line(server, capfd):
+def test_client_disconnecting_mid_request_logs_one_line(plain_server, capfd):
+    server = plain_server
     c = _connect(server)
     c.sendall(b"POST /get_reward HTTP/1.1\r\nHost: x\r\nContent-Length: 500\r\n\r\n{\"query\": [")
     c.close()

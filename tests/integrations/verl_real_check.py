@@ -27,7 +27,7 @@ def main() -> None:
     from freeprm.testing import make_tiny_model_dir
     from test_verl_manager import ITEMS, make_batch
 
-    kind = fv.check_verl_version(verl.__version__)
+    kind = "reward_loop" if verl.__version__.startswith("0.9") else "reward_manager"  # what this script checks
     tmp = Path(tempfile.mkdtemp())
     policy = make_tiny_model_dir(tmp / "policy", seed=0)
     reference = make_tiny_model_dir(tmp / "reference", seed=1)
@@ -84,6 +84,7 @@ def main() -> None:
         theirs = RewardManagerBase.assemble_rm_scores(data, scores)
         assert torch.equal(ours, theirs)
         assert ours[np.arange(len(n)), n - 1].tolist() == scores
+    assert fv.check_verl_version(verl.__version__) == kind
     print("OK", verl.__version__, kind)
 
 
