@@ -28,7 +28,7 @@ def _post(url: str, payload: dict) -> dict:
     req = urllib.request.Request(url + "/get_reward", data=json.dumps(payload).encode(),
                                  headers={"Content-Type": "application/json"})
     try:
-        with urllib.request.urlopen(req, timeout=60) as r:
+        with urllib.request.urlopen(req, timeout=180) as r:  # the first score() may build the C++ kernel
             return json.loads(r.read())
     except urllib.error.HTTPError as e:  # requests' raise_for_status -> retried, then an exception
         raise HTTPFailed(f"{e.code}: {e.read()[:300]!r}") from None

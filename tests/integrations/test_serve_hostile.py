@@ -18,7 +18,7 @@ from freeprm.integrations.openrlhf import RewardServer
 ITEM = ("What is 7 * 6?", "7 * 6 = 42.\n\nThe answer is 42.")
 
 
-def _post(url, body: bytes, timeout=20):
+def _post(url, body: bytes, timeout=180):  # the first score() may build the C++ kernel (~1 min)
     req = urllib.request.Request(url + "/get_reward", data=body, headers={"Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
@@ -230,7 +230,7 @@ def test_load_slow_disconnecting_and_good_clients(tiny_scorer):
         def good_client(i):
             start.wait()
             p, r = pairs[i]
-            good[i] = [_post(s.url, json.dumps({"query": [p + r], "prompts": [p]}).encode(), timeout=60)
+            good[i] = [_post(s.url, json.dumps({"query": [p + r], "prompts": [p]}).encode(), timeout=180)
                        for _ in range(2)]
 
         threads = [threading.Thread(target=f, args=(i,)) for f in (slow, cut_body, leave_early) for i in range(4)]
