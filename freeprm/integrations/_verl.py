@@ -52,6 +52,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import threading
 import warnings
 from collections import defaultdict
 
@@ -173,6 +174,17 @@ class FreePRMRewardManager:
         self.aggregate = aggregate
         self.prm_coef, self.outcome_coef = float(opts["prm_coef"]), float(opts["outcome_coef"])
         self._pending: list = []  # verl 0.9: run_single calls waiting to be scored together
+        self._forward_lock = threading.Lock()  # one forward at a time when several flushes overlap
+
+    def __getstate__(self) -> dict:  # verl 0.5 may pickle the manager (launch_reward_fn_async): no lock, no queue
+        state = dict(self.__dict__)
+        state.pop("_forward_lock", None)
+        state["_pending"] = []
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._forward_lock = threading.Lock()
 
     # ------------------------------------------------------------------ verl 0.4 / 0.5
     def __call__(self, data, return_dict: bool = False):
@@ -268,7 +280,8 @@ class FreePRMRewardManager:
         await asyncio.sleep(0)  # let the other run_single calls of this gather() queue up
         pending, self._pending = self._pending, []
         try:
-            outs = await asyncio.get_running_loop().run_in_executor(None, self._score_rows, [d for d, _ in pending])
+            outs = await asyncio.get_running_loop().run_in_executor(None, self._score_rows_locked,
+                                                                    [d for d, _ in pending])
         except BaseException as e:  # noqa: BLE001 - every waiting call gets the error
             for _, fut in pending:
                 if not fut.done():
@@ -277,6 +290,10 @@ class FreePRMRewardManager:
         for (_, fut), out in zip(pending, outs):
             if not fut.done():
                 fut.set_result(out)
+
+    def _score_rows_locked(self, datas: list) -> list[tuple[float, dict]]:
+        with self._forward_lock:
+            return self._score_rows(datas)
 
     def _score_rows(self, datas: list) -> list[tuple[float, dict]]:
         """One forward over the single-sample DataProtos ``datas``: (aggregate, extra info) per sample."""

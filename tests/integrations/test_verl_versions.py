@@ -237,3 +237,13 @@ def test_verl_0_5_0_load_reward_manager_and_compute_reward(fake_verl, tiny_score
     for i, w in enumerate(tiny_scorer.score(ITEMS)):
         assert torch.allclose(rt[i, :len(w.token_rewards)], w.token_rewards, atol=1e-5)
     assert set(result["reward_extra_info"]) == {"prm_reward_sum", "prm_num_tokens"}
+
+
+def test_manager_pickles(tiny_scorer):
+    """verl 0.5 with ``launch_reward_fn_async`` ships the manager to a Ray task (pickled)."""
+    import pickle
+
+    m = FreePRMRewardManager(tiny_scorer.tokenizer, 0, prm=tiny_scorer)
+    m2 = pickle.loads(pickle.dumps(m))
+    data = make_batch(tiny_scorer, ITEMS[:1])
+    assert torch.allclose(m2(data), m(data), atol=1e-6)
