@@ -263,6 +263,7 @@ class RewardServer:
         self.httpd = server_cls((host, port), _make_handler(self, log_requests))
         self.httpd.daemon_threads = True
         self.httpd.slots = threading.BoundedSemaphore(int(max_connections))
+        self.httpd.max_connections = int(max_connections)
         self.max_connections = int(max_connections)
         self.host, self.port = host, self.httpd.server_address[1]
         self._threads: list[threading.Thread] = []
@@ -456,11 +457,12 @@ class _Server(ThreadingHTTPServer):
     """At most ``slots`` connections are handled at once; one more is answered 503 and closed."""
 
     slots: threading.BoundedSemaphore
+    max_connections: int
     request_queue_size = 64
 
     def process_request(self, request, client_address):
         if not self.slots.acquire(blocking=False):
-            _log(f"refused a connection from {client_address[0]}: {self.slots._initial_value} connections open "
+            _log(f"refused a connection from {client_address[0]}: {self.max_connections} connections open "
                  "(--max-connections)")
             body = b'{"error": "too many open connections; retry later"}'
             try:
