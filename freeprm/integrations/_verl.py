@@ -58,6 +58,7 @@ from collections import defaultdict
 
 import torch
 
+from freeprm.config import DEFAULT_BETA, DEFAULT_STEP_DELIMITER, check_beta
 from freeprm.engine.steps import split_steps, token_steps
 from freeprm.integrations._common import check_reward_model, dense_rewards, model_version
 
@@ -144,8 +145,9 @@ class FreePRMRewardManager:
                                        step_delimiter=step_delimiter, granularity=granularity, aggregate=aggregate,
                                        prm_coef=prm_coef, outcome_coef=outcome_coef, dtype=dtype,
                                        device=device).items() if v is not None}
-        opts = {"beta": 1.0, "step_delimiter": "\n\n", "granularity": "token", "aggregate": "sum", "prm_coef": 1.0,
-                "outcome_coef": 0.0, "dtype": "float32", **settings_from_config(config), **given}
+        opts = {"beta": DEFAULT_BETA, "step_delimiter": DEFAULT_STEP_DELIMITER, "granularity": "token",
+                "aggregate": "sum", "prm_coef": 1.0, "outcome_coef": 0.0, "dtype": "float32",
+                **settings_from_config(config), **given}
         if reward_fn_key is None:
             reward_fn_key = _get(_get(config, "data"), "reward_fn_key", "data_source") or "data_source"
         granularity, aggregate = opts["granularity"], opts["aggregate"]
@@ -164,7 +166,7 @@ class FreePRMRewardManager:
                 where = ("reward.reward_kwargs.policy (or reward_model.reward_kwargs.policy, or freeprm.policy)"
                          if config is not None else "reward_model.reward_kwargs.policy")
                 raise ValueError(f"give prm= (an ImplicitPRM or Scorer) or policy= (a model spec; in verl set {where})")
-            prm = _cached_scorer(opts["policy"], opts.get("reference"), beta=float(opts["beta"]),
+            prm = _cached_scorer(opts["policy"], opts.get("reference"), beta=check_beta(opts["beta"]),
                                  step_delimiter=opts["step_delimiter"], dtype=opts["dtype"], device=opts.get("device"))
         check_reward_model(prm)
         _check_tokenizers(tokenizer, getattr(prm, "tokenizer", None))
