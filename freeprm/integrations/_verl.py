@@ -322,12 +322,12 @@ class FreePRMRewardManager:
             n = int(lengths[i])
             total = float(dense[i, :n].sum())
             info = {"prm_reward_sum": total, "prm_num_tokens": n}
-            if self.aggregate == "min" and n:
-                sums = _step_sums(dense[i, :n], responses[i, :n].tolist(), self.tokenizer, self.step_delimiter)
-                agg = float(min(sums)) if sums else total
+            agg = total
+            if self.aggregate == "min":  # the key on every sample: verl stacks each key over all of them
+                if n:
+                    sums = _step_sums(dense[i, :n], responses[i, :n].tolist(), self.tokenizer, self.step_delimiter)
+                    agg = float(min(sums)) if sums else total
                 info["prm_min_step"] = agg
-            else:
-                agg = total
             if version is not None:
                 info["prm_version"] = version
             out.append((agg, info))

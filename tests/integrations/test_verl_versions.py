@@ -247,3 +247,17 @@ def test_manager_pickles(tiny_scorer):
     m2 = pickle.loads(pickle.dumps(m))
     data = make_batch(tiny_scorer, ITEMS[:1])
     assert torch.allclose(m2(data), m(data), atol=1e-6)
+
+
+def test_verl_0_9_1_extra_info_keys_on_every_sample(tiny_scorer):
+    """0.9.1 builds ``non_tensor_batch[key]`` from the first sample's keys over all samples: an empty response
+    must carry the same keys (it gets reward 0)."""
+    items = [ITEMS[0], {"prompt": "What is 7 * 6?", "response": "42"}]
+    data = make_batch(tiny_scorer, items)
+    p = data.batch["prompts"].shape[1]
+    data.batch["attention_mask"][1, p:] = 0  # the second response: no tokens
+    data = SlicingDataProto(data.batch, data.non_tensor_batch)
+    manager = FreePRMRewardManager(config={"freeprm": {"aggregate": "min"}}, tokenizer=tiny_scorer.tokenizer,
+                                   compute_score=None, prm=tiny_scorer)
+    rm, extra = _verl_0_9_1_compute_rm_score(manager, data)
+    assert extra["prm_num_tokens"][1] == 0 and extra["prm_min_step"][1] == 0.0 and rm[1].abs().sum() == 0
