@@ -44,7 +44,7 @@ if not torch.cuda.is_available():  # CPU smoke run: Triton only through its inte
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from freeprm.kernels import (linear_logprobs, policy_ref_rewards, reference, segment_cumsum,  # noqa: E402
+from freeprm.kernels import (linear_logprobs, policy_ref_rewards, oracle as oracle_ops, segment_cumsum,  # noqa: E402
                              segment_reduce, segment_sum, token_rewards)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -283,7 +283,7 @@ def bench_policy_ref(d, v, n, dtype, device, quick):
     }
     rows = []
     with torch.no_grad():
-        oracle = reference.policy_ref_rewards(hp.float(), wp.float(), hr.float(), wr.float(), t, 0.1, mask) \
+        oracle = oracle_ops.policy_ref_rewards(hp.float(), wp.float(), hr.float(), wr.float(), t, 0.1, mask) \
             if n * v <= 2**28 else None
         for name, fn in cases.items():
             row = dict(D=d, V=v, N=n, provider=name, status="ok")
@@ -310,7 +310,7 @@ def _segments(n_tokens, n_segments, device, seed=3):
 
 
 def bench_small_ops(n, k, device, quick):
-    """token_rewards and segment_* (Triton kernels vs the plain-torch reference) on N values, K segments.
+    """token_rewards and segment_* (Triton kernels vs the plain-torch oracle) on N values, K segments.
 
     fwd: forward only; full: forward + backward with a random upstream gradient. If the Triton
     rows do not beat torch on a GPU, the kernels go (docs/kernels.md).

@@ -3,11 +3,11 @@
 Public functions (see ``ops.py``): ``linear_logprobs``, ``token_rewards``, ``segment_sum``,
 ``segment_cumsum``, ``segment_reduce``, ``policy_ref_rewards``. Each dispatches with
 ``impl="auto" | "triton" | "torch"``.
-``reference`` holds the plain-torch definition of every op (test oracle, ``upcast`` flag).
+``oracle`` holds the plain-torch definition of every op (test oracle, ``upcast`` flag).
 """
 
-from . import reference
+from . import oracle
 from .ops import linear_logprobs, policy_ref_rewards, segment_cumsum, segment_reduce, segment_sum, token_rewards
 
-__all__ = ["reference", "linear_logprobs", "token_rewards", "segment_sum", "segment_cumsum", "segment_reduce",
+__all__ = ["oracle", "linear_logprobs", "token_rewards", "segment_sum", "segment_cumsum", "segment_reduce",
            "policy_ref_rewards"]

@@ -4,7 +4,7 @@
 ``impl="triton"`` forces the kernel (on CPU it needs ``TRITON_INTERPRET=1`` set before triton
 is imported); ``impl="torch"`` forces the torch path. The torch path of ``linear_logprobs`` is
 the chunked one in ``chunked.py`` (never ``[N, V]``; with entropy: ``entropy.py``); the others are
-in ``reference.py``.
+in ``oracle.py``.
 
 Validation: shapes, dtypes and devices are always checked (no device work). Checks of tensor
 *values* (target ids in ``[0, V)``, segment offsets) need a device-to-host copy, which on a GPU
@@ -20,7 +20,7 @@ import os
 
 import torch
 
-from . import reference
+from . import oracle
 from .chunked import chunked_linear_logprobs
 from .entropy import torch_linear_logprobs_entropy
 
@@ -167,7 +167,7 @@ def token_rewards(
 ) -> torch.Tensor:
     """``beta * (logp - logp_ref) * mask`` in float32; ``logp_ref=None`` is reference-free.
 
-    Equivalent plain torch: ``reference.token_rewards(logp, logp_ref, mask, beta)``.
+    Equivalent plain torch: ``oracle.token_rewards(logp, logp_ref, mask, beta)``.
     Shapes: all ``[N]`` (or all ``[B, T]``).
     """
     if logp_ref is not None and logp_ref.shape != logp.shape:
@@ -179,7 +179,7 @@ def token_rewards(
         from .reward_kernel import triton_token_rewards
 
         return triton_token_rewards(logp, logp_ref, mask, beta)
-    return reference.token_rewards(logp, logp_ref, mask, beta)
+    return oracle.token_rewards(logp, logp_ref, mask, beta)
 
 
 def segment_sum(values: torch.Tensor, cu: torch.Tensor, *, impl: str = "auto",
@@ -195,7 +195,7 @@ def segment_sum(values: torch.Tensor, cu: torch.Tensor, *, impl: str = "auto",
         from .segment_kernel import triton_segment_sum
 
         return triton_segment_sum(values, cu)
-    return reference.segment_sum(values, cu)
+    return oracle.segment_sum(values, cu)
 
 
 def segment_cumsum(values: torch.Tensor, cu: torch.Tensor, *, impl: str = "auto",
@@ -207,7 +207,7 @@ def segment_cumsum(values: torch.Tensor, cu: torch.Tensor, *, impl: str = "auto"
         from .segment_kernel import triton_segment_cumsum
 
         return triton_segment_cumsum(values, cu)
-    return reference.segment_cumsum(values, cu)
+    return oracle.segment_cumsum(values, cu)
 
 
 def segment_reduce(values: torch.Tensor, cu: torch.Tensor, op: str, *, impl: str = "auto",
@@ -216,15 +216,15 @@ def segment_reduce(values: torch.Tensor, cu: torch.Tensor, op: str, *, impl: str
 
     Empty segments give NaN (min, max, last, mean) or 0 (sum).
     """
-    if op not in reference.SEGMENT_OPS:
-        raise ValueError(f"op must be one of {reference.SEGMENT_OPS}, got {op!r}")
+    if op not in oracle.SEGMENT_OPS:
+        raise ValueError(f"op must be one of {oracle.SEGMENT_OPS}, got {op!r}")
     _check_cu(cu, values.shape[0], "cu", validate)
     which = _resolve_impl(impl, values)
     if which == "triton":
         from .segment_kernel import triton_segment_reduce
 
         return triton_segment_reduce(values, cu, op)
-    return reference.segment_reduce(values, cu, op)
+    return oracle.segment_reduce(values, cu, op)
 
 
 def policy_ref_rewards(
@@ -244,7 +244,7 @@ def policy_ref_rewards(
 ) -> torch.Tensor:
     """Implicit-PRM token rewards straight from both models' last hidden states, float32 ``[N]``.
 
-    Equivalent plain torch: ``reference.policy_ref_rewards(...)``, i.e.::
+    Equivalent plain torch: ``oracle.policy_ref_rewards(...)``, i.e.::
 
         beta * (linear_logprobs(h_pol, w_pol, targets) - linear_logprobs(h_ref, w_ref, targets)) * mask
 
@@ -277,4 +277,4 @@ def policy_ref_rewards(
                                              logit_scale=logit_scale, softcap=softcap)
         lp = chunked_linear_logprobs(h_pol, w_pol, targets, logit_scale, softcap, chunk_rows)
         lr = chunked_linear_logprobs(h_ref, w_ref, targets, logit_scale, softcap, chunk_rows)
-        return reference.token_rewards(lp, lr, mask, beta)
+        return oracle.token_rewards(lp, lr, mask, beta)

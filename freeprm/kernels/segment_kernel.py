@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from . import triton_common as tc
-from .reference import SEGMENT_OPS
+from .oracle import SEGMENT_OPS
 
 _BLOCK = 1024
 _OP_CODE = {"sum": 0, "mean": 1, "min": 2, "max": 3, "last": 4}

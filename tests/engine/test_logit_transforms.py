@@ -5,7 +5,7 @@ import torch
 
 from freeprm.engine import Scorer
 from freeprm.engine.logprobs import split_lm, target_hidden
-from freeprm.kernels import reference
+from freeprm.kernels import oracle
 from freeprm.testing import make_tiny_tokenizer
 
 
@@ -48,5 +48,5 @@ def test_transform_matches_model_logits(kind, field, naive_rewards):
     # and the transform matters: the same hidden states without it give other log-probs
     rows, _, (b_idx, t_idx) = target_hidden(model, ids, torch.ones_like(ids), tm)
     with torch.no_grad():
-        plain = reference.linear_logprobs(rows, head.weight, ids[b_idx, t_idx])
+        plain = oracle.linear_logprobs(rows, head.weight, ids[b_idx, t_idx])
     assert (plain - expected).abs().max() > 1e-2

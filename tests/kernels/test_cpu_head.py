@@ -6,7 +6,7 @@ import shutil
 import pytest
 import torch
 
-from freeprm.kernels import chunked, cpu_ext, linear_logprobs, reference
+from freeprm.kernels import chunked, cpu_ext, linear_logprobs, oracle as oracle_ops
 
 PATHS = ["cpp", "torch"]
 
@@ -47,8 +47,8 @@ def _inputs(n, v, d, dtype=torch.float32, seed=0):
 @pytest.mark.parametrize("transform", [{}, {"logit_scale": 0.7}, {"logit_scale": 1.3, "softcap": 3.0}])
 def test_forward_matches_oracle(path, n, v, transform):
     hidden, weight, targets = _inputs(n, v, 64)
-    oracle = reference.linear_logprobs(hidden.double(), weight.double(), targets, upcast=False, **transform)
-    plain = reference.linear_logprobs(hidden, weight, targets, upcast=False, **transform)
+    oracle = oracle_ops.linear_logprobs(hidden.double(), weight.double(), targets, upcast=False, **transform)
+    plain = oracle_ops.linear_logprobs(hidden, weight, targets, upcast=False, **transform)
     ours = linear_logprobs(hidden, weight, targets, impl="torch", **transform)
     assert ours.dtype == torch.float32 and ours.shape == (n,)
     assert ((ours.double() - oracle).abs() <= 2 * (plain.double() - oracle).abs() + 1e-5).all()
@@ -68,7 +68,7 @@ def test_extreme_logits_stay_finite(path):
     hidden, weight, targets = _inputs(16, 500, 32)
     weight[300] *= 200.0
     out = linear_logprobs(hidden, weight, targets, impl="torch")
-    oracle = reference.linear_logprobs(hidden.double(), weight.double(), targets, upcast=False)
+    oracle = oracle_ops.linear_logprobs(hidden.double(), weight.double(), targets, upcast=False)
     assert torch.isfinite(out).all()
     assert torch.allclose(out, oracle, atol=1e-3, rtol=1e-5)
 
@@ -84,7 +84,7 @@ def _grads(fn, h, w, g, need=(True, True)):
 def _check_grads(transform, n, v, d=64, need=(True, True), chunk_rows=None, seed=1):
     hidden, weight, targets = _inputs(n, v, d, seed=seed)
     g = torch.randn(n, generator=torch.Generator().manual_seed(seed + 1))  # never ones: exercises g != 1
-    ref = lambda h, w: reference.linear_logprobs(h, w, targets, upcast=False, **transform)  # noqa: E731
+    ref = lambda h, w: oracle_ops.linear_logprobs(h, w, targets, upcast=False, **transform)  # noqa: E731
     oracle = _grads(ref, hidden.double(), weight.double(), g, need)
     plain = _grads(ref, hidden, weight, g, need)
     ours = _grads(lambda h, w: linear_logprobs(h, w, targets, impl="torch", chunk_rows=chunk_rows, **transform),
@@ -127,8 +127,8 @@ def test_grads_multithreaded(path, threads, v):
 
 def test_fp16_inputs_take_the_torch_path_and_match(path):
     hidden, weight, targets = _inputs(37, 1000, 64, dtype=torch.float16)
-    oracle = reference.linear_logprobs(hidden.double(), weight.double(), targets, upcast=False)
-    plain = reference.linear_logprobs(hidden, weight, targets, upcast=False)
+    oracle = oracle_ops.linear_logprobs(hidden.double(), weight.double(), targets, upcast=False)
+    plain = oracle_ops.linear_logprobs(hidden, weight, targets, upcast=False)
     ours = linear_logprobs(hidden, weight, targets, impl="torch")
     assert ((ours.double() - oracle).abs() <= 2 * (plain.double() - oracle).abs() + 1e-4).all()
 
@@ -149,7 +149,7 @@ def test_env_var_disables_the_cpp_kernel(monkeypatch):
     monkeypatch.setenv("FREEPRM_CPU_EXT", "0")
     assert cpu_ext.get() is None
     hidden, weight, targets = _inputs(5, 200, 16)
-    oracle = reference.linear_logprobs(hidden.double(), weight.double(), targets, upcast=False)
+    oracle = oracle_ops.linear_logprobs(hidden.double(), weight.double(), targets, upcast=False)
     assert torch.allclose(linear_logprobs(hidden, weight, targets, impl="torch"), oracle, atol=1e-5)
 
 
@@ -168,7 +168,7 @@ def test_cpp_kernel_multithreaded_under_autograd(path, threads):
         h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
         out = linear_logprobs(h, w, targets, impl="torch", logit_scale=0.5)
         out.sum().backward()
-        oracle = reference.linear_logprobs(hidden.double(), weight.double(), targets, upcast=False, logit_scale=0.5)
+        oracle = oracle_ops.linear_logprobs(hidden.double(), weight.double(), targets, upcast=False, logit_scale=0.5)
         assert torch.allclose(out.detach(), oracle, atol=1e-5)
         assert h.grad is not None and w.grad is not None
     finally:
@@ -181,7 +181,7 @@ def test_strided_targets_hidden_weight(path):
     targets = torch.randint(0, 700, (29, 2), generator=g)[:, 0]
     hidden = torch.randn(29, 40, generator=g)[:, :32]
     weight = (torch.randn(32, 700, generator=g) * 0.3).T
-    oracle = reference.linear_logprobs(hidden.double(), weight.double(), targets, upcast=False)
+    oracle = oracle_ops.linear_logprobs(hidden.double(), weight.double(), targets, upcast=False)
     assert torch.allclose(linear_logprobs(hidden, weight, targets, impl="torch"), oracle, atol=1e-5)
 
 

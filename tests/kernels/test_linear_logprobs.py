@@ -1,14 +1,14 @@
 """linear_logprobs: Triton kernel and chunked torch path vs an fp64 oracle, forward and both grads.
 
 Budget (house style): max|impl - oracle| <= 2 * max|torch_in_dtype - oracle| + atol, where the
-oracle is ``reference.linear_logprobs`` run in fp64 and ``torch_in_dtype`` is the naive
+oracle is ``oracle.linear_logprobs`` run in fp64 and ``torch_in_dtype`` is the naive
 ``upcast=False`` computation in the test dtype. On CPU the kernel runs under TRITON_INTERPRET=1.
 """
 
 import pytest
 import torch
 
-from freeprm.kernels import linear_logprobs, reference
+from freeprm.kernels import linear_logprobs, oracle as oracle_ops
 
 SHAPES = [(64, 512, 64), (37, 1000, 64)]  # (N, V, D): aligned, ragged
 DTYPES = [torch.float32, torch.float16]
@@ -35,9 +35,9 @@ def _fwd_bwd(fn, hidden, weight, targets, grad_out):
 
 def check_three_way(assert_budget, impl, n, v, d, dtype, transform, device, seed=0, **kw):
     hidden, weight, targets, grad_out = _inputs(n, v, d, dtype, device, seed)
-    oracle = _fwd_bwd(lambda h, w, t: reference.linear_logprobs(h.double(), w.double(), t, upcast=False,
+    oracle = _fwd_bwd(lambda h, w, t: oracle_ops.linear_logprobs(h.double(), w.double(), t, upcast=False,
                                                                 **transform), hidden, weight, targets, grad_out)
-    naive = _fwd_bwd(lambda h, w, t: reference.linear_logprobs(h, w, t, upcast=False, **transform),
+    naive = _fwd_bwd(lambda h, w, t: oracle_ops.linear_logprobs(h, w, t, upcast=False, **transform),
                      hidden, weight, targets, grad_out)
     if kw and impl == "triton":  # tuning knobs live on the kernel's own entry point
         from freeprm.kernels.linear_logprob_kernel import triton_linear_logprobs
@@ -89,7 +89,7 @@ def test_grad_only_hidden_and_one_token(device):
     out = linear_logprobs(h, weight, targets, impl="triton")
     (dh,) = torch.autograd.grad(out, h, grad_out)
     h64 = hidden.double().requires_grad_()
-    ref = reference.linear_logprobs(h64, weight.double(), targets, upcast=False)
+    ref = oracle_ops.linear_logprobs(h64, weight.double(), targets, upcast=False)
     (rh,) = torch.autograd.grad(ref, h64, grad_out.double())
     torch.testing.assert_close(dh.double(), rh, atol=1e-5, rtol=1e-4)
 
@@ -129,9 +129,9 @@ def test_errors(device):
 def test_linear_logprobs_bf16_real_shapes(v, d, assert_budget):
     n = 512
     hidden, weight, targets, grad_out = _inputs(n, v, d, torch.bfloat16, "cuda")
-    oracle = _fwd_bwd(lambda h, w, t: reference.linear_logprobs(h, w, t, upcast=True),
+    oracle = _fwd_bwd(lambda h, w, t: oracle_ops.linear_logprobs(h, w, t, upcast=True),
                       hidden, weight, targets, grad_out)
-    naive = _fwd_bwd(lambda h, w, t: reference.linear_logprobs(h, w, t, upcast=False),
+    naive = _fwd_bwd(lambda h, w, t: oracle_ops.linear_logprobs(h, w, t, upcast=False),
                      hidden, weight, targets, grad_out)
     got = _fwd_bwd(lambda h, w, t: linear_logprobs(h, w, t, impl="triton"), hidden, weight, targets, grad_out)
     for name, a, o, t in zip(("logp", "d_hidden", "d_weight"), got, oracle, naive):
@@ -143,9 +143,9 @@ def test_linear_logprobs_bf16_real_shapes(v, d, assert_budget):
 def test_linear_logprobs_gpu_small(dtype, assert_budget):
     # same small shapes, compiled kernels (fp32 uses IEEE dots), split vocab and multi-chunk backward
     hidden, weight, targets, grad_out = _inputs(37, 1000, 64, dtype, "cuda")
-    oracle = _fwd_bwd(lambda h, w, t: reference.linear_logprobs(h.double(), w.double(), t, upcast=False),
+    oracle = _fwd_bwd(lambda h, w, t: oracle_ops.linear_logprobs(h.double(), w.double(), t, upcast=False),
                       hidden, weight, targets, grad_out)
-    naive = _fwd_bwd(lambda h, w, t: reference.linear_logprobs(h, w, t, upcast=False), hidden, weight, targets, grad_out)
+    naive = _fwd_bwd(lambda h, w, t: oracle_ops.linear_logprobs(h, w, t, upcast=False), hidden, weight, targets, grad_out)
     for kw in (dict(), dict(num_splits=3, bwd_split="rows", bwd_chunk_rows=16), dict(num_splits=5, bwd_chunk_vocab=256)):
         from freeprm.kernels.linear_logprob_kernel import triton_linear_logprobs
 

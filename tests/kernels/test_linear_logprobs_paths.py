@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from freeprm.kernels import linear_logprobs, ops, reference
+from freeprm.kernels import linear_logprobs, ops, oracle as oracle_ops
 from freeprm.kernels import triton_common as tc
 from freeprm.kernels.linear_logprob_kernel import linear_logprob_bwd, linear_logprob_fwd, triton_linear_logprobs
 from test_linear_logprobs import ATOL, _fwd_bwd, _inputs, check_three_way
@@ -21,9 +21,9 @@ from test_linear_logprobs import ATOL, _fwd_bwd, _inputs, check_three_way
 
 def _check(assert_budget, got, hidden, weight, targets, grad_out, transform=None):
     transform = transform or {}
-    oracle = _fwd_bwd(lambda h, w, t: reference.linear_logprobs(h.double(), w.double(), t, upcast=False, **transform),
+    oracle = _fwd_bwd(lambda h, w, t: oracle_ops.linear_logprobs(h.double(), w.double(), t, upcast=False, **transform),
                       hidden, weight, targets, grad_out)
-    naive = _fwd_bwd(lambda h, w, t: reference.linear_logprobs(h, w, t, upcast=False, **transform),
+    naive = _fwd_bwd(lambda h, w, t: oracle_ops.linear_logprobs(h, w, t, upcast=False, **transform),
                      hidden, weight, targets, grad_out)
     for name, a, o, t in zip(("logp", "d_hidden", "d_weight"), got, oracle, naive):
         assert_budget(name, a, o, t, ATOL[hidden.dtype])
@@ -208,8 +208,8 @@ def test_config_env_override(monkeypatch):
 def test_entropy_three_way(impl, kw, dtype, device, assert_budget):
     transform = dict(logit_scale=0.9, softcap=5.0)
     hidden, weight, targets, grad_out = _inputs(37, 1000, 64, dtype, device, seed=4)
-    oracle = reference.linear_entropy(hidden.double(), weight.double(), upcast=False, **transform)
-    naive = reference.linear_entropy(hidden, weight, upcast=False, **transform)
+    oracle = oracle_ops.linear_entropy(hidden.double(), weight.double(), upcast=False, **transform)
+    naive = oracle_ops.linear_entropy(hidden, weight, upcast=False, **transform)
     h = hidden.clone().requires_grad_()
     if kw:
         lp, ent = triton_linear_logprobs(h, weight, targets, return_entropy=True, **transform, **kw)
@@ -219,7 +219,7 @@ def test_entropy_three_way(impl, kw, dtype, device, assert_budget):
     assert_budget("entropy", ent.double(), oracle.double(), naive.double(), ATOL[dtype])
     (dh,) = torch.autograd.grad(lp, h, grad_out)  # the log-probs keep their gradient
     h64 = hidden.double().requires_grad_()
-    ref = reference.linear_logprobs(h64, weight.double(), targets, upcast=False, **transform)
+    ref = oracle_ops.linear_logprobs(h64, weight.double(), targets, upcast=False, **transform)
     (rh,) = torch.autograd.grad(ref, h64, grad_out.double())
     torch.testing.assert_close(lp.detach().double(), ref.detach().double(), atol=ATOL[dtype] * 20, rtol=0)
     torch.testing.assert_close(dh.double(), rh, atol=ATOL[dtype] * 20, rtol=0)
@@ -230,5 +230,5 @@ def test_entropy_torch_path_multi_tile():
 
     hidden, weight, targets, _ = _inputs(45, 700, 32, torch.float32, "cpu", seed=5)
     lp, ent = logprobs_entropy_fwd(hidden, weight, targets, chunk_rows=16)  # 3 row chunks
-    torch.testing.assert_close(ent, reference.linear_entropy(hidden, weight), atol=1e-4, rtol=1e-5)
-    torch.testing.assert_close(lp, reference.linear_logprobs(hidden, weight, targets), atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(ent, oracle_ops.linear_entropy(hidden, weight), atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(lp, oracle_ops.linear_logprobs(hidden, weight, targets), atol=1e-4, rtol=1e-5)

@@ -8,7 +8,7 @@ Offsets include empty and one-token segments, leading/trailing empties and one l
 import pytest
 import torch
 
-from freeprm.kernels import reference, segment_cumsum, segment_reduce, segment_sum
+from freeprm.kernels import oracle as oracle_ops, segment_cumsum, segment_reduce, segment_sum
 
 ATOL = {torch.float32: 1e-5, torch.float16: 2e-3}
 DTYPES = [torch.float32, torch.float16]
@@ -52,7 +52,7 @@ def three_way(fn_impl, fn_ref, values, cu, grad_seed=7):
 def test_segment_sum_and_cumsum(impl, dtype, layout, device, assert_budget):
     cu = _cu(LENGTHS[layout], device)
     values = _values(int(cu[-1]), dtype, device)
-    for name, op, ref in (("sum", segment_sum, reference.segment_sum), ("cumsum", segment_cumsum, reference.segment_cumsum)):
+    for name, op, ref in (("sum", segment_sum, oracle_ops.segment_sum), ("cumsum", segment_cumsum, oracle_ops.segment_cumsum)):
         oracle, naive, got = three_way(lambda v, c: op(v, c, impl=impl), lambda v, c: ref(v, c, upcast=False), values, cu)
         assert got[0].dtype == torch.float32
         assert got[1].dtype == dtype
@@ -62,7 +62,7 @@ def test_segment_sum_and_cumsum(impl, dtype, layout, device, assert_budget):
         assert (segment_sum(values, cu, impl=impl)[torch.tensor(LENGTHS[layout], device=device) == 0] == 0).all()
 
 
-@pytest.mark.parametrize("op", list(reference.SEGMENT_OPS))
+@pytest.mark.parametrize("op", list(oracle_ops.SEGMENT_OPS))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("impl", ["triton", "torch"])
 def test_segment_reduce(impl, dtype, op, device, assert_budget):
@@ -70,7 +70,7 @@ def test_segment_reduce(impl, dtype, op, device, assert_budget):
         cu = _cu(LENGTHS[layout], device, torch.int32)
         values = _values(int(cu[-1]), dtype, device, ties=op in ("min", "max"))
         oracle, naive, got = three_way(lambda v, c: segment_reduce(v, c, op, impl=impl),
-                                       lambda v, c: reference.segment_reduce(v, c, op, upcast=False), values, cu)
+                                       lambda v, c: oracle_ops.segment_reduce(v, c, op, upcast=False), values, cu)
         assert got[0].shape == (len(cu) - 1,) and got[0].dtype == torch.float32
         empty = torch.tensor(LENGTHS[layout], device=device) == 0
         if op == "sum":
@@ -110,14 +110,14 @@ def test_segment_errors(device):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("op", list(reference.SEGMENT_OPS))
+@pytest.mark.parametrize("op", list(oracle_ops.SEGMENT_OPS))
 def test_segment_reduce_gpu_bf16(op, assert_budget):
     lengths = torch.randint(0, 40, (2000,)).tolist()
     cu = _cu(lengths, "cuda")
     values = torch.randn(int(cu[-1]), device="cuda").to(torch.bfloat16)
-    oracle = reference.segment_reduce(values.double(), cu, op, upcast=False)
-    naive = reference.segment_reduce(values, cu, op, upcast=False)
+    oracle = oracle_ops.segment_reduce(values.double(), cu, op, upcast=False)
+    naive = oracle_ops.segment_reduce(values, cu, op, upcast=False)
     assert_budget(op, segment_reduce(values, cu, op, impl="triton"), oracle, naive, 2e-2)
     q = segment_cumsum(values, cu, impl="triton")
-    assert_budget("cumsum", q, reference.segment_cumsum(values.double(), cu, upcast=False),
-                  reference.segment_cumsum(values, cu, upcast=False), 2e-2)
+    assert_budget("cumsum", q, oracle_ops.segment_cumsum(values.double(), cu, upcast=False),
+                  oracle_ops.segment_cumsum(values, cu, upcast=False), 2e-2)

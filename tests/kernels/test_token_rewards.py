@@ -6,7 +6,7 @@ Budget: max|impl - oracle| <= 2 * max|torch_in_dtype - oracle| + atol (house sty
 import pytest
 import torch
 
-from freeprm.kernels import policy_ref_rewards, reference, token_rewards
+from freeprm.kernels import policy_ref_rewards, oracle as oracle_ops, token_rewards
 
 ATOL = {torch.float32: 2e-5, torch.float16: 2e-3}
 DTYPES = [torch.float32, torch.float16]
@@ -44,8 +44,8 @@ def test_token_rewards_three_way(impl, dtype, shape, with_ref, mask_kind, device
         grads = torch.autograd.grad(out, [a] if b is None else [a, b], grad_out.to(out.dtype))
         return [out, *grads]
 
-    oracle = run(lambda a, b: reference.token_rewards(a, b, mask, beta, upcast=False), lambda x: x.double())
-    naive = run(lambda a, b: reference.token_rewards(a, b, mask, beta, upcast=False), lambda x: x.clone())
+    oracle = run(lambda a, b: oracle_ops.token_rewards(a, b, mask, beta, upcast=False), lambda x: x.double())
+    naive = run(lambda a, b: oracle_ops.token_rewards(a, b, mask, beta, upcast=False), lambda x: x.clone())
     got = run(lambda a, b: token_rewards(a, b, mask, beta, impl=impl), lambda x: x.clone())
     assert got[0].dtype == torch.float32 and got[0].shape == shape
     assert got[1].dtype == dtype
@@ -92,9 +92,9 @@ def test_policy_ref_rewards_fused_three_way(use_mask, dtype, transform, splits, 
     hp, wp, hr, wr, t, mask = _pair_inputs(70, 1000, 64, 32, dtype, device)
     mask = mask if use_mask else None
     beta = 0.1
-    oracle = reference.policy_ref_rewards(hp.double(), wp.double(), hr.double(), wr.double(), t, beta, mask,
+    oracle = oracle_ops.policy_ref_rewards(hp.double(), wp.double(), hr.double(), wr.double(), t, beta, mask,
                                           upcast=False, **transform)
-    naive = reference.policy_ref_rewards(hp, wp, hr, wr, t, beta, mask, upcast=False, **transform)
+    naive = oracle_ops.policy_ref_rewards(hp, wp, hr, wr, t, beta, mask, upcast=False, **transform)
     from freeprm.kernels.reward_kernel import triton_policy_ref_rewards
 
     got = triton_policy_ref_rewards(hp, wp, hr, wr, t, beta, mask, num_splits=splits, **transform)
@@ -118,8 +118,8 @@ def test_policy_ref_rewards_grads(impl, device, assert_budget):
         out = fn(*xs)
         return [out, *torch.autograd.grad(out, xs, grad_out.to(out.dtype))]
 
-    oracle = run(lambda x: x.double(), lambda *xs: reference.policy_ref_rewards(*xs, t, 0.5, mask, upcast=False))
-    naive = run(lambda x: x.clone(), lambda *xs: reference.policy_ref_rewards(*xs, t, 0.5, mask, upcast=False))
+    oracle = run(lambda x: x.double(), lambda *xs: oracle_ops.policy_ref_rewards(*xs, t, 0.5, mask, upcast=False))
+    naive = run(lambda x: x.clone(), lambda *xs: oracle_ops.policy_ref_rewards(*xs, t, 0.5, mask, upcast=False))
     got = run(lambda x: x.clone(), lambda *xs: policy_ref_rewards(*xs, t, 0.5, mask, impl=impl))
     for name, a, o, n in zip(("r", "dh_pol", "dw_pol", "dh_ref", "dw_ref"), got, oracle, naive):
         assert_budget(f"{impl} {name}", a, o, n, ATOL[torch.float32])
@@ -145,7 +145,7 @@ def test_policy_ref_rewards_errors(device):
 @pytest.mark.parametrize("v,d", [(128256, 4096), (49152, 576)])
 def test_policy_ref_rewards_bf16_real_shapes(v, d, device, assert_budget):
     hp, wp, hr, wr, t, mask = _pair_inputs(512, v, d, d, torch.bfloat16, device)
-    oracle = reference.policy_ref_rewards(hp, wp, hr, wr, t, 0.1, mask, upcast=True)
-    naive = reference.policy_ref_rewards(hp, wp, hr, wr, t, 0.1, mask, upcast=False)
+    oracle = oracle_ops.policy_ref_rewards(hp, wp, hr, wr, t, 0.1, mask, upcast=True)
+    naive = oracle_ops.policy_ref_rewards(hp, wp, hr, wr, t, 0.1, mask, upcast=False)
     got = policy_ref_rewards(hp, wp, hr, wr, t, 0.1, mask, impl="triton")
     assert_budget("bf16 fused rewards", got, oracle, naive, 2e-2)
