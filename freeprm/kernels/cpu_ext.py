@@ -9,7 +9,8 @@ never rebuild each other's copy) and this CPU's flags (a cache shared across mac
 Only one build runs at a time: the loader holds an ``flock`` on ``build.flock`` in the build folder,
 which the kernel releases when the holder dies, and under it removes a stale ``lock`` file that a
 process killed mid-build (``kill -9``) left behind, since torch's own lock file would otherwise make
-every later load wait forever.
+every later load wait forever. The build compiles a copy of the source kept in the build folder, so
+checkouts at different paths with the same source share it.
 """
 
 from __future__ import annotations
@@ -46,8 +47,9 @@ def build_dir() -> Path:
     """The folder this environment's build lives in (see the module docstring for the key)."""
     import torch
 
+    # "copy": builds from a copy of the source (see get) never share a folder with builds from a checkout's path
     key = hashlib.sha256(_SRC.read_bytes() + torch.__version__.encode() + sys.prefix.encode()
-                         + _cpu_flags().encode()).hexdigest()[:12]
+                         + _cpu_flags().encode() + b"copy").hexdigest()[:12]
     cache = Path(os.environ.get("FREEPRM_CACHE", Path.home() / ".cache" / "freeprm")) / "torch_extensions"
     return cache / f"cpu_head_{key}"
 
@@ -71,8 +73,13 @@ def get():
             fcntl.flock(guard, fcntl.LOCK_EX)  # released by the kernel if this process dies
             # we hold the only right to build here: a torch lock file now is a dead builder's leftover
             (build / "lock").unlink(missing_ok=True)
+            # build from a copy inside the build folder: checkouts at other paths (git worktrees) with this
+            # source then write the same build.ninja and reuse the build instead of rebuilding it in turn
+            src = build / _SRC.name
+            if not src.exists() or src.read_bytes() != _SRC.read_bytes():
+                src.write_bytes(_SRC.read_bytes())
             _MODULE = cpp_extension.load(
-                name=f"freeprm_cpu_head_{key}", sources=[str(_SRC)], build_directory=str(build),
+                name=f"freeprm_cpu_head_{key}", sources=[str(src)], build_directory=str(build),
                 extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"],
                 verbose=False)
     except Exception as e:  # no compiler / ninja / headers: the torch path is exact, only slower

@@ -202,3 +202,14 @@ def test_stale_build_lock_from_a_killed_builder_does_not_hang():
     finally:
         lock.unlink(missing_ok=True)
     assert r.returncode == 0, r.stderr.decode()[-2000:]
+
+
+def test_cpu_ext_builds_from_a_copy_in_its_build_folder():
+    # checkouts at other paths (git worktrees) with the same source must reuse one build: the source path in
+    # build.ninja was the checkout's, so each worktree's first load rebuilt the shared copy (~45 s, under a lock)
+    if cpu_ext.get() is None:
+        pytest.skip("the C++ kernel is not built here")
+    build = cpu_ext.build_dir()
+    ninja = (build / "build.ninja").read_text()
+    assert str(build / "cpu_head.cpp") in ninja and str(cpu_ext._SRC) not in ninja
+    assert (build / "cpu_head.cpp").read_bytes() == cpu_ext._SRC.read_bytes()
