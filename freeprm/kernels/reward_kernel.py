@@ -24,7 +24,7 @@ import triton.language as tl
 
 from . import triton_common as tc
 from .linear_logprob_kernel import triton_linear_logprobs
-from .triton_common import lse_over_splits, range_lse, row_block_partial, safe_log, split_prologue
+from .triton_common import cast_rn, lse_over_splits, range_lse, row_block_partial, safe_log, split_prologue
 
 _ELEM_BLOCK = 1024
 
@@ -72,7 +72,7 @@ def _token_reward_bwd_kernel(
     DLP,  # [N] out: dL/dlp = beta * m * g, in lp's dtype
     DLPREF,  # [N] out: dL/dlpref = -beta * m * g, in lpref's dtype (written when HAS_REF)
     N, beta,
-    HAS_REF: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_REF: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK: tl.constexpr, EMULATE_RN: tl.constexpr,
 ):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < N
@@ -80,9 +80,9 @@ def _token_reward_bwd_kernel(
     if HAS_MASK:
         keep = tl.load(MASK + offs, mask=ok, other=0) != 0
         d = tl.where(keep, d, 0.0)
-    tl.store(DLP + offs, d.to(DLP.dtype.element_ty), mask=ok)
+    tl.store(DLP + offs, cast_rn(d, DLP.dtype.element_ty, EMULATE_RN), mask=ok)
     if HAS_REF:
-        tl.store(DLPREF + offs, (-d).to(DLPREF.dtype.element_ty), mask=ok)
+        tl.store(DLPREF + offs, cast_rn(-d, DLPREF.dtype.element_ty, EMULATE_RN), mask=ok)
 
 
 def token_reward_fwd(logp, logp_ref, mask, beta):
@@ -107,7 +107,9 @@ def token_reward_bwd(grad, logp, logp_ref, mask, beta, need_ref=True):
     if n:
         grid = (triton.cdiv(n, _ELEM_BLOCK),)
         tc.launch(_token_reward_bwd_kernel, grid,
-                  (g, _mask_arg(mask, g), dlp, dlp if dlr is None else dlr, n, float(beta)), dict(HAS_REF=has_ref, HAS_MASK=mask is not None, BLOCK=_ELEM_BLOCK), num_warps=4)
+                  (g, _mask_arg(mask, g), dlp, dlp if dlr is None else dlr, n, float(beta)),
+                  dict(HAS_REF=has_ref, HAS_MASK=mask is not None, BLOCK=_ELEM_BLOCK, EMULATE_RN=tc.interpreting(g)),
+                  num_warps=4)
     return dlp, dlr
 
 

@@ -7,9 +7,16 @@ on timing), the vocab split count, the dot precision flags, input dtype resoluti
 ``launch`` through which every kernel of the package starts (so the sm_90 compile test can record
 the real launches instead of restating their signatures).
 
-Online logsumexp over vocab tiles, per row (z the fp32 logits of one tile, -inf past the range):
-    m' = max(m, max_v z_v);  l' = l exp(m - m') + sum_v exp(z_v - m');  s' = s exp(m - m') + sum_v exp(z_v - m') z_v
-so that lse = m + log l and E_p[z] = s / l (entropy = lse - E_p[z]).
+Online logsumexp over vocab tiles, per row (z the fp32 logits of one tile, -inf past the range), with
+alpha = exp(m - m'):
+    m' = max(m, max_v z_v);  l' = alpha l + sum_v exp(z_v - m')
+    s' = alpha (s + (m - m') l) + sum_v exp(z_v - m') (z_v - m')      (entropy only)
+so that lse = m + log l and, s being sum_v exp(z_v - m) (z_v - m) relative to the running max, the
+entropy of the range is H = log l - s / l (small terms: no cancellation of lse against E_p[z] when
+the logits share a large offset). Ranges k with (m_k, l_k, H_k) combine (``combine_splits``) as
+    M = max_k m_k,  L = sum_k exp(m_k - M) l_k,  lse = M + log L,  w_k = exp(m_k - M) l_k / L
+    H = sum_k w_k (H_k - log w_k),  log w_k = (m_k - M) + log l_k - log L
+(log w_k from lse_k - lse would carry the rounding of two lse-sized numbers: ulp(100) ~ 8e-6).
 """
 
 from __future__ import annotations
@@ -114,9 +121,10 @@ def row_block_partial(
     HAS_SOFTCAP: tl.constexpr, HAS_ENT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
     BLOCK_D: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
-    """Online (max m, sum exp l, sum exp * z s) over vocab [v_lo, v_hi) and the target logit if it lies there.
+    """Online (max m, sum exp l, sum exp * (z - m) s) over vocab [v_lo, v_hi) and the target logit if it lies there.
 
-    s is 0 unless HAS_ENT. Empty range: m = -inf, l = 0.
+    s (relative to the running max m: the range's entropy is log l - s / l) is 0 unless HAS_ENT.
+    Empty range: m = -inf, l = 0.
     """
     m = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
     l = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -130,9 +138,10 @@ def row_block_partial(
         m_new = tl.maximum(m, tl.max(z, axis=1))  # finite: every tile holds >= 1 valid column
         alpha = tl.exp(m - m_new)
         p = tl.exp(z - m_new[:, None])  # 0 past the range
+        if HAS_ENT:  # re-base s from m to m_new, then add the tile (p = 0 past the range; l = 0 before any tile)
+            s = alpha * (s + tl.where(l > 0, (m - m_new) * l, 0.0))
+            s += tl.sum(p * tl.where(col_ok[None, :], z - m_new[:, None], 0.0), axis=1)
         l = l * alpha + tl.sum(p, axis=1)
-        if HAS_ENT:
-            s = s * alpha + tl.sum(p * tl.where(col_ok[None, :], z, 0.0), axis=1)  # p = 0 past the range
         m = m_new
         zt += tl.sum(tl.where(cols[None, :] == tgt[:, None], z, 0.0), axis=1)
     return m, l, s, zt
@@ -159,6 +168,26 @@ def split_prologue(
     v_lo = pid_s * v_per
     v_hi = tl.minimum(v_lo + v_per, V)
     return rows, row_ok, tgt, pid_s, v_lo, v_hi
+
+
+@triton.jit
+def cast_rn(
+    x,  # fp32 block
+    DTYPE: tl.constexpr,  # target float dtype (e.g. a pointer's element type)
+    EMULATE_RN: tl.constexpr,  # True under the interpreter: round fp32 -> bf16 with integer ops
+):
+    """x in DTYPE rounded to nearest, ties to even (what a GPU's cvt.rn does).
+
+    The interpreter (triton 3.9) truncates fp32 -> bf16 toward zero whatever the rounding mode asked
+    for, so there the rounding is spelled out on the bits: add 0x7FFF plus the lowest kept bit, keep
+    the high 16 bits. fp16 and same-dtype casts are exact in both.
+    """
+    if EMULATE_RN and DTYPE == tl.bfloat16:
+        b = x.to(tl.uint32, bitcast=True)
+        b = b + 0x7FFF + ((b >> 16) & 1)
+        return (b >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(DTYPE, fp_downcast_rounding="rtne")
 
 
 @triton.jit
@@ -190,18 +219,37 @@ def lse_over_splits(
 
 
 @triton.jit
-def mean_over_splits(
-    PART,  # [SPLITS, N] fp32 per-range logsumexp, -inf for an empty range
-    EZ,  # [SPLITS, N] fp32 per-range E_p[z] (0 for an empty range)
-    lse,  # [BLOCK] fp32 logsumexp over all ranges
+def combine_splits(
+    PART,  # [2 + HAS_ENT, SPLITS, N] fp32 per-range max m_k (-inf if empty), sum exp l_k (0 if empty), entropy H_k
     offs, ok, N, SPLITS,
+    HAS_ENT: tl.constexpr,
 ):
-    """E_p[z] over the whole vocabulary: sum_k exp(lse_k - lse) E_k[z], fixed order."""
-    acc = tl.zeros(offs.shape, tl.float32)
+    """(lse, entropy) of each row over the SPLITS vocab ranges, in a fixed order; entropy 0 unless HAS_ENT.
+
+    M = max_k m_k, L = sum_k exp(m_k - M) l_k, lse = M + log L; with w_k = exp(m_k - M) l_k / L,
+    log w_k = (m_k - M) + log l_k - log L (no difference of two lse-sized numbers) and
+    H = sum_k w_k (H_k - log w_k).
+    """
+    mx = tl.full(offs.shape, float("-inf"), tl.float32)
     for k in range(0, SPLITS):
-        w = tl.exp(tl.load(PART + k * N + offs, mask=ok, other=float("-inf")) - lse)
-        acc += w * tl.load(EZ + k * N + offs, mask=ok, other=0.0)
-    return acc
+        mx = tl.maximum(mx, tl.load(PART + k * N + offs, mask=ok, other=float("-inf")))
+    mx = tl.where(mx == float("-inf"), 0.0, mx)
+    big_l = tl.zeros(offs.shape, tl.float32)
+    for k in range(0, SPLITS):
+        m_k = tl.load(PART + k * N + offs, mask=ok, other=float("-inf"))
+        big_l += tl.exp(m_k - mx) * tl.load(PART + (SPLITS + k) * N + offs, mask=ok, other=0.0)
+    log_l = safe_log(big_l)
+    ent = tl.zeros(offs.shape, tl.float32)
+    if HAS_ENT:
+        inv_l = 1.0 / tl.where(big_l > 0, big_l, 1.0)
+        for k in range(0, SPLITS):
+            m_k = tl.load(PART + k * N + offs, mask=ok, other=float("-inf"))
+            l_k = tl.load(PART + (SPLITS + k) * N + offs, mask=ok, other=0.0)
+            h_k = tl.load(PART + (2 * SPLITS + k) * N + offs, mask=ok, other=0.0)
+            w = tl.exp(m_k - mx) * l_k * inv_l
+            log_w = (m_k - mx) + safe_log(l_k) - log_l
+            ent += tl.where(l_k > 0, w * (h_k - log_w), 0.0)
+    return mx + log_l, ent
 
 
 # ----------------------------------------------------------------------------------------------
@@ -244,17 +292,16 @@ def pick_config(dtype: torch.dtype, interp: bool, entropy: bool = False) -> trit
     """The tile config of the GEMM-like kernels: a pure function of (dtype, entropy, environment), never timing.
 
     ``FREEPRM_TRITON_CONFIG`` overrides the pinned default on GPU (for tuning runs). With entropy
-    the forward keeps a second fp32 tile (p * z) live, which at 128x128 spills on sm_90, so
-    BLOCK_V is halved.
+    the forward keeps a second fp32 tile (p * (z - m)) live, which at 128x128 spills on sm_90, so
+    BLOCK_V is halved (the override's too).
     """
     if interp:
         return triton.Config(dict(CPU_BLOCKS), num_warps=4, num_stages=1)
     env = os.environ.get(CONFIG_ENV)
-    if env:
-        return _parse_config(env)
-    base = PINNED_FP32 if dtype == torch.float32 else PINNED_16BIT
+    base = _parse_config(env) if env else PINNED_FP32 if dtype == torch.float32 else PINNED_16BIT
     if entropy:
-        return triton.Config(dict(base.kwargs, BLOCK_V=64), num_warps=base.num_warps, num_stages=base.num_stages)
+        return triton.Config(dict(base.kwargs, BLOCK_V=max(16, base.kwargs["BLOCK_V"] // 2)), num_warps=base.num_warps,
+                             num_stages=base.num_stages)
     return base
 
 

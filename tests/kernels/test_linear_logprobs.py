@@ -58,6 +58,39 @@ def test_linear_logprobs_three_way(impl, n, v, d, dtype, transform, device, asse
     check_three_way(assert_budget, impl, n, v, d, dtype, transform, device)
 
 
+# bf16: the issue-18 reproducer's inputs (the weight of ``_inputs`` halved, random grad_output) against the exact
+# gradient of the bf16 values (fp64 leaves), with an absolute atol of 1e-6: the budget is the naive bf16 error itself.
+BF16_KW = [None, dict(), dict(num_splits=3, bwd_split="rows", bwd_chunk_rows=16),
+           dict(num_splits=2, bwd_split="vocab", bwd_chunk_vocab=256)]
+
+
+def check_bf16_budget(name, got, oracle, naive, atol=1e-6):
+    err = (got - oracle).abs().max().item()
+    ref = (naive - oracle).abs().max().item()
+    assert err <= 2 * ref + atol, f"{name}: |impl-fp64|={err:.3g} > 2*|naive bf16-fp64|={2 * ref:.3g} + {atol}"
+
+
+@pytest.mark.parametrize("kw", BF16_KW, ids=["torch", "triton", "triton-rows16", "triton-vocab256"])
+@pytest.mark.parametrize("transform", TRANSFORMS, ids=["plain", "scale+softcap"])
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_bf16_backward_three_way(seed, transform, kw, device):
+    hidden, weight, targets, grad_out = _inputs(37, 1000, 64, torch.bfloat16, device, seed)
+    weight = weight * 0.5
+    oracle = _fwd_bwd(lambda h, w, t: oracle_ops.linear_logprobs(h, w, t, upcast=False, **transform),
+                      hidden.double(), weight.double(), targets, grad_out.double())
+    naive = _fwd_bwd(lambda h, w, t: oracle_ops.linear_logprobs(h, w, t, upcast=False, **transform),
+                     hidden, weight, targets, grad_out)
+    if kw is None:
+        fn = lambda h, w, t: linear_logprobs(h, w, t, impl="torch", **transform)  # noqa: E731
+    else:
+        from freeprm.kernels.linear_logprob_kernel import triton_linear_logprobs
+
+        fn = lambda h, w, t: triton_linear_logprobs(h, w, t, **transform, **kw)  # noqa: E731
+    got = _fwd_bwd(fn, hidden, weight, targets, grad_out)
+    for name, a, o, t in zip(("logp", "d_hidden", "d_weight"), got, oracle, naive):
+        check_bf16_budget(name, a, o, t)
+
+
 def test_output_is_float32_and_no_grad_path(device):
     hidden, weight, targets, _ = _inputs(37, 1000, 64, torch.float16, device)
     for impl in ("triton", "torch"):

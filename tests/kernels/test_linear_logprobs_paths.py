@@ -129,6 +129,17 @@ def test_backward_regimes(n, v, kw, dtype, device, assert_budget):
     check_three_way(assert_budget, "triton", n, v, 48, dtype, dict(logit_scale=0.7), device, **kw)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("kw", [dict(bwd_split="vocab", bwd_chunk_vocab=256), dict(bwd_split="rows", bwd_chunk_rows=16)],
+                         ids=["vocab", "rows"])
+def test_backward_leaves_inputs_unchanged(kw, dtype, device):
+    # the target term is added from hidden / weight rows: fp32 .float() is no copy, so nothing may work in place
+    hidden, weight, targets, grad_out = _inputs(37, 1000, 48, dtype, device)
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    triton_linear_logprobs(h, w, targets, softcap=3.0, **kw).backward(grad_out)
+    assert torch.equal(h.detach(), hidden) and torch.equal(w.detach(), weight)
+
+
 def test_addmm_fp32_accumulates_16bit_operands():
     from freeprm.kernels.linear_logprob_kernel import addmm_fp32_
 
@@ -229,6 +240,96 @@ def test_entropy_torch_path_multi_tile():
     from freeprm.kernels.entropy import logprobs_entropy_fwd
 
     hidden, weight, targets, _ = _inputs(45, 700, 32, torch.float32, "cpu", seed=5)
-    lp, ent = logprobs_entropy_fwd(hidden, weight, targets, chunk_rows=16)  # 3 row chunks
+    lp, lse, ent = logprobs_entropy_fwd(hidden, weight, targets, chunk_rows=16, block=256)  # 3 row chunks x 3 blocks
     torch.testing.assert_close(ent, oracle_ops.linear_entropy(hidden, weight), atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(lp, oracle_ops.linear_logprobs(hidden, weight, targets), atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(lse, torch.logsumexp(hidden @ weight.T, -1), atol=1e-5, rtol=1e-6)
+
+
+def _with_offset(hidden, weight, offset):
+    """(hidden, weight) with one more column each (1 and ``offset``): every logit shifted by ``offset``, exactly."""
+    ones = torch.ones(hidden.shape[0], 1, dtype=hidden.dtype, device=hidden.device)
+    col = torch.full((weight.shape[0], 1), float(offset), dtype=weight.dtype, device=weight.device)
+    return torch.cat([hidden, ones], 1), torch.cat([weight, col], 1)
+
+
+# paths of the entropy over several vocabulary ranges: Triton vocab splits (every GPU launch takes 3+ once
+# V >= 1536) and the torch path's vocab blocks
+ENTROPY_RANGES = [("triton", dict(num_splits=1)), ("triton", dict(num_splits=2)), ("triton", dict(num_splits=3)),
+                  ("triton", dict(num_splits=5)), ("torch", dict(block=None)), ("torch", dict(block=256))]
+ENTROPY_IDS = ["triton-1", "triton-2", "triton-3", "triton-5", "torch-1", "torch-4"]
+
+
+def _entropy(path, kw, hidden, weight, targets):
+    if path == "triton":
+        return triton_linear_logprobs(hidden, weight, targets, return_entropy=True, **kw)[1]
+    from freeprm.kernels.entropy import logprobs_entropy_fwd
+
+    return logprobs_entropy_fwd(hidden, weight, targets, **kw)[2]
+
+
+def check_entropy_budget(name, ent, hidden, weight):
+    """max|ent - fp64| <= 2 max|naive fp32 - fp64| + 1e-6 (issue 18's budget)."""
+    oracle = oracle_ops.linear_entropy(hidden.double(), weight.double(), upcast=False).double()
+    naive = oracle_ops.linear_entropy(hidden, weight, upcast=False).double()
+    err, ref = (ent.double() - oracle).abs().max().item(), (naive - oracle).abs().max().item()
+    assert err <= 2 * ref + 1e-6, f"{name}: |entropy-fp64|={err:.3g} > 2*|naive-fp64|={2 * ref:.3g} + 1e-6"
+
+
+@pytest.mark.parametrize("offset", [0.0, 100.0])
+@pytest.mark.parametrize("path,kw", ENTROPY_RANGES, ids=ENTROPY_IDS)
+def test_entropy_ranges_and_common_offset(path, kw, offset, device):
+    # lse - E_p[z] on absolute logits cancelled two numbers of the logits' size: with a common offset of 100
+    # three Triton ranges were 30-100x the naive error (the range combine exp(lse_k - lse) E_k[z] as well)
+    hidden, weight, targets, _ = _inputs(37, 1000, 64, torch.float32, device, seed=6)
+    hidden, weight = _with_offset(hidden, weight, offset)
+    check_entropy_budget(f"{path} {kw} offset {offset}", _entropy(path, kw, hidden, weight, targets), hidden, weight)
+
+
+@pytest.mark.smollm
+@pytest.mark.parametrize("offset", [0.0, 100.0])
+def test_entropy_smollm2_hidden_states(offset, smollm2_dir):
+    # real last hidden states and LM head of SmolLM2-135M (V = 49152), every path and range count
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32)
+    ids = tok("Natalia sold clips to 48 of her friends in April, and then she sold half as many in May.",
+              return_tensors="pt").input_ids
+    with torch.no_grad():
+        hidden = model.model(ids).last_hidden_state[0]  # [N, 576], after the final norm
+    hidden, weight = _with_offset(hidden, model.lm_head.weight.detach(), offset)
+    targets = ids[0].roll(-1)
+    for path, kw in ENTROPY_RANGES:
+        check_entropy_budget(f"{path} {kw} offset {offset}", _entropy(path, kw, hidden, weight, targets), hidden,
+                             weight)
+
+
+def test_torch_entropy_with_grad_is_one_forward(monkeypatch):
+    # with gradients and return_entropy the CPU path ran the entropy pass and then the chunked forward again
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from freeprm.kernels import chunked
+
+    monkeypatch.setattr(chunked, "USE_EXT", False)  # the C++ forward's GEMMs are invisible to the counter
+    n, v, d = 37, 1000, 64
+    hidden, weight, targets, grad_out = _inputs(n, v, d, torch.float32, "cpu", seed=7)
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    with FlopCounterMode(display=False) as fwd:
+        lp, ent = linear_logprobs(h, w, targets, impl="torch", return_entropy=True)
+    assert fwd.get_total_flops() == 2 * n * v * d  # one pass over the vocabulary
+    (dh,) = torch.autograd.grad(lp, h, grad_out)
+    h64 = hidden.double().requires_grad_()
+    (want,) = torch.autograd.grad(oracle_ops.linear_logprobs(h64, weight.double(), targets, upcast=False), h64,
+                                  grad_out.double())
+    torch.testing.assert_close(dh.double(), want, atol=1e-5, rtol=1e-4)
+    check_entropy_budget("torch entropy", ent, hidden, weight)
+
+
+def test_config_env_override_keeps_entropy_block(monkeypatch):
+    # the override replaced the entropy config too: its halved BLOCK_V (a second live fp32 tile) was lost
+    monkeypatch.setenv(tc.CONFIG_ENV, "BLOCK_N=64,BLOCK_V=256,BLOCK_D=32,num_warps=4,num_stages=2")
+    cfg = tc.pick_config(torch.bfloat16, interp=False, entropy=True)
+    assert cfg.kwargs == dict(BLOCK_N=64, BLOCK_V=128, BLOCK_D=32) and (cfg.num_warps, cfg.num_stages) == (4, 2)
+    monkeypatch.delenv(tc.CONFIG_ENV)
+    assert tc.pick_config(torch.bfloat16, interp=False, entropy=True).kwargs["BLOCK_V"] == 64

@@ -72,6 +72,16 @@ def test_token_rewards_errors():
         token_rewards(lp, None, None, 1.0, impl="fast")
 
 
+def test_token_rewards_bf16_grads_round_to_nearest(device):
+    # d logp = beta * g is stored in logp's dtype: rounded to nearest, as a GPU does (the interpreter truncated)
+    g = torch.Generator().manual_seed(4)
+    lp, lr = (-5 * torch.rand(2, 4096, generator=g)).bfloat16().to(device).requires_grad_().unbind(0)
+    grad_out = torch.randn(4096, generator=g).to(device)
+    dlp, dlr = torch.autograd.grad(token_rewards(lp, lr, None, 0.3, impl="triton"), (lp, lr), grad_out)
+    want = 0.3 * grad_out
+    assert torch.equal(dlp, want.bfloat16()) and torch.equal(dlr, (-want).bfloat16())
+
+
 def _pair_inputs(n, v, dp, dr, dtype, device, seed=0):
     g = torch.Generator().manual_seed(seed)
     hp = torch.randn(n, dp, generator=g).to(dtype)
@@ -123,6 +133,27 @@ def test_policy_ref_rewards_grads(impl, device, assert_budget):
     got = run(lambda x: x.clone(), lambda *xs: policy_ref_rewards(*xs, t, 0.5, mask, impl=impl))
     for name, a, o, n in zip(("r", "dh_pol", "dw_pol", "dh_ref", "dw_ref"), got, oracle, naive):
         assert_budget(f"{impl} {name}", a, o, n, ATOL[torch.float32])
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_policy_ref_rewards_bf16_grads(seed, device):
+    # with gradients the fused rewards compose the linear_logprobs kernels: their bf16 backward within
+    # 2x the naive bf16 error of the exact gradient (fp64 leaves) + 1e-6 (issue 18)
+    hp, wp, hr, wr, t, mask = _pair_inputs(37, 1000, 64, 64, torch.bfloat16, device, seed=seed)
+    grad_out = torch.randn(37, generator=torch.Generator().manual_seed(seed)).to(device)
+
+    def run(xs, fn):
+        xs = [x.detach().requires_grad_() for x in xs]
+        out = fn(*xs)
+        return [out, *torch.autograd.grad(out, xs, grad_out.to(out.dtype))]
+
+    oracle = run([x.double() for x in (hp, wp, hr, wr)],
+                 lambda *xs: oracle_ops.policy_ref_rewards(*xs, t, 0.5, mask, upcast=False))
+    naive = run((hp, wp, hr, wr), lambda *xs: oracle_ops.policy_ref_rewards(*xs, t, 0.5, mask, upcast=False))
+    got = run((hp, wp, hr, wr), lambda *xs: policy_ref_rewards(*xs, t, 0.5, mask, impl="triton"))
+    for name, a, o, n in zip(("r", "dh_pol", "dw_pol", "dh_ref", "dw_ref"), got, oracle, naive):
+        err, ref = (a.double() - o).abs().max().item(), (n.double() - o).abs().max().item()
+        assert err <= 2 * ref + 1e-6, f"{name}: |triton-fp64|={err:.3g} > 2*|naive bf16-fp64|={2 * ref:.3g} + 1e-6"
 
 
 def test_policy_ref_rewards_errors(device):
