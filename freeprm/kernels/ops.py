@@ -81,6 +81,13 @@ def _check_cu(cu: torch.Tensor, n: int, what: str, validate: bool | None = None)
         raise ValueError(f"{what} must be non-decreasing (offsets of consecutive segments)")
 
 
+def _check_values(values: torch.Tensor) -> None:
+    """Segment ops take one flat ``[N]`` float tensor: each impl would otherwise read a 2-D one differently."""
+    if values.dim() != 1:
+        raise ValueError(f"values must be 1-D [N] (the segments' values back to back, cu their offsets), got shape "
+                         f"{tuple(values.shape)}; for a padded [B, T] batch pass values[mask] and offsets of the rows")
+
+
 def _check_head(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, who: str = "") -> None:
     """Shapes, dtypes and devices of one (hidden [N, D], weight [V, D]) pair."""
     if hidden.dim() != 2 or weight.dim() != 2:
@@ -189,6 +196,7 @@ def segment_sum(values: torch.Tensor, cu: torch.Tensor, *, impl: str = "auto",
     values ``[N]``, cu ``[K+1]`` offsets; returns float32 ``[K]``; empty segments give 0.
     Differentiable w.r.t. ``values``.
     """
+    _check_values(values)
     _check_cu(cu, values.shape[0], "cu", validate)
     which = _resolve_impl(impl, values)
     if which == "triton":
@@ -201,6 +209,7 @@ def segment_sum(values: torch.Tensor, cu: torch.Tensor, *, impl: str = "auto",
 def segment_cumsum(values: torch.Tensor, cu: torch.Tensor, *, impl: str = "auto",
                    validate: bool | None = None) -> torch.Tensor:
     """Cumulative sums restarting at each segment (Q values from step rewards). ``[N]`` float32."""
+    _check_values(values)
     _check_cu(cu, values.shape[0], "cu", validate)
     which = _resolve_impl(impl, values)
     if which == "triton":
@@ -218,6 +227,7 @@ def segment_reduce(values: torch.Tensor, cu: torch.Tensor, op: str, *, impl: str
     """
     if op not in oracle.SEGMENT_OPS:
         raise ValueError(f"op must be one of {oracle.SEGMENT_OPS}, got {op!r}")
+    _check_values(values)
     _check_cu(cu, values.shape[0], "cu", validate)
     which = _resolve_impl(impl, values)
     if which == "triton":

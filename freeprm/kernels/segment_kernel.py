@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from . import triton_common as tc
+from .triton_common import cast_rn
 from .oracle import SEGMENT_OPS
 
 _BLOCK = 1024
@@ -75,7 +76,7 @@ def _segment_broadcast_kernel(
     G,  # [K] fp32 upstream gradient, one per segment
     CU,  # [K+1] int32/int64 segment offsets
     DV,  # [N] out: g_k (or g_k / n_k) over segment k, in the values' dtype
-    MEAN: tl.constexpr, BLOCK: tl.constexpr,
+    MEAN: tl.constexpr, BLOCK: tl.constexpr, EMULATE_RN: tl.constexpr,
 ):
     k = tl.program_id(0).to(tl.int64)
     a = tl.load(CU + k).to(tl.int64)
@@ -85,7 +86,8 @@ def _segment_broadcast_kernel(
         g = g / tl.maximum(b - a, 1).to(tl.float32)
     for s in range(a, b, BLOCK):
         offs = s + tl.arange(0, BLOCK)
-        tl.store(DV + offs, (tl.zeros((BLOCK,), tl.float32) + g).to(DV.dtype.element_ty), mask=offs < b)
+        dv = cast_rn(tl.zeros((BLOCK,), tl.float32) + g, DV.dtype.element_ty, EMULATE_RN)
+        tl.store(DV + offs, dv, mask=offs < b)
 
 
 # q_i = sum_{cu[k] <= j <= i} v_j ; backward: dv_i = sum_{i <= j < cu[k+1]} g_j (REVERSE)
@@ -94,7 +96,7 @@ def _segment_cumsum_kernel(
     VALS,  # [N] values, any float dtype
     CU,  # [K+1] int32/int64 segment offsets
     OUT,  # [N] out: running sums restarting at each segment (fp32, or the grad's dtype)
-    REVERSE: tl.constexpr, BLOCK: tl.constexpr,
+    REVERSE: tl.constexpr, BLOCK: tl.constexpr, EMULATE_RN: tl.constexpr,
 ):
     # REVERSE walks each segment from its end: out_i = sum_{i <= j < b} v_j (the cumsum gradient)
     k = tl.program_id(0).to(tl.int64)
@@ -110,7 +112,7 @@ def _segment_cumsum_kernel(
         ok = step < b - a
         x = tl.load(VALS + offs, mask=ok, other=0.0).to(tl.float32)
         c = tl.cumsum(x, axis=0) + carry
-        tl.store(OUT + offs, c.to(OUT.dtype.element_ty), mask=ok)
+        tl.store(OUT + offs, cast_rn(c, OUT.dtype.element_ty, EMULATE_RN), mask=ok)
         carry += tl.sum(x, axis=0)
 
 
@@ -133,8 +135,8 @@ def segment_broadcast(g, cu, n, dtype, mean=False):
     dv = torch.empty(n, dtype=dtype, device=g.device)
     k = cu.numel() - 1
     if k > 0 and n > 0:
-        tc.launch(_segment_broadcast_kernel, (k,), (g.float().contiguous(), cu, dv), dict(MEAN=mean, BLOCK=_BLOCK),
-                  num_warps=4)
+        tc.launch(_segment_broadcast_kernel, (k,), (g.float().contiguous(), cu, dv),
+                  dict(MEAN=mean, BLOCK=_BLOCK, EMULATE_RN=tc.interpreting(dv)), num_warps=4)
     return dv
 
 
@@ -143,7 +145,8 @@ def segment_cumsum_fwd(values, cu, reverse=False, out_dtype=torch.float32):
     out = torch.empty(v.numel(), dtype=out_dtype, device=v.device)
     k = cu.numel() - 1
     if k > 0 and v.numel() > 0:
-        tc.launch(_segment_cumsum_kernel, (k,), (v, cu, out), dict(REVERSE=reverse, BLOCK=_BLOCK), num_warps=4)
+        tc.launch(_segment_cumsum_kernel, (k,), (v, cu, out),
+                  dict(REVERSE=reverse, BLOCK=_BLOCK, EMULATE_RN=tc.interpreting(out)), num_warps=4)
     return out
 
 
@@ -169,10 +172,11 @@ class SegmentReduce(torch.autograd.Function):
         cu = cu.to(values.device)
         if op in ("sum", "mean"):
             dv = segment_broadcast(grad, cu, n, values.dtype, mean=op == "mean")
-        elif op == "last":
+        elif op == "last":  # g_k onto the last value of segment k; no boolean indexing (a device sync)
             dv = torch.zeros(n, dtype=values.dtype, device=values.device)
-            nonempty = cu[1:] > cu[:-1]
-            dv[(cu[1:] - 1)[nonempty].long()] = grad[nonempty].to(values.dtype)
+            if n:  # an empty segment points at a neighbour's value (or 0) and adds an exact 0 there
+                g = torch.where(cu[1:] > cu[:-1], grad, torch.zeros((), dtype=grad.dtype, device=grad.device))
+                dv.index_add_(0, (cu[1:] - 1).clamp_(min=0).long(), g.to(values.dtype))
         else:  # min / max: split evenly among ties, like torch
             seg = _segment_ids(cu, n)
             hit = (values.float() == out[seg]).float()

@@ -109,6 +109,66 @@ def test_segment_errors(device):
         segment_sum(v, _cu([6], device), impl="gpu")
 
 
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_segment_values_must_be_1d(impl, device):
+    # a [B, T] tensor was flattened by the Triton path and rejected with an unclear error by the torch path
+    v2 = torch.randn(2, 3, device=device)
+    cu = _cu([6], device)
+    for call in (lambda: segment_sum(v2, cu, impl=impl), lambda: segment_cumsum(v2, cu, impl=impl),
+                 lambda: segment_reduce(v2, cu, "last", impl=impl),
+                 lambda: segment_sum(torch.tensor(1.0, device=device), _cu([], device), impl=impl)):
+        with pytest.raises(ValueError, match="values must be 1-D"):
+            call()
+
+
+@pytest.mark.parametrize("lengths", [[0, 2, 0, 0, 3, 1, 0], [0, 0], [1], [4, 0]], ids=str)
+def test_segment_last_gradient(lengths, device):
+    # g_k lands on the last value of each non-empty segment; empty segments (leading, repeated, trailing) add nothing
+    cu = _cu(lengths, device)
+    values = _values(int(cu[-1]), torch.float32, device, seed=2).requires_grad_()
+    grad = torch.randn(len(lengths), device=device)
+    (dv,) = torch.autograd.grad(segment_reduce(values, cu, "last", impl="triton"), values, grad)
+    want = torch.zeros_like(dv)
+    for k, (a, b) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
+        if b > a:
+            want[b - 1] = grad[k]
+    assert torch.equal(dv, want)
+
+
+@pytest.mark.gpu
+def test_segment_last_backward_does_not_sync():
+    # boolean-mask indexing (dv[idx[nonempty]] = ...) needs the mask's count on the host: a stream sync
+    cu = _cu([0, 2, 0, 3, 1, 0], "cuda")
+    values = _values(6, torch.float32, "cuda").requires_grad_()
+    out = segment_reduce(values, cu, "last", impl="triton", validate=False)
+    grad = torch.randn(6, device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        (dv,) = torch.autograd.grad(out, values, grad)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    want = torch.zeros(6, device="cuda")
+    want[1], want[4], want[5] = grad[1], grad[3], grad[4]  # the last values of the segments of lengths 2, 3, 1
+    assert torch.equal(dv, want)
+
+
+def test_segment_bf16_gradients_round_to_nearest(device):
+    # the fp32 -> bf16 stores of the cumsum / sum / mean backward round to nearest (the interpreter truncated)
+    cu = _cu(LENGTHS["long"] + LENGTHS["mixed"], device)
+    n, k = int(cu[-1]), len(cu) - 1
+    values = _values(n, torch.bfloat16, device).requires_grad_()
+    g = torch.Generator().manual_seed(5)
+    grad_q, grad_k = torch.randn(n, generator=g).to(device), torch.randn(k, generator=g).to(device)
+    (dq,) = torch.autograd.grad(segment_cumsum(values, cu, impl="triton"), values, grad_q)
+    exact = oracle_ops.segment_cumsum(grad_q.double().flip(0), (cu[-1] - cu).flip(0), upcast=False).flip(0)
+    assert ((dq.double() - exact).abs() <= 2.0**-8 * exact.abs() + 1e-6).all()  # RN: <= 2^-8 relative (+ fp32 sums)
+    lengths = (cu[1:] - cu[:-1]).double()
+    for op, per_seg in (("sum", grad_k.double()), ("mean", grad_k.double() / lengths.clamp(min=1))):
+        (dv,) = torch.autograd.grad(segment_reduce(values, cu, op, impl="triton"), values, grad_k)
+        assert torch.equal(dv, per_seg.repeat_interleave((cu[1:] - cu[:-1]).long()).float().bfloat16())
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("op", list(oracle_ops.SEGMENT_OPS))
 def test_segment_reduce_gpu_bf16(op, assert_budget):
