@@ -83,13 +83,8 @@ def make_tiny_model_dir(path: str | os.PathLike, *, seed: int = 0, tokenizer=Non
 def naive_sequence_logprobs(model, input_ids, attention_mask, target_mask) -> torch.Tensor:
     """Test oracle: the full-logits path (``[B, T, V]`` logits, fp32 log_softmax, gather), 0 off ``target_mask``.
 
-    The reference for tests and the baseline of ``bench/bench_engine.py``; not for production use.
+    ``freeprm.engine.logprobs.full_logits_logprobs`` under its test name (production code imports that one).
     """
-    from .engine.logprobs import position_ids_from_mask
+    from .engine.logprobs import full_logits_logprobs
 
-    logits = model(input_ids=input_ids, attention_mask=attention_mask,
-                   position_ids=position_ids_from_mask(attention_mask), use_cache=False).logits.float()
-    lp = torch.log_softmax(logits[:, :-1], -1).gather(-1, input_ids[:, 1:, None])[..., 0]
-    out = torch.zeros(input_ids.shape, dtype=torch.float32, device=input_ids.device)
-    out[:, 1:] = lp * target_mask[:, 1:]
-    return out
+    return full_logits_logprobs(model, input_ids, attention_mask, target_mask)

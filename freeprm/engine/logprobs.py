@@ -99,7 +99,7 @@ def target_hidden(model, input_ids, attention_mask, target_mask):
         raise ValueError(f"input_ids, attention_mask and target_mask must share one [B, T] shape; got "
                          f"{tuple(input_ids.shape)}, {tuple(attention_mask.shape)}, {tuple(target_mask.shape)}")
     # shape checks only: value checks (no target at column 0 or on padding) would sync the GPU on every call;
-    # they run once at the boundary (``Scorer.token_rewards_from_ids``); batches built by ``pad_batch`` satisfy them
+    # they run once at the boundary (``Scorer.token_rewards``); batches built by ``pad_batch`` satisfy them
     target_mask = target_mask.bool()
     base, head = split_lm(model)
     hs = hidden_states(base, input_ids, attention_mask)  # [B, T, D]
@@ -111,3 +111,23 @@ def scatter_rows(values: torch.Tensor, b_idx: torch.Tensor, t_idx: torch.Tensor,
     """``[N]`` values back into a zero ``[B, T]`` float32 tensor (differentiable)."""
     out = torch.zeros(shape, dtype=torch.float32, device=values.device)
     return out.index_put((b_idx, t_idx), values)
+
+
+def full_logits_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                         target_mask: torch.Tensor) -> torch.Tensor:
+    """The naive path: ``[B, T, V]`` logits, fp32 log_softmax, gather; fp32 ``[B, T]``, 0 off ``target_mask``.
+
+    What ``sequence_logprobs`` computes without building the logits; kept as the baseline of benchmarks
+    (``ImplicitPRM(full_logits=True)``, ``bench/bench_engine.py``) and the oracle of the tests. Plain torch::
+
+        lp = log_softmax(model(input_ids).logits[:, :-1].float(), -1).gather(-1, input_ids[:, 1:, None])[..., 0]
+        out[:, 1:] = lp * target_mask[:, 1:]
+
+    It reads the model's own ``.logits``, so any logit scale / soft-cap is the model's.
+    """
+    logits = model(input_ids=input_ids, attention_mask=attention_mask,
+                   position_ids=position_ids_from_mask(attention_mask), use_cache=False).logits.float()
+    lp = torch.log_softmax(logits[:, :-1], -1).gather(-1, input_ids[:, 1:, None])[..., 0]
+    out = torch.zeros(input_ids.shape, dtype=torch.float32, device=input_ids.device)
+    out[:, 1:] = lp * target_mask[:, 1:]
+    return out

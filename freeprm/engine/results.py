@@ -1,5 +1,5 @@
 """What scoring returns: ``ScoreResult`` (one response), ``BatchScores`` (padded tensors for RL loops),
-``TokenRewards`` (``Scorer.token_rewards_from_ids``) and the step aggregations (``AGGREGATIONS``)."""
+``TokenRewards`` (``Scorer.token_rewards(..., with_logprobs=True)``) and the step aggregations (``AGGREGATIONS``)."""
 
 from __future__ import annotations
 
@@ -84,7 +84,7 @@ class BatchScores:
 
 @dataclass
 class TokenRewards:
-    """``Scorer.token_rewards_from_ids``: fp32 ``[B, T]`` tensors, 0 off the response mask.
+    """``Scorer.token_rewards(..., with_logprobs=True)``: fp32 ``[B, T]`` tensors, 0 off the response mask.
 
     ``rewards = beta * (logp - logp_ref) * response_mask``. ``logp_ref`` is None without a reference;
     ``logp`` and ``logp_ref`` are None only when the opt-in fused kernel ran (``fuse_reference=True``).

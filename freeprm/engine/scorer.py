@@ -220,14 +220,27 @@ class Scorer:
 
     # ------------------------------------------------------------------ compute
     @torch.inference_mode()
+    def token_rewards(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.Tensor,
+                      *, with_logprobs: bool = False) -> torch.Tensor | TokenRewards:
+        """Tensor form for RL loops (``freeprm.engine.protocols.TokenRewardSource``): fp32 ``[B, T]`` rewards.
+
+        ``rewards = beta * (logp - logp_ref) * response_mask``, 0 off the mask; inputs ``[B, T]`` on any padding
+        side. ``response_mask[:, 0]`` must be False and ``response_mask`` only on real tokens (checked here, once
+        per call: the inner log-prob functions check shapes only). ``with_logprobs=True`` returns
+        ``TokenRewards(rewards, logp, logp_ref)`` (each fp32 ``[B, T]``; ``logp_ref`` None without a reference).
+        """
+        out = self._token_rewards_checked(input_ids, attention_mask, response_mask)
+        return out if with_logprobs else out.rewards
+
     def token_rewards_from_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                                response_mask: torch.Tensor) -> TokenRewards:
-        """Tensor form for RL loops: ``TokenRewards(rewards, logp, logp_ref)``, each fp32 ``[B, T]``, 0 off the mask.
+        """Deprecated: ``token_rewards(input_ids, attention_mask, response_mask, with_logprobs=True)``."""
+        warnings.warn("Scorer.token_rewards_from_ids is deprecated; use Scorer.token_rewards (rewards [B, T]) or "
+                      "token_rewards(..., with_logprobs=True) (rewards and log-probs)", DeprecationWarning, stacklevel=2)
+        return self.token_rewards(input_ids, attention_mask, response_mask, with_logprobs=True)
 
-        ``rewards = beta * (logp - logp_ref) * response_mask``; inputs ``[B, T]`` on any padding side.
-        ``response_mask[:, 0]`` must be False and ``response_mask`` only on real tokens (checked here, once per
-        call: the inner log-prob functions check shapes only). ``logp_ref`` is None without a reference.
-        """
+    @torch.inference_mode()
+    def _token_rewards_checked(self, input_ids, attention_mask, response_mask) -> TokenRewards:
         if input_ids.shape != attention_mask.shape or input_ids.shape != response_mask.shape or input_ids.dim() != 2:
             raise ValueError(f"input_ids, attention_mask and response_mask must share one [B, T] shape; got "
                              f"{tuple(input_ids.shape)}, {tuple(attention_mask.shape)}, {tuple(response_mask.shape)}")

@@ -5,10 +5,11 @@ the same two methods):
 
 * ``score(items, *, aggregate=...) -> list[ScoreResult]`` (the ``Scorer.score`` contract: items are
   ``{"prompt": str, "response": str, ...}`` dicts, results in input order);
-* dense token rewards over token tensors: ``ImplicitPRM.token_rewards(input_ids, attention_mask,
-  response_mask) -> Tensor[B, T]`` or ``Scorer.token_rewards_from_ids(...)``, which returns the rewards
-  either as the first element of a tuple ``(rewards, logp, logp_ref)`` or as the ``.rewards`` field of a
-  result object; ``dense_rewards`` accepts all three forms.
+* dense token rewards over token tensors: ``token_rewards(input_ids, attention_mask, response_mask) ->
+  Tensor[B, T]`` (``freeprm.engine.protocols.TokenRewardSource``: ``Scorer`` and ``ImplicitPRM``), or the
+  older ``token_rewards_from_ids(...)``, which returns the rewards either as the first element of a tuple
+  ``(rewards, logp, logp_ref)`` or as the ``.rewards`` field of a result object; ``dense_rewards`` accepts
+  all of these forms.
 """
 
 from __future__ import annotations
@@ -42,10 +43,10 @@ def dense_rewards(prm, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     Equivalent to ``beta * (log pi(x_t | x_<t) - log pi_ref(x_t | x_<t)) * response_mask`` computed by
     ``prm``; inputs ``[B, T]`` on any padding side.
     """
-    if callable(getattr(prm, "token_rewards_from_ids", None)):
-        out = prm.token_rewards_from_ids(input_ids, attention_mask, response_mask)
-    elif callable(getattr(prm, "token_rewards", None)):
+    if callable(getattr(prm, "token_rewards", None)):  # freeprm.engine.protocols.TokenRewardSource
         out = prm.token_rewards(input_ids, attention_mask, response_mask)
+    elif callable(getattr(prm, "token_rewards_from_ids", None)):  # the Scorer's deprecated name
+        out = prm.token_rewards_from_ids(input_ids, attention_mask, response_mask)
     else:
         raise ValueError(f"{type(prm).__name__} has neither token_rewards(...) nor token_rewards_from_ids(...); "
                          "pass a freeprm.engine.Scorer or a freeprm.rl.ImplicitPRM")

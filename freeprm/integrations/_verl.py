@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import os
 import threading
 import warnings
 from collections import defaultdict
@@ -59,10 +58,9 @@ from collections import defaultdict
 import torch
 
 from freeprm.config import DEFAULT_BETA, DEFAULT_STEP_DELIMITER, check_beta
-from freeprm.engine.steps import split_steps, token_steps
+from freeprm.engine.steps import GRANULARITIES, step_rewards_on_last_token, step_sums
 from freeprm.integrations._common import check_reward_model, dense_rewards, model_version
 
-GRANULARITIES = ("token", "step")
 AGGREGATES = ("sum", "min")  # verl 0.9: one number per response
 TESTED_VERL = ("0.5.0", "0.9.1")
 _SCORERS: dict = {}  # verl builds a train and a validation manager: share the loaded models
@@ -197,12 +195,11 @@ class FreePRMRewardManager:
         b, p = prompts.shape
         resp_cpu = responses.cpu()
         if self.granularity == "step":
-            reward = torch.zeros_like(dense)
-            for i in range(b):
-                n = int(lengths[i])
-                if n:
-                    reward[i, :n] = _steps_on_last_token(dense[i, :n], resp_cpu[i, :n].tolist(), self.tokenizer,
-                                                         self.step_delimiter)
+            if self.tokenizer is None:
+                raise ValueError("step rewards need the policy's tokenizer (pass tokenizer=)")
+            valid = torch.arange(dense.shape[1])[None, :] < lengths[:, None]  # [B, R]
+            reward = step_rewards_on_last_token(dense, resp_cpu, valid, self.tokenizer,
+                                                step_delimiter=self.step_delimiter)
         else:
             reward = dense.clone()
         reward = self.prm_coef * reward
@@ -373,57 +370,8 @@ def _as_float(out) -> float:
 
 def _step_sums(dense: torch.Tensor, ids: list[int], tokenizer, delimiter: str) -> list[float]:
     """[n] -> the summed reward of each step of the decoded response that owns a token, in order."""
-    sums, last = _step_layout(dense, ids, tokenizer, delimiter)
-    return [float(x) for x in sums[last >= 0]]
-
-
-def _steps_on_last_token(dense: torch.Tensor, ids: list[int], tokenizer, delimiter: str) -> torch.Tensor:
-    """[n] -> [n]: each step's summed reward on its last token (steps found in the decoded text)."""
-    sums, last = _step_layout(dense, ids, tokenizer, delimiter)
-    out = torch.zeros_like(dense)
-    has = last >= 0
-    out[last[has]] = sums[has]
-    return out
-
-
-def _step_layout(dense: torch.Tensor, ids: list[int], tokenizer, delimiter: str):
-    """Per step of the decoded response: its summed reward [K] and its last token's index [K] (-1: no token)."""
-    if tokenizer is None:
-        raise ValueError("step rewards need the policy's tokenizer (pass tokenizer=)")
-    text, ends = _token_ends(ids, tokenizer)
-    if not text.strip():
-        return dense.sum().reshape(1), torch.tensor([len(ids) - 1])
-    spans = split_steps(text, step_delimiter=delimiter)
-    offsets = [(ends[k - 1] if k else 0, e) for k, e in enumerate(ends)]
-    steps = torch.tensor(token_steps(offsets, spans), dtype=torch.long)  # [n]
-    sums = torch.zeros(len(spans), dtype=dense.dtype).index_add_(0, steps, dense)
-    last = torch.full((len(spans),), -1, dtype=torch.long).scatter_reduce_(
-        0, steps, torch.arange(len(ids)), reduce="amax")
-    return sums, last
-
-
-def _token_ends(ids: list[int], tokenizer) -> tuple[str, list[int]]:
-    """The decoded text of ``ids`` and each token's end character in it.
-
-    Fast path: per-token decodes that concatenate to the full decode (true for byte-level BPE unless a
-    character is split across tokens). Otherwise each end is the length of the decoded prefix that
-    agrees with the full text (a token inside a split character gets the previous end).
-    """
-    kw = dict(skip_special_tokens=False, clean_up_tokenization_spaces=False)
-    text = tokenizer.decode(ids, **kw)
-    pieces = [tokenizer.decode([t], **kw) for t in ids]
-    if "".join(pieces) == text:
-        ends, e = [], 0
-        for piece in pieces:
-            e += len(piece)
-            ends.append(e)
-        return text, ends
-    ends = []
-    for k in range(len(ids)):
-        prefix = tokenizer.decode(ids[:k + 1], **kw)
-        ends.append(len(os.path.commonprefix([prefix, text])))
-    ends = [max(ends[:k + 1]) for k in range(len(ends))]
-    return text, ends
+    sums, _ = step_sums(dense, ids, tokenizer, step_delimiter=delimiter)
+    return [float(x) for x in sums]
 
 
 def _check_tokenizers(policy_tok, prm_tok) -> None:

@@ -6,7 +6,7 @@ name, where relative imports would fail). Either way there is one class, registe
 """
 
 from freeprm.integrations._verl import (AGGREGATES, GRANULARITIES, REGISTRIES, TESTED_VERL,  # noqa: F401
-                                        FreePRMRewardManager, _token_ends, check_verl_version, registered_in,
+                                        FreePRMRewardManager, check_verl_version, registered_in,
                                         settings_from_config)
 
 __all__ = ["FreePRMRewardManager", "check_verl_version", "settings_from_config"]

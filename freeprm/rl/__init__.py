@@ -3,9 +3,15 @@
 ``ImplicitPRM`` scores rollouts token by token and learns online from outcome labels;
 ``prime_advantages`` turns its rewards and the outcomes into RLOO advantages and returns.
 Formulas and a runnable example: ``docs/rl.md``.
+
+Modules: ``prm.py`` (``ImplicitPRM``), ``reference.py`` (the kinds of ``pi_ref``), ``update.py`` (the online
+update over the trainer's loss registry), ``checkpoint.py`` (save / load), ``batch.py`` (``encode_batch`` and
+the batch checks), ``advantages.py``. Step placement is ``freeprm.engine.steps.step_rewards_on_last_token``;
+``auroc`` lives in ``freeprm.eval.metrics``.
 """
 
 from .advantages import masked_whiten, prime_advantages
-from .prm import ImplicitPRM, Rewards, auroc, encode_batch
+from .batch import encode_batch
+from .prm import ImplicitPRM, Rewards
 
-__all__ = ["ImplicitPRM", "Rewards", "encode_batch", "prime_advantages", "masked_whiten", "auroc"]
+__all__ = ["ImplicitPRM", "Rewards", "encode_batch", "prime_advantages", "masked_whiten"]

@@ -90,13 +90,13 @@ def test_score_batch_tensor_form(tiny_model_dir):
         assert float(batch.scores[i]) == pytest.approx(r.score)
 
 
-def test_token_rewards_from_ids_matches_score(tiny_model_dir, tiny_ref_dir, naive_rewards):
+def test_token_rewards_matches_score(tiny_model_dir, tiny_ref_dir, naive_rewards):
     scorer = Scorer(tiny_model_dir, tiny_ref_dir, beta=2.0)
     r = scorer.score(ITEMS[:1])[0]
     ids = r.input_ids[None]
     mask = torch.zeros_like(ids, dtype=torch.bool)
     mask[:, r.response_start:] = True
-    out = scorer.token_rewards_from_ids(ids, torch.ones_like(ids), mask)
+    out = scorer.token_rewards(ids, torch.ones_like(ids), mask, with_logprobs=True)
     rewards, lp, lpr = out.rewards, out.logp, out.logp_ref
     assert torch.allclose(rewards[0, r.response_start:], r.token_rewards, atol=1e-6)
     # each model's log-probs against the naive full-logits computation of that model alone
@@ -105,6 +105,25 @@ def test_token_rewards_from_ids_matches_score(tiny_model_dir, tiny_ref_dir, naiv
     assert torch.allclose(lp[0, rs:], naive_rewards(pol, None, r.input_ids, rs), atol=1e-5)
     assert torch.allclose(lpr[0, rs:], naive_rewards(ref, None, r.input_ids, rs), atol=1e-5)
     assert float(rewards[0, :rs].abs().sum()) == 0.0
+
+
+def test_token_rewards_is_the_shared_protocol_and_the_old_name_is_a_deprecated_alias(tiny_model_dir, tiny_ref_dir):
+    from freeprm.engine.protocols import TokenRewardSource
+    from freeprm.rl import ImplicitPRM
+
+    scorer = Scorer(tiny_model_dir, tiny_ref_dir, beta=2.0)
+    prm = ImplicitPRM(tiny_model_dir, tiny_ref_dir, beta=2.0)
+    assert isinstance(scorer, TokenRewardSource) and isinstance(prm, TokenRewardSource)
+    r = scorer.score(ITEMS[:1])[0]
+    ids = r.input_ids[None]
+    mask = torch.zeros_like(ids, dtype=torch.bool)
+    mask[:, r.response_start:] = True
+    new = scorer.token_rewards(ids, torch.ones_like(ids), mask)
+    assert isinstance(new, torch.Tensor) and new.shape == ids.shape
+    with pytest.warns(DeprecationWarning, match="token_rewards_from_ids"):
+        old = scorer.token_rewards_from_ids(ids, torch.ones_like(ids), mask)
+    assert torch.equal(old.rewards, new)
+    torch.testing.assert_close(prm.token_rewards(ids, torch.ones_like(ids), mask), new, atol=1e-5, rtol=1e-5)
 
 
 def test_reference_free_is_beta_times_logprob(tiny_model_dir, naive_rewards):
@@ -229,6 +248,6 @@ def test_bad_response_mask_raises(tiny_model_dir):
     scorer = Scorer(tiny_model_dir)
     ids = torch.tensor([[3, 4, 5, 6]])
     with pytest.raises(ValueError, match="first token"):
-        scorer.token_rewards_from_ids(ids, torch.ones_like(ids), torch.ones_like(ids, dtype=torch.bool))
+        scorer.token_rewards(ids, torch.ones_like(ids), torch.ones_like(ids, dtype=torch.bool))
     with pytest.raises(ValueError, match="padding"):
-        scorer.token_rewards_from_ids(ids, torch.tensor([[1, 1, 0, 0]]), torch.tensor([[False, True, True, True]]))
+        scorer.token_rewards(ids, torch.tensor([[1, 1, 0, 0]]), torch.tensor([[False, True, True, True]]))

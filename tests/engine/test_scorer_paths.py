@@ -120,8 +120,9 @@ def test_model_object_keeps_mode_device_and_gets_dtype(tiny_model_dir):
     assert s.device == torch.device("cpu") and s.dtype == torch.float32
     assert_same(s.score(GROUP[:2]), expected)
     assert model.training and not model.model.layers[0].training and model.model.layers[1].training
-    out = s.token_rewards_from_ids(expected[0].input_ids[None], torch.ones_like(expected[0].input_ids[None]),
-                                   torch.arange(len(expected[0].input_ids))[None] >= expected[0].response_start)
+    out = s.token_rewards(expected[0].input_ids[None], torch.ones_like(expected[0].input_ids[None]),
+                          torch.arange(len(expected[0].input_ids))[None] >= expected[0].response_start,
+                          with_logprobs=True)
     assert isinstance(out, TokenRewards) and out.logp_ref is None and model.training
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -21,7 +21,7 @@ class TokenRewardsOut:
 
 
 class DataclassScorer:
-    """A Scorer whose ``token_rewards_from_ids`` returns a dataclass (the engine's newer form)."""
+    """An object with only the older ``token_rewards_from_ids``, returning a dataclass (``dense_rewards`` accepts it)."""
 
     def __init__(self, scorer):
         self.scorer, self.tokenizer = scorer, scorer.tokenizer
@@ -30,7 +30,7 @@ class DataclassScorer:
         return self.scorer.score(items, aggregate=aggregate)
 
     def token_rewards_from_ids(self, input_ids, attention_mask, response_mask):
-        out = self.scorer.token_rewards_from_ids(input_ids, attention_mask, response_mask)
+        out = self.scorer.token_rewards(input_ids, attention_mask, response_mask, with_logprobs=True)
         if not isinstance(out, tuple):
             return out
         return TokenRewardsOut(*out)
@@ -46,8 +46,7 @@ class PRMLike:
         return self.scorer.score(items, aggregate=aggregate)
 
     def token_rewards(self, input_ids, attention_mask, response_mask):
-        out = self.scorer.token_rewards_from_ids(input_ids, attention_mask, response_mask)
-        return out[0] if isinstance(out, tuple) else out.rewards
+        return self.scorer.token_rewards(input_ids, attention_mask, response_mask)
 
 
 @pytest.fixture(params=["scorer", "dataclass", "prm_like"])

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from freeprm.integrations.verl import FreePRMRewardManager, _token_ends
+from freeprm.engine.steps import decoded_offsets
+from freeprm.integrations.verl import FreePRMRewardManager
 
 ITEMS = [{"prompt": "What is 48 / 2 + 48?", "response": "48 / 2 = 24.\n\n24 + 48 = 72.\n\nThe answer is 72."},
          {"prompt": "What is 7 * 6?", "response": "7 * 6 = 42.\n\nThe answer is 42."},
@@ -115,6 +116,7 @@ def test_token_ends_with_split_characters(tiny_scorer):
     """Characters split across byte-level tokens: ends stay monotone and the last one is the text length."""
     tok = tiny_scorer.tokenizer
     ids = tok("数学 🙂 ok\n\nπ", add_special_tokens=False)["input_ids"]
-    text, ends = _token_ends(ids, tok)
+    text, offsets = decoded_offsets(tok, ids)
+    ends = [e for _, e in offsets]
     assert text == "数学 🙂 ok\n\nπ" and ends[-1] == len(text)
     assert all(a <= b for a, b in zip(ends, ends[1:]))

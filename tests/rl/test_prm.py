@@ -10,7 +10,8 @@ from freeprm.engine import Scorer
 from freeprm.engine.logprobs import position_ids_from_mask, split_lm
 from freeprm.engine.steps import split_steps, token_steps
 from freeprm.engine.tokenization import encode, response_tokens
-from freeprm.rl import ImplicitPRM, auroc, encode_batch
+from freeprm.eval.metrics import auroc
+from freeprm.rl import ImplicitPRM, encode_batch
 
 ITEMS = [
     ("What is 48 / 2?", "48 / 2 = 24.\n\nThe answer is 24."),

@@ -158,7 +158,7 @@ def test_bad_config():
 
 
 def test_lr_schedule():
-    from freeprm.trainer.trainer import lr_lambda
+    from freeprm.trainer.schedule import lr_lambda
 
     assert [lr_lambda(s, 10, 2, "cosine", 0.0) for s in (0, 1)] == [0.5, 1.0]
     assert lr_lambda(2, 10, 2, "cosine", 0.0) == pytest.approx(1.0)
