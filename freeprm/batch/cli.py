@@ -42,7 +42,8 @@ def cmd_rerank(args) -> int:
             workers=args.workers, num_cpus_per_worker=args.num_cpus_per_worker,
             num_gpus_per_worker=args.num_gpus_per_worker, torch_threads=args.torch_threads,
             ray_address=args.ray_address, pattern_timeout=args.pattern_timeout,
-            trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle)
+            trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle,
+            force_reference=args.force_reference)
     except ValueError as e:
         print(f"freeprm rerank: {e}", file=sys.stderr)
         return 2

@@ -39,11 +39,13 @@ from pathlib import Path
 
 import numpy as np
 
+from ..config import NO_REFERENCE
 from ..engine.cli import _PatternTimeout, _time_limit
 from ..engine.loading import DEFAULT_POLICY, auto_dtype, resolve_dtype
 from ..identity import model_identity
 from ..identity import params_identity as _params_identity
 from ..engine.scorer import AGGREGATIONS, Scorer
+from ..prm_meta import resolve_scoring
 from .reader import BadLine, Group, detect_format, iter_chunks
 from .store import OutputDir
 
@@ -242,11 +244,11 @@ def rerank(
     policy=DEFAULT_POLICY,
     reference=None,
     scorer: Scorer | None = None,
-    beta: float = 1.0,
+    beta: float | None = None,
     step_delimiter: str | None = "\n\n",
     step_pattern: str | None = None,
     aggregate: str = "min",
-    prompt_format: str = "auto",
+    prompt_format: str | None = None,
     dtype: str = "auto",
     device: str | None = None,
     max_length: int | None = None,
@@ -264,6 +266,7 @@ def rerank(
     torch_threads: int | None = None,
     ray_address: str | None = None,
     pattern_timeout: float | None = 2.0,
+    force_reference: bool = False,
     **scorer_kwargs,
 ) -> RerankSummary:
     """Rerank every group of ``input`` (JSONL or Parquet) into parts under ``output_dir``; resumable.
@@ -282,6 +285,8 @@ def rerank(
     are then ignored). ``engine="ray"`` runs the scoring on a Ray Data actor pool of ``workers``
     actors (see ``ray_engine.py``; ``num_cpus_per_worker`` may be fractional, ``torch_threads`` sets
     each actor's torch threads, ``ray_address`` the cluster when Ray is not initialised yet). Returns a ``RerankSummary``.
+    A trained PRM directory as ``policy`` supplies beta, reference, prompt format and step split where not given
+    (its ``freeprm_prm.json``, as ``Scorer`` reads it; ``force_reference`` as there).
     """
     if engine not in ("local", "ray"):
         raise ValueError(f"engine must be 'local' or 'ray', got {engine!r}")
@@ -309,11 +314,16 @@ def rerank(
             aggregate=aggregate, prompt_format=scorer.prompt_format, dtype=effective_dtype(scorer.dtype, None),
             max_length=scorer.max_length, rows_per_part=rows_per_part, fmt=format)
     else:
+        r = resolve_scoring(policy, beta=beta, reference=reference, prompt_format=prompt_format,
+                            step_delimiter=step_delimiter, step_pattern=step_pattern, force_reference=force_reference)
+        beta, prompt_format, step_delimiter, step_pattern = r.beta, r.prompt_format, r.step_delimiter, r.step_pattern
         fp = make_fingerprint(
-            policy=model_identity(policy), reference=model_identity(reference), beta=beta,
+            policy=model_identity(policy), reference=model_identity(r.reference), beta=beta,
             step_delimiter=step_delimiter, step_pattern=step_pattern, aggregate=aggregate, prompt_format=prompt_format,
             dtype=effective_dtype(dtype, device, (num_gpus_per_worker > 0) if engine == "ray" else None),
             max_length=max_length, rows_per_part=rows_per_part, fmt=format)
+        reference = NO_REFERENCE if r.reference is None else r.reference  # resolved: None would mean "unset"
+        scorer_kwargs["force_reference"] = force_reference
     scorer_opts = dict(beta=beta, step_delimiter=step_delimiter, step_pattern=step_pattern, aggregate=aggregate,
                        prompt_format=prompt_format, dtype=dtype, device=device, max_length=max_length,
                        max_batch_tokens=max_batch_tokens, **scorer_kwargs)

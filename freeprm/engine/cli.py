@@ -53,8 +53,13 @@ DEMO_SET = Path(__file__).resolve().parents[1] / "data" / "demo_gsm8k.jsonl"
 def _scorer_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--policy", default=DEFAULT_POLICY,
                    help="HF dir, hub id, .gguf file, or 'smollm2' (bundled default)")
-    p.add_argument("--reference", default=None, help="reference model (same kinds); omit for reference-free")
-    p.add_argument("--beta", type=float, default=1.0)
+    p.add_argument("--reference", default=None,
+                   help="reference model (same kinds), or 'none'; omitted: the one a trained PRM directory records "
+                        "(freeprm_prm.json), else none")
+    p.add_argument("--force-reference", action="store_true",
+                   help="use --reference even if its content differs from the reference the PRM was trained against")
+    p.add_argument("--beta", type=positive_float, default=None,
+                   help="reward scale (default: the trained PRM directory's recorded beta, else 1.0)")
     p.add_argument("--step-delimiter", default="\n\n", type=escapes_arg,
                    help="step delimiter; \\n \\t \\r \\\\ \\uXXXX are understood, other text is taken as is")
     p.add_argument("--step-pattern", default=None, help="regex that splits steps (overrides --step-delimiter); "
@@ -62,7 +67,8 @@ def _scorer_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pattern-timeout", type=positive_float, default=2.0,
                    help="seconds one line's --step-pattern split may take before the line is reported and skipped")
     p.add_argument("--aggregate", default="min", help="min, last, mean, sum, q_min, q_last, q_mean, q_sum")
-    p.add_argument("--prompt-format", default="auto", choices=["auto", "chat", "raw"])
+    p.add_argument("--prompt-format", default=None, choices=["auto", "chat", "raw"],
+                   help="default: the trained PRM directory's recorded one, else auto")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N, mps (default: cuda when available)")
     p.add_argument("--max-length", type=positive_int, default=None, help="longest prompt+response in tokens")
@@ -92,7 +98,7 @@ def _make_scorer(args):
                   step_pattern=args.step_pattern, aggregate=args.aggregate, prompt_format=args.prompt_format,
                   dtype=args.dtype, device=args.device, max_length=args.max_length,
                   max_batch_tokens=args.max_batch_tokens, trust_remote_code=args.trust_remote_code,
-                  allow_pickle=args.allow_pickle)
+                  allow_pickle=args.allow_pickle, force_reference=args.force_reference)
 
 
 class _PatternTimeout(Exception):
@@ -248,7 +254,7 @@ def cmd_demo(args) -> int:
     _check_scorer_args(args)
     scorer = _make_scorer(args)
     print(f"freeprm demo: scoring {len(items)} candidates with policy={args.policy!r} "
-          f"reference={args.reference!r} beta={args.beta} aggregate={args.aggregate}")
+          f"reference={args.reference!r} beta={scorer.beta} aggregate={args.aggregate}")
     results = scorer.score(items, progress=not args.no_progress)
     by_problem = defaultdict(list)
     for item, r in zip(items, results):

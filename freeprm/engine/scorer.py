@@ -31,6 +31,7 @@ from collections.abc import Iterable, Mapping
 import torch
 
 from ..kernels import linear_logprobs, ops
+from ..prm_meta import resolve_scoring
 from .batching import PackedBatch, length_batches, pack_batch, pack_rows, pad_batch, pad_id_of
 from .items import PreparedItem, prepare_item
 from .loading import DEFAULT_POLICY, auto_dtype, load_model, resolve_dtype
@@ -75,11 +76,16 @@ class Scorer:
 
     Args:
         policy: model spec for ``load_model`` (HF dir, hub id, ``.gguf``, ``"smollm2"``) or ``(model, tokenizer)``.
-        reference: the same kinds, or None for reference-free rewards (``log pi_ref = 0``).
-        beta: reward scale.
+            A PRM directory written by freeprm carries ``freeprm_prm.json`` (``freeprm/prm_meta.py``): its beta,
+            reference, prompt format and step split are then used where not given here (a given one that differs
+            is used with a warning naming both values).
+        reference: the same kinds; ``"none"`` for no reference (``log pi_ref = 0``); None (unset): the reference
+            recorded in a PRM directory's metadata, else none. A reference whose content differs from the
+            recorded one is a ``ValueError`` unless ``force_reference=True``.
+        beta: reward scale (None: the PRM directory's recorded beta, else ``DEFAULT_BETA`` = 1.0).
         step_delimiter / step_pattern: how responses split into steps (see ``steps.py``).
         aggregate: default aggregation, one of ``AGGREGATIONS``.
-        prompt_format: ``"auto" | "chat" | "raw"`` (see ``tokenization.py``).
+        prompt_format: ``"auto" | "chat" | "raw"`` (see ``tokenization.py``; None: the recorded one, else auto).
         dtype: ``"auto"`` (default: bfloat16 on CUDA, float32 on CPU; a model object keeps its own dtype),
             ``"float32"``, ``"bfloat16"``, ``"float16"`` or a ``torch.dtype``. Log-probs and rewards are always
             fp32; the dtype is that of the model weights and activations (bf16 vs fp32 error: README).
@@ -104,6 +110,8 @@ class Scorer:
             one kernel launch reading both models' hidden states and LM heads; the per-model log-probs are then
             not kept (``ScoreResult.token_logprobs`` / ``ref_logprobs`` are None). Off by default, so results
             carry the same fields on every device.
+        force_reference: use a reference whose content digest differs from the one a PRM directory records
+            (a warning instead of the error).
 
     A ``(model, tokenizer)`` pair (or a model object) is used where it is, in its dtype, unless ``device`` /
     ``dtype`` are given: then it is moved / cast in place (``nn.Module.to``). Scoring runs the models in eval mode
@@ -115,11 +123,11 @@ class Scorer:
         policy=DEFAULT_POLICY,
         reference=None,
         *,
-        beta: float = 1.0,
+        beta: float | None = None,
         step_delimiter: str | None = "\n\n",
         step_pattern: str | re.Pattern | None = None,
         aggregate: str = "min",
-        prompt_format: str = "auto",
+        prompt_format: str | None = None,
         dtype: str | torch.dtype = "auto",
         device: str | torch.device | None = None,
         max_length: int | None = None,
@@ -131,9 +139,21 @@ class Scorer:
         share_prompt: bool = True,
         pack: bool | str = "auto",
         fuse_reference: bool = False,
+        force_reference: bool = False,
         **unknown,
     ) -> None:
         _check_unknown("Scorer", unknown, _SCORER_OPTIONS)
+        if beta is not None and (not isinstance(beta, (int, float)) or not math.isfinite(beta) or beta <= 0):
+            raise ValueError(f"beta must be a positive finite number, got {beta!r}")
+        if prompt_format is not None and prompt_format not in PROMPT_FORMATS:
+            raise ValueError(f"prompt_format must be one of {PROMPT_FORMATS}, got {prompt_format!r}")
+        # a trained PRM directory's freeprm_prm.json fills what is not given (freeprm/prm_meta.py)
+        resolved = resolve_scoring(policy, beta=beta, reference=reference, prompt_format=prompt_format,
+                                   step_delimiter=step_delimiter, step_pattern=step_pattern,
+                                   force_reference=force_reference)
+        beta, reference, prompt_format = resolved.beta, resolved.reference, resolved.prompt_format
+        step_delimiter, step_pattern = resolved.step_delimiter, resolved.step_pattern
+        self.prm_meta = resolved.meta
         if not isinstance(beta, (int, float)) or not math.isfinite(beta) or beta <= 0:
             raise ValueError(f"beta must be a positive finite number, got {beta!r}")
         if aggregate not in AGGREGATIONS:
@@ -489,7 +509,7 @@ def score(
     policy=DEFAULT_POLICY,
     reference=None,
     *,
-    beta: float = 1.0,
+    beta: float | None = None,
     step_delimiter: str | None = "\n\n",
     aggregate: str = "min",
     progress: bool = False,

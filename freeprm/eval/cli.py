@@ -17,7 +17,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from ..cliargs import HelpFormatter, escapes_arg
+from ..cliargs import HelpFormatter, escapes_arg, positive_float
 
 STAGES = ("generate", "score", "report", "all")
 
@@ -76,9 +76,13 @@ def _add_generate(p: argparse.ArgumentParser) -> None:
 def _add_score(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("score")
     g.add_argument("--policy", default="smollm2", help="implicit PRM policy (HF dir, .gguf, smollm2)")
-    g.add_argument("--reference", default=None, type=lambda s: None if s.lower() == "none" else s,
-                   help="reference model, or 'none' (the default: reference-free)")
-    g.add_argument("--beta", type=float, default=1.0)
+    g.add_argument("--reference", default=None,
+                   help="reference model, or 'none'; omitted: the one a trained PRM directory records "
+                        "(freeprm_prm.json), else none")
+    g.add_argument("--force-reference", action="store_true",
+                   help="use --reference even if its content differs from the reference the PRM was trained against")
+    g.add_argument("--beta", type=positive_float, default=None,
+                   help="reward scale (default: the trained PRM directory's recorded beta, else 1.0)")
     g.add_argument("--step-delimiter", default="\n\n", type=escapes_arg,
                    help="step delimiter, backslash escapes allowed (\\n \\t \\r \\\\ \\uXXXX)")
     g.add_argument("--score-dtype", default="float32")
@@ -172,14 +176,14 @@ def stage_score(args) -> None:
     st = score_candidates(cands, Path(args.out) / "scores.jsonl", policy=args.policy, reference=args.reference,
                           beta=args.beta, step_delimiter=args.step_delimiter, chunk_size=args.score_chunk,
                           progress=not args.no_progress, dtype=args.score_dtype, where=where,
-                          prompt_format=args.prompt_format)
+                          prompt_format=args.prompt_format, force_reference=args.force_reference)
     _log(f"score: {st['scored']} scored, {st['reused']} reused, {st['empty']} empty responses "
          f"({st['seconds']:.0f} s)")
 
 
 def stage_report(args) -> dict:
     from .report import build_problems, build_table, write_report
-    from .scoring import load_scores, scorer_tag
+    from .scoring import load_scores, resolved_scorer_tag
     from .selection import default_methods, parse_method
 
     cands = _load_candidates(_candidates_path(args))
@@ -194,9 +198,10 @@ def stage_report(args) -> dict:
     scores = None
     meta = {"candidates_file": str(_candidates_path(args))}
     if aggs:
-        tag = scorer_tag(getattr(args, "policy", None) or "smollm2", getattr(args, "reference", None),
-                         getattr(args, "beta", 1.0), getattr(args, "step_delimiter", "\n\n"),
-                         dtype=getattr(args, "score_dtype", "float32"), prompt_format=args.prompt_format)
+        tag = resolved_scorer_tag(getattr(args, "policy", None) or "smollm2", getattr(args, "reference", None),
+                                  getattr(args, "beta", None), getattr(args, "step_delimiter", "\n\n"),
+                                  dtype=getattr(args, "score_dtype", "float32"), prompt_format=args.prompt_format,
+                                  force_reference=getattr(args, "force_reference", False))[0]
         scores = load_scores(Path(args.out) / "scores.jsonl", tag if args.stage == "all" else None)
         tags = {s["scorer"] for s in scores.values()}
         if len(tags) > 1:

@@ -59,6 +59,19 @@ def scorer_tag(policy, reference, beta: float, step_delimiter: str | None, *, st
             f"delim={step_delimiter!r};pattern={pattern!r};format={prompt_format};dtype={_dtype_name(dtype)}")
 
 
+def resolved_scorer_tag(policy, reference, beta: float | None, step_delimiter: str | None, *, step_pattern=None,
+                        prompt_format: str | None = None, dtype="float32", force_reference: bool = False):
+    """``(scorer_tag, ResolvedScoring)`` after a trained PRM directory's ``freeprm_prm.json`` filled what is not
+    given (``freeprm.prm_meta.resolve_scoring``; None = unset); the scoring and report stages share it."""
+    from ..prm_meta import resolve_scoring
+
+    r = resolve_scoring(policy, beta=beta, reference=reference, prompt_format=prompt_format,
+                        step_delimiter=step_delimiter, step_pattern=step_pattern, force_reference=force_reference)
+    tag = scorer_tag(policy, r.reference, r.beta, r.step_delimiter, step_pattern=r.step_pattern,
+                     prompt_format=r.prompt_format, dtype=dtype)
+    return tag, r
+
+
 def scorer_tag_of(scorer) -> str:
     """``scorer_tag`` of a built ``freeprm.engine.Scorer``, from its own models (their parameters) and settings."""
     dtype = next(scorer.policy.parameters()).dtype
@@ -89,7 +102,7 @@ def score_candidates(
     *,
     policy="smollm2",
     reference=None,
-    beta: float = 1.0,
+    beta: float | None = None,
     step_delimiter: str | None = "\n\n",
     chunk_size: int = 16,
     progress: bool = True,
@@ -112,9 +125,16 @@ def score_candidates(
     if scorer is not None:
         tag = scorer_tag_of(scorer)
     else:
-        tag = scorer_tag(policy, reference, beta, step_delimiter, step_pattern=scorer_kwargs.get("step_pattern"),
-                         prompt_format=scorer_kwargs.get("prompt_format", "auto"),
-                         dtype=scorer_kwargs.get("dtype", "float32"))
+        from ..config import NO_REFERENCE
+
+        tag, r = resolved_scorer_tag(policy, reference, beta, step_delimiter,
+                                     step_pattern=scorer_kwargs.get("step_pattern"),
+                                     prompt_format=scorer_kwargs.get("prompt_format"),
+                                     dtype=scorer_kwargs.get("dtype", "float32"),
+                                     force_reference=scorer_kwargs.get("force_reference", False))
+        beta, step_delimiter = r.beta, r.step_delimiter
+        scorer_kwargs.update(prompt_format=r.prompt_format, step_pattern=r.step_pattern)
+        reference = NO_REFERENCE if r.reference is None else r.reference  # resolved: None would mean "unset"
     done = load_scores(out_path, tag)
     todo = [c for c in candidates if key_of(c) not in done]
     stats = {"scored": 0, "reused": len(candidates) - len(todo), "empty": 0, "seconds": 0.0}

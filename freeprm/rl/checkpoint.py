@@ -1,32 +1,57 @@
-"""``ImplicitPRM.save_pretrained`` / ``from_pretrained``: a PRM as a Hugging Face directory plus its settings.
+"""``ImplicitPRM.save_pretrained`` / ``from_pretrained``: a PRM as a Hugging Face directory plus its metadata.
 
-Layout: the model (safetensors) and tokenizer, ``freeprm_prm.json`` (settings and version),
-``optimizer.pt`` (AdamW state, read back with ``weights_only=True``) and, for a frozen reference,
-the reference model in ``reference/``. The directory is a policy the engine's ``Scorer`` loads.
+Layout: the model (safetensors) and tokenizer, ``freeprm_prm.json`` (``freeprm.prm_meta``: the scoring config
+with beta, the reference and its content digest, the step delimiter; the online settings and version under
+``implicit_prm``), ``optimizer.pt`` (AdamW state, read back with ``weights_only=True``) and, for a frozen
+reference, the reference model in ``reference/``. The directory is a policy the engine's ``Scorer`` loads with
+the same beta and reference (it reads the same file). Directories of the first format
+(``freeprm-implicit-prm-1``) keep loading.
 """
 
 from __future__ import annotations
 
-import json
 import os
+import warnings
 from pathlib import Path
 
 import torch
 
+from ..config import NO_REFERENCE, ScoringConfig
 from ..engine.loading import load_model
+from ..prm_meta import (
+    META_FILE,
+    REFERENCE_DIR,
+    PRMMetaWarning,
+    check_reference_digest,
+    content_digest,
+    meta_dict,
+    read_meta,
+    write_meta,
+)
 from .reference import frozen
 
-CONFIG_FILE = "freeprm_prm.json"
 OPTIMIZER_FILE = "optimizer.pt"
-REFERENCE_DIR = "reference"
-FORMAT = "freeprm-implicit-prm-1"
-_SETTINGS = ("beta", "granularity", "step_delimiter", "lr", "grad_clip", "mini_batch_size", "loss", "weight_decay")
+_ONLINE = ("granularity", "lr", "grad_clip", "mini_batch_size", "loss", "weight_decay")
 
 
 def prm_settings(prm) -> dict:
-    """What ``save_pretrained`` records of ``prm``: its settings, reference kind and version."""
-    return {"format": FORMAT, **{k: getattr(prm, k) for k in _SETTINGS}, "reference": prm.reference_kind,
-            "version": prm.version}
+    """``prm``'s online settings, reference kind and version (the ``implicit_prm`` part of its metadata)."""
+    return {**{k: getattr(prm, k) for k in _ONLINE}, "reference_kind": prm.reference_kind, "version": prm.version}
+
+
+def _reference_record(prm, path: Path) -> tuple[str | None, str | None]:
+    """``(scoring.reference, reference_digest)`` of a PRM saved at ``path``."""
+    kind = prm.reference_kind
+    if kind == "none":
+        return NO_REFERENCE, None
+    if kind == "frozen":
+        return REFERENCE_DIR, content_digest(str(path / REFERENCE_DIR))
+    if kind == "model":
+        spec = getattr(prm, "reference_spec", None)
+        if spec is not None:
+            return spec, content_digest(spec)
+        return None, content_digest(prm.reference)
+    return None, None  # "policy": the caller's log-probs, nothing to record
 
 
 def save_pretrained(prm, path: str | os.PathLike) -> str:
@@ -41,35 +66,51 @@ def save_pretrained(prm, path: str | os.PathLike) -> str:
         if prm.tokenizer is not None:
             prm.tokenizer.save_pretrained(path / REFERENCE_DIR)
     torch.save(prm.optimizer.state_dict(), path / OPTIMIZER_FILE)
-    (path / CONFIG_FILE).write_text(json.dumps(prm_settings(prm), indent=2))
+    ref, digest = _reference_record(prm, path)
+    scoring = ScoringConfig(beta=prm.beta, reference=ref, step_delimiter=prm.step_delimiter)
+    training = {"trainer": "ImplicitPRM", "loss": prm.loss, "data_sha256": None, "updates": prm.version}
+    write_meta(path, meta_dict(scoring, reference_digest=digest, training=training, implicit_prm=prm_settings(prm)))
     return str(path)
 
 
-def from_pretrained(cls, path: str | os.PathLike, reference="saved", **kwargs):
+def from_pretrained(cls, path: str | os.PathLike, reference="saved", *, force_reference: bool = False, **kwargs):
     """Load a ``save_pretrained`` directory as ``cls`` (``ImplicitPRM``); see ``ImplicitPRM.from_pretrained``."""
     path = Path(path)
-    cfg_file = path / CONFIG_FILE
-    if not cfg_file.is_file():
-        raise ValueError(f"{path} has no {CONFIG_FILE}; is it an ImplicitPRM.save_pretrained directory?")
-    cfg = json.loads(cfg_file.read_text())
-    settings = {k: cfg[k] for k in _SETTINGS if k in cfg}
+    meta = read_meta(path)
+    if meta is None:
+        raise ValueError(f"{path} has no {META_FILE}; is it an ImplicitPRM.save_pretrained directory?")
+    online = meta.implicit_prm or {}
+    settings = {k: online[k] for k in _ONLINE if k in online}
+    settings.update(beta=meta.scoring.beta, step_delimiter=meta.scoring.step_delimiter or "")
+    for k in ("beta", "step_delimiter"):
+        if k in kwargs and kwargs[k] != settings[k]:
+            warnings.warn(f"{k}: using the given {kwargs[k]!r}, but {meta.file} records {settings[k]!r} (the value "
+                          "this PRM was trained with)", PRMMetaWarning, stacklevel=3)
     settings.update(kwargs)
+    kind = online.get("reference_kind", "frozen" if meta.scoring.reference == REFERENCE_DIR else "none")
     frozen_ref = None
     if isinstance(reference, str) and reference == "saved":
-        kind = cfg.get("reference", "none")
-        if kind == "model":
-            raise ValueError("this PRM was saved with a separate reference model; pass reference=<that model>")
-        if kind == "frozen":
-            frozen_ref = str(path / REFERENCE_DIR)
-            reference = None
+        if kind == "model" and meta.scoring.reference is None:
+            raise ValueError(f"{meta.file}: this PRM was saved with a separate in-memory reference model; pass "
+                             "reference=<that model>")
+        if kind in ("frozen", "model"):
+            frozen_ref = meta.reference_spec()  # ValueError naming the file when it is missing
+            check_reference_digest(meta, frozen_ref, force_reference=force_reference, given=False)
+            reference = "none"
         else:
-            reference = None if kind == "none" else kind
+            reference = "none" if kind == "none" else kind
+    elif reference not in (None, "none", "policy", "frozen"):
+        check_reference_digest(meta, reference, force_reference=force_reference)
+    if reference == "none":
+        reference = None  # ImplicitPRM's reference-free spelling
     prm = cls(str(path), reference, **settings)
     if frozen_ref is not None:
         prm.reference = frozen(load_model(frozen_ref, dtype=next(prm.model.parameters()).dtype, device=prm.device)[0])
-        prm.reference_kind = "frozen"
+        prm.reference_kind = kind
+        if kind == "model":
+            prm.reference_spec = frozen_ref
     opt_file = path / OPTIMIZER_FILE
     if opt_file.is_file():
         prm.optimizer.load_state_dict(torch.load(opt_file, map_location=prm.device, weights_only=True))
-    prm.version = int(cfg.get("version", 0))
+    prm.version = int(online.get("version", 0))
     return prm

@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -117,6 +118,10 @@ class ImplicitPRM:
         self.device = next(self.model.parameters()).device
         self.reference_kind, self.reference = resolve_reference(reference, self.model, dtype=opts["dtype"],
                                                                 device=self.device)
+        self.reference_spec = None  # a reference model's spec, recorded by save_pretrained
+        if self.reference_kind == "model" and isinstance(reference, (str, os.PathLike)):
+            local = Path(reference).expanduser()
+            self.reference_spec = str(local.resolve()) if local.exists() else str(reference)
         self.beta, self.granularity, self.step_delimiter = float(beta), granularity, step_delimiter
         self.lr, self.grad_clip, self.weight_decay = float(lr), grad_clip, float(weight_decay)
         self.mini_batch_size, self.loss, self.impl, self.full_logits = mini_batch_size, loss, impl, full_logits
@@ -308,7 +313,7 @@ class ImplicitPRM:
     # ------------------------------------------------------------------------------ state
     def config(self) -> dict:
         """The settings ``save_pretrained`` records (and ``from_pretrained`` restores), with the version."""
-        return checkpoint.prm_settings(self)
+        return {"beta": self.beta, "step_delimiter": self.step_delimiter, **checkpoint.prm_settings(self)}
 
     def state_dict(self) -> dict:
         """Model weights, optimizer state, version (and the frozen reference's weights when it owns one)."""
@@ -335,17 +340,21 @@ class ImplicitPRM:
     def save_pretrained(self, path: str | os.PathLike) -> str:
         """Write an HF directory (safetensors + tokenizer) that ``Scorer`` / ``load_model`` load as a policy.
 
-        Also written: ``freeprm_prm.json`` (settings, version), ``optimizer.pt`` (optimizer state, read back
+        Also written: ``freeprm_prm.json`` (``freeprm.prm_meta``: beta, reference and its content digest,
+        step delimiter, loss; the online settings and version), ``optimizer.pt`` (optimizer state, read back
         with ``weights_only=True``) and, with ``reference="frozen"``, the reference in ``reference/``.
         """
         return checkpoint.save_pretrained(self, path)
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, reference="saved", **kwargs) -> ImplicitPRM:
+    def from_pretrained(cls, path: str | os.PathLike, reference="saved", *, force_reference: bool = False,
+                        **kwargs) -> ImplicitPRM:
         """Load a ``save_pretrained`` directory: weights, settings, version, optimizer state.
 
-        ``reference="saved"`` restores what was saved (the frozen reference from ``reference/``; ``"policy"``;
-        ``None``); a ``reference="model"`` PRM must be given its reference again. Keyword arguments override
-        the saved settings (``beta``, ``lr``, ``device``, ...).
+        ``reference="saved"`` restores what was saved (the frozen reference from ``reference/``, a reference
+        model from its recorded path; ``"policy"``; none), checked against the content digest recorded in
+        ``freeprm_prm.json``; a reference given here is checked against it too. A differing digest is a
+        ``ValueError`` unless ``force_reference=True``. Keyword arguments override the saved settings (``beta``,
+        ``lr``, ``device``, ...); a ``beta`` or ``step_delimiter`` that differs from the recorded one warns.
         """
-        return checkpoint.from_pretrained(cls, path, reference, **kwargs)
+        return checkpoint.from_pretrained(cls, path, reference, force_reference=force_reference, **kwargs)

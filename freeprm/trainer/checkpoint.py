@@ -36,21 +36,28 @@ def set_rng_state(st: dict) -> None:
         torch.cuda.set_rng_state_all(st["cuda"])
 
 
-def save_model(model, tokenizer, path: str | os.PathLike) -> None:
-    """The policy as a Hugging Face directory (safetensors + tokenizer) that ``load_model`` loads."""
+def save_model(model, tokenizer, path: str | os.PathLike, prm_meta: dict | None = None) -> None:
+    """The policy as a Hugging Face directory (safetensors + tokenizer) that ``load_model`` loads, with its
+    ``freeprm_prm.json`` (``freeprm.prm_meta``) when ``prm_meta`` is given."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
+    if prm_meta is not None:
+        from ..prm_meta import write_meta
+
+        write_meta(path, prm_meta)
 
 
-def save_checkpoint(path: str | os.PathLike, model, tokenizer, state: dict, optimizer, scheduler) -> None:
-    """Model + tokenizer + ``trainer_state.json`` (``state`` plus the format) + ``optimizer.pt``, atomically."""
+def save_checkpoint(path: str | os.PathLike, model, tokenizer, state: dict, optimizer, scheduler,
+                    prm_meta: dict | None = None) -> None:
+    """Model + tokenizer (+ ``freeprm_prm.json``) + ``trainer_state.json`` (``state`` plus the format) +
+    ``optimizer.pt``, atomically."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
-    save_model(model, tokenizer, tmp)
+    save_model(model, tokenizer, tmp, prm_meta)
     (tmp / "trainer_state.json").write_text(json.dumps({"format": STATE_FORMAT, **state}, indent=2))
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "rng": rng_state()}, tmp / "optimizer.pt")

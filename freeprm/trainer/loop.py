@@ -64,11 +64,13 @@ class Trainer:
 
     model: a causal LM (trained in place); items: ``TrainItem`` list; ref_logps: per item a
     tuple of fp32 ``[n_response]`` tensors aligned with ``item.seqs`` (None when reference-free).
+    meta: extra ``trainer_state.json`` fields; prm_meta: the ``freeprm_prm.json`` written beside every saved
+    model (``freeprm.prm_meta.meta_dict``; its ``training.steps`` is set at each save).
     """
 
     def __init__(self, model, tokenizer, items: Sequence[TrainItem], config: TrainConfig, *,
                  ref_logps: Sequence[tuple[torch.Tensor, ...]] | None = None, out_dir: str | os.PathLike | None = None,
-                 meta: dict | None = None):
+                 meta: dict | None = None, prm_meta: dict | None = None):
         config.validate()
         if not items:
             raise ValueError("no training items")
@@ -80,6 +82,7 @@ class Trainer:
         self.ref = None if config.reference_free else list(ref_logps)
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.meta = dict(meta or {})
+        self.prm_meta = prm_meta  # freeprm_prm.json of every saved model (freeprm.prm_meta.meta_dict), or None
         self.device = next(model.parameters()).device
         self.pad_id = pad_id_of(tokenizer)
         if config.train_last_layers is not None:
@@ -254,13 +257,19 @@ class Trainer:
     # ----------------------------------------------------------------------------- checkpoints
     def save_model(self, path: str | os.PathLike) -> None:
         """The policy as a Hugging Face directory (safetensors + tokenizer) that ``load_model`` loads."""
-        checkpoint.save_model(self.model, self.tokenizer, path)
+        checkpoint.save_model(self.model, self.tokenizer, path, self._prm_meta())
 
     def save_checkpoint(self, path: str | os.PathLike) -> None:
         """Model + tokenizer + ``trainer_state.json`` + ``optimizer.pt``, written to a temp dir then renamed."""
         state = {"step": self.step, "epoch": self.epoch, "pos": self.pos, "total_steps": self.total_steps,
                  "n_items": len(self.items), "config": self.config.to_dict(), **self.meta}
-        checkpoint.save_checkpoint(path, self.model, self.tokenizer, state, self.optimizer, self.scheduler)
+        checkpoint.save_checkpoint(path, self.model, self.tokenizer, state, self.optimizer, self.scheduler,
+                                   self._prm_meta())
+
+    def _prm_meta(self) -> dict | None:
+        if self.prm_meta is None:
+            return None
+        return {**self.prm_meta, "training": {**self.prm_meta["training"], "steps": self.step}}
 
     def _prune_checkpoints(self) -> None:
         checkpoint.prune_checkpoints(self.out_dir, self.config.keep_checkpoints)

@@ -113,7 +113,8 @@ def train(
             k += len(it.seqs)
         meta.update(ref_model_fp=cache.model_fp, ref_tokenizer_fp=cache.tokenizer_fp, reference=ref_src,
                     ref_cache=str(cache.path))
-    trainer = Trainer(model, tokenizer, items, config, ref_logps=ref_logps, out_dir=out, meta=meta)
+    prm_meta = _prm_meta(config, policy, reference, model, tokenizer, data, state, meta)
+    trainer = Trainer(model, tokenizer, items, config, ref_logps=ref_logps, out_dir=out, meta=meta, prm_meta=prm_meta)
     if ckpt is not None:
         trainer.load_state(ckpt)
         truncate_metrics(out / "metrics.jsonl", trainer.step)
@@ -129,3 +130,37 @@ def train(
         trainer.save_checkpoint(out / f"checkpoint-{trainer.step}")
         trainer._prune_checkpoints()
     return TrainResult(final, trainer.step, rows, cache.path if cache else None, cache.computed if cache else 0, n_trunc)
+
+
+def _portable_spec(spec) -> str | None:
+    """A model spec as recorded in ``freeprm_prm.json``: a local path made absolute, an alias or hub id as given,
+    None for an in-memory model."""
+    if not isinstance(spec, (str, os.PathLike)):
+        return None
+    p = Path(spec).expanduser()
+    return str(p.resolve()) if p.exists() else str(spec)
+
+
+def _prm_meta(config: TrainConfig, policy, reference, model, tokenizer, data, state: dict | None, meta: dict) -> dict:
+    """``freeprm_prm.json`` of this run's saved models: the scoring config it trained (beta, reference and its
+    content digest, prompt format), the loss and the training data's digest. On resume, the reference digest is the
+    one the run recorded first (the policy has been updated since)."""
+    from ..config import NO_REFERENCE, ScoringConfig
+    from ..prm_meta import content_digest, data_digest, meta_dict
+
+    if config.reference_free:
+        ref_spec, digest = NO_REFERENCE, None
+    else:
+        src = policy if reference is None else reference
+        ref_spec = _portable_spec(src)
+        if state is not None and "reference_digest" in state:
+            digest = state["reference_digest"]
+        elif ref_spec is not None:
+            digest = content_digest(ref_spec)
+        else:  # an in-memory model: its parameters (the initial policy: before any update)
+            digest = content_digest(src if reference is not None else (model, tokenizer))
+    meta["reference_digest"] = digest
+    scoring = ScoringConfig(beta=config.beta, reference=ref_spec, prompt_format=config.prompt_format)
+    training = {"trainer": "freeprm train", "loss": config.loss, "data_sha256": data_digest(data),
+                "policy": _portable_spec(policy), "train_config": config.to_dict()}
+    return meta_dict(scoring, reference_digest=digest, training=training)
