@@ -114,11 +114,15 @@ class ImplicitPRMTrainer(Trainer):
     kto_undesirable_weight: as in ``TrainConfig``; logprobs: ``"auto" | "chunked" | "full"``. The data
     collator defaults to ``PRMCollator`` (give ``train_dataset`` a ``PRMDataset``); columns are kept.
     Dataset-wise CE balance uses each batch's positive fraction (the whole data set's is not known here).
+    reference: the reference's spec (a path, alias or hub id; ``"none"`` when reference-free), e.g. the policy
+    spec the model was loaded from: every saved model then carries ``freeprm_prm.json`` (beta, this reference
+    and its content digest, the loss; ``freeprm.prm_meta``), so ``Scorer(dir)`` scores it as trained. Without
+    it, saved directories are plain models (give beta and reference when scoring them).
     """
 
     def __init__(self, *args, loss: str = "ce", beta: float = 0.05, ce_balance: str = "none",
                  kto_desirable_weight: float = 1.0, kto_undesirable_weight: float = 1.0, logprobs: str = "auto",
-                 **kwargs):
+                 reference: str | os.PathLike | None = None, prompt_format: str = "auto", **kwargs):
         if not (isinstance(beta, (int, float)) and beta > 0):
             raise ValueError(f"beta must be > 0, got {beta!r}")
         if logprobs not in LOGPROBS:
@@ -133,6 +137,7 @@ class ImplicitPRMTrainer(Trainer):
             if tok is None:
                 raise ValueError("pass processing_class=tokenizer (for the padding id) or your own data_collator")
             kwargs["data_collator"] = PRMCollator(pad_id_of(tok))
+        self.prm_meta = None if reference is None else _meta(loss, beta, reference, prompt_format)
         super().__init__(*args, **kwargs)
         self.args.remove_unused_columns = False  # the collator reads "item" / "ref"
         self.model_accepts_loss_kwargs = False  # the loss is a per-micro-batch mean: Trainer divides it by the GA steps
@@ -163,3 +168,24 @@ class ImplicitPRMTrainer(Trainer):
                 x.mismatched = mismatched
         loss = self.spec.fn(x, self)
         return (loss, {"rewards": r.detach()}) if return_outputs else loss
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        super()._save(output_dir, state_dict)
+        if self.prm_meta is not None and self.args.should_save:
+            from ..prm_meta import write_meta
+
+            write_meta(output_dir if output_dir is not None else self.args.output_dir,
+                       {**self.prm_meta, "training": {**self.prm_meta["training"], "steps": self.state.global_step}})
+
+
+def _meta(loss: str, beta: float, reference, prompt_format: str) -> dict:
+    """``freeprm_prm.json`` of the saved models (``freeprm.prm_meta.meta_dict``), the digest taken now."""
+    from ..config import ScoringConfig, is_no_reference
+    from ..prm_meta import content_digest, meta_dict
+
+    ref = str(reference)
+    if not is_no_reference(ref) and Path(ref).expanduser().exists():
+        ref = str(Path(ref).expanduser().resolve())
+    digest = None if is_no_reference(ref) else content_digest(ref)
+    scoring = ScoringConfig(beta=beta, reference=ref, prompt_format=prompt_format)
+    return meta_dict(scoring, reference_digest=digest, training={"trainer": "transformers.Trainer", "loss": loss})

@@ -30,8 +30,10 @@ def main() -> None:
                              disable_tqdm=True, ddp_find_unused_parameters=False)
     with args.main_process_first():
         ds = prm_dataset(model, tok, data, loss=loss, cache_dir=out + "/refcache")
-    trainer = InOrder(model=model, args=args, train_dataset=ds, processing_class=tok, loss=loss, beta=0.5)
+    trainer = InOrder(model=model, args=args, train_dataset=ds, processing_class=tok, loss=loss, beta=0.5,
+                      reference=policy)
     trainer.train()
+    trainer.save_model(out + "/final")
     if trainer.is_world_process_zero():
         torch.save({k: v.detach().clone() for k, v in trainer.accelerator.unwrap_model(model).state_dict().items()},
                    out + "/weights.pt")

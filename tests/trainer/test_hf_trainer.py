@@ -94,3 +94,8 @@ def test_ddp_two_cpu_processes_equal_one_process(tiny_model_dir, tmp_path):
     for k in a:
         torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=1e-4, msg=k)
     torch.testing.assert_close(torch.load(two / "losses.pt"), torch.load(one / "losses.pt"), atol=1e-4, rtol=1e-4)
+    from freeprm.prm_meta import read_meta
+
+    meta = read_meta(two / "final")  # the saved model describes itself: beta, the reference and its digest
+    assert meta.scoring.beta == 0.5 and meta.training["loss"] == "ce" and meta.training["steps"] == 2
+    assert meta.scoring.reference == str(Path(tiny_model_dir).resolve()) and meta.reference_digest.startswith("files:")
