@@ -15,7 +15,8 @@ directory. ``resolve_scoring`` is the one place that reads it for scoring (``Sco
 ``serve``, ``bon``); ``read_meta`` for ``ImplicitPRM.from_pretrained``. The rules:
 
 * beta, reference, prompt format and step split come from the file unless given;
-* a given value that differs from the recorded one is used, with a warning naming both;
+* a given value that differs from the recorded one is used, with a warning naming both (for the step split only
+  when the PRM was trained with it: ``ImplicitPRM(granularity="step")``; response-level training never splits);
 * a given (or recorded) reference whose content digest differs from the recorded digest is a ``ValueError``
   unless ``force_reference=True`` (then a warning);
 * a damaged file, or one naming a reference that is not there, is a ``ValueError`` naming the file;
@@ -257,7 +258,8 @@ def resolve_scoring(policy, *, beta: float | None = None, reference=None, prompt
     rec_pattern = rec.pattern_text
     if not split_given:
         step_delimiter, step_pattern = rec.step_delimiter, rec_pattern
-    elif ((step_delimiter or None), getattr(step_pattern, "pattern", step_pattern)) != (rec.step_delimiter, rec_pattern):
+    elif ((step_delimiter or None), getattr(step_pattern, "pattern", step_pattern)) != (rec.step_delimiter, rec_pattern) \
+            and (meta.implicit_prm or {}).get("granularity") == "step":  # only step-granular training used the split
         _warn(meta, "step split (delimiter, pattern)", (step_delimiter, step_pattern), (rec.step_delimiter, rec_pattern))
     if reference is None:  # unset: the recorded one, checked against its digest
         reference = meta.reference_spec()

@@ -192,3 +192,14 @@ def test_cli_score_uses_the_metadata_and_force_reference(trained, tiny_ref_dir, 
     assert "force-reference" in capsys.readouterr().err
     with pytest.warns(PRMMetaWarning):
         assert main(args + ["--force-reference"]) == 0
+
+
+def test_step_split_warns_only_where_training_used_it(trained, tiny_model_dir, tmp_path):
+    with warnings.catch_warnings():  # freeprm train never splits steps: another split is no conflict
+        warnings.simplefilter("error", PRMMetaWarning)
+        assert Scorer(trained["final"], step_pattern=r"\n").step_pattern is not None
+    prm = ImplicitPRM(tiny_model_dir, "frozen", beta=0.5, granularity="step", step_delimiter="\n")
+    prm.save_pretrained(tmp_path / "p")
+    assert Scorer(str(tmp_path / "p")).step_delimiter == "\n"  # unset: the recorded one
+    with pytest.warns(PRMMetaWarning, match="step split"):
+        Scorer(str(tmp_path / "p"), step_delimiter="\n\n\n")
