@@ -217,8 +217,9 @@ def check_reference_digest(meta: PRMMeta, reference, *, force_reference: bool = 
     if got == meta.reference_digest:
         return
     if got is not None and got.split(":", 1)[0] != meta.reference_digest.split(":", 1)[0]:
-        warnings.warn(f"cannot check the reference against {meta.file}: it records a {meta.reference_digest.split(':')[0]}"
-                      f" digest, the reference given has a {got.split(':')[0]} one (a path vs a model object)",
+        kinds = meta.reference_digest.split(":")[0], got.split(":")[0]
+        warnings.warn(f"cannot check the reference against {meta.file}: it records a {kinds[0]} digest, the "
+                      f"reference given has a {kinds[1]} one (a path vs a model object)",
                       PRMMetaWarning, stacklevel=3)
         return
     name = reference if isinstance(reference, (str, os.PathLike)) else f"<{type(reference).__name__}>"
@@ -258,9 +259,11 @@ def resolve_scoring(policy, *, beta: float | None = None, reference=None, prompt
     rec_pattern = rec.pattern_text
     if not split_given:
         step_delimiter, step_pattern = rec.step_delimiter, rec_pattern
-    elif ((step_delimiter or None), getattr(step_pattern, "pattern", step_pattern)) != (rec.step_delimiter, rec_pattern) \
-            and (meta.implicit_prm or {}).get("granularity") == "step":  # only step-granular training used the split
-        _warn(meta, "step split (delimiter, pattern)", (step_delimiter, step_pattern), (rec.step_delimiter, rec_pattern))
+    else:
+        given_split = (step_delimiter or None), getattr(step_pattern, "pattern", step_pattern)
+        used = (meta.implicit_prm or {}).get("granularity") == "step"  # only step-granular training used the split
+        if used and given_split != (rec.step_delimiter, rec_pattern):
+            _warn(meta, "step split (delimiter, pattern)", given_split, (rec.step_delimiter, rec_pattern))
     if reference is None:  # unset: the recorded one, checked against its digest
         reference = meta.reference_spec()
         check_reference_digest(meta, reference, force_reference=force_reference, given=False)

@@ -1,7 +1,7 @@
 """``train()``: one training run from specs: load, read and tokenize the data, reference log-probs, optimize.
 
-See the package docstring (``freeprm/trainer/__init__.py``) for the whole picture; this module wires ``data.py``, ``ref_cache.py``,
-``loop.Trainer`` and ``checkpoint.py`` together, including resume.
+See the package docstring (``freeprm/trainer/__init__.py``) for the whole picture; this module wires
+``data.py``, ``ref_cache.py``, ``loop.Trainer`` and ``checkpoint.py`` together, including resume.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ class TokenRewardsOut:
 
 
 class DataclassScorer:
-    """An object with only the older ``token_rewards_from_ids``, returning a dataclass (``dense_rewards`` accepts it)."""
+    """An object with only the older ``token_rewards_from_ids``, returning a dataclass (``dense_rewards`` takes it)."""
 
     def __init__(self, scorer):
         self.scorer, self.tokenizer = scorer, scorer.tokenizer
