@@ -203,3 +203,23 @@ def test_step_split_warns_only_where_training_used_it(trained, tiny_model_dir, t
     assert Scorer(str(tmp_path / "p")).step_delimiter == "\n"  # unset: the recorded one
     with pytest.warns(PRMMetaWarning, match="step split"):
         Scorer(str(tmp_path / "p"), step_delimiter="\n\n\n")
+
+
+def test_rerank_and_bon_scoring_use_the_metadata(trained, tmp_path):
+    from freeprm.batch.rerank import rerank
+    from freeprm.eval.scoring import score_candidates
+
+    inp = tmp_path / "c.jsonl"
+    inp.write_text(json.dumps({"id": 0, "prompt": PROMPTS[0], "candidates": [RESPONSES[0], RESPONSES[1]]}) + "\n")
+    rerank(str(inp), tmp_path / "rr", policy=trained["final"], format="jsonl", progress=False, quiet=True,
+           aggregate="sum", dtype="float32")
+    fp = json.loads((tmp_path / "rr" / "fingerprint.json").read_text())
+    assert fp["beta"] == 0.05 and fp["reference"] is not None  # the recorded beta and reference
+    row = json.loads(next((tmp_path / "rr").glob("part-*.jsonl")).read_text().splitlines()[0])
+    want = [float(w.sum()) for w in _naive_rewards(trained["final"], trained["policy"], 0.05)]
+    assert row["scores"][0] == pytest.approx(want[0], abs=1e-5)
+    cands = [{"problem_id": "p", "candidate_id": k, "prompt": PROMPTS[k], "response": RESPONSES[k]} for k in range(2)]
+    score_candidates(cands, tmp_path / "scores.jsonl", policy=trained["final"], progress=False)
+    lines = [json.loads(ln) for ln in (tmp_path / "scores.jsonl").read_text().splitlines()]
+    assert all("beta=0.05" in ln["scorer"] and "reference=none;" not in ln["scorer"] for ln in lines)
+    assert [ln["aggregates"]["sum"] for ln in lines] == pytest.approx(want, abs=1e-5)
