@@ -15,3 +15,15 @@ from .batch import encode_batch
 from .prm import ImplicitPRM, Rewards
 
 __all__ = ["ImplicitPRM", "Rewards", "encode_batch", "prime_advantages", "masked_whiten"]
+
+
+def __getattr__(name: str):
+    if name == "auroc":  # moved to freeprm.eval.metrics; this alias is removed in the next release
+        import warnings
+
+        from ..eval.metrics import auroc
+
+        warnings.warn("freeprm.rl.auroc is deprecated; import freeprm.eval.metrics.auroc", DeprecationWarning,
+                      stacklevel=2)
+        return auroc
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
