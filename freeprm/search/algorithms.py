@@ -1,0 +1,336 @@
+"""Step-level search guided by an implicit PRM: best-of-N, beam search, DVTS; ``search()`` is the public entry.
+
+Every prompt has its own pool of candidates (never shared across prompts); all live candidates of all prompts are
+generated and scored together, one step at a time (``generation.py``, ``incremental.py``). After each step the
+partial solutions of a pool are ranked by ``aggregate`` (``min`` / ``last`` / ``mean`` / ``sum`` of step rewards,
+or ``q_*`` of Q values; ties: the earlier candidate; NaN never wins), then, per ``method``:
+
+* ``best_of_n``: ``n`` independent candidates, no pruning; each runs until EOS, the length limit or the step budget.
+* ``beam``: ``n`` live candidates; keep the best ``n // beam_width`` live ones and fork each into ``beam_width``
+  children. Candidates that finish (EOS / length) leave the beam for the finished list; the search of a prompt ends
+  when ``n`` have finished, none is live, or the step budget is spent.
+* ``dvts`` (diverse verifier tree search): ``n // beam_width`` independent subtrees of ``beam_width`` candidates; in
+  each subtree keep only its best live candidate and fork it into ``beam_width`` children; a subtree ends when none
+  of its candidates is live.
+
+The final candidates of a prompt are the finished ones and those still live when the step budget ran out (status
+``"budget"``); the pick is the best of them under ``aggregate``. ``max_steps`` bounds the steps per candidate.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from ..engine.results import AGGREGATIONS
+from .defaults import DEFAULT_AGGREGATE, DEFAULT_BETA, DEFAULT_STEP_DELIMITER
+from .generation import StepOutput, check_delimiter
+from .incremental import Candidate, IncrementalScorer
+
+METHODS = ("best_of_n", "beam", "dvts")
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """What a search does (the scoring itself is the ``Scorer``'s: models, beta, prompt format, dtype).
+
+    n: candidates per prompt (best-of-N's N; the beam's size; DVTS: subtrees x beam_width).
+    beam_width: children per kept candidate (beam, DVTS); must divide ``n``.
+    max_steps: the step budget: steps per candidate (>= 1).
+    step_delimiter: what ends a step (see ``generation.py`` for the exact rule).
+    aggregate: how partial solutions are ranked (``engine.AGGREGATIONS``).
+    max_step_tokens / max_tokens: sampled tokens per step / response tokens per candidate.
+    temperature / top_p / seed: sampling.
+    """
+
+    method: str = "beam"
+    n: int = 8
+    beam_width: int = 4
+    max_steps: int = 10
+    step_delimiter: str = DEFAULT_STEP_DELIMITER
+    aggregate: str = DEFAULT_AGGREGATE
+    max_step_tokens: int = 128
+    max_tokens: int = 1024
+    temperature: float = 0.7
+    top_p: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        for name in ("n", "beam_width", "max_steps", "max_step_tokens", "max_tokens"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                what = {"max_steps": " (the step budget)", "beam_width": " (children per kept candidate)"}.get(name, "")
+                raise ValueError(f"{name}{what} must be an integer >= 1, got {v!r}")
+        if self.method != "best_of_n" and self.n % self.beam_width:
+            raise ValueError(f"{self.method}: n={self.n} must be a multiple of beam_width={self.beam_width} "
+                             f"(n // beam_width candidates are kept, each forked into beam_width)")
+        if not isinstance(self.step_delimiter, str) or not self.step_delimiter:
+            raise ValueError("step_delimiter must be a non-empty string (e.g. '\\n\\n')")
+        if self.aggregate not in AGGREGATIONS:
+            raise ValueError(f"aggregate must be one of {AGGREGATIONS}, got {self.aggregate!r}")
+        if not (self.temperature >= 0 and math.isfinite(self.temperature)) or not 0 < self.top_p <= 1:
+            raise ValueError(f"temperature must be >= 0 and top_p in (0, 1]; got {self.temperature}, {self.top_p}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class SearchResult:
+    """The outcome of one prompt's search.
+
+    candidates: the final candidates, each ``{"text", "steps", "step_rewards", "score", "status", "num_tokens",
+    "cut"}`` (``status``: eos | length | budget; ``cut[k]``: step k ended at the per-step token limit).
+    best: index of the pick in ``candidates`` (None when none has a step). trace: one entry per search step.
+    """
+
+    prompt: str
+    candidates: list[dict]
+    best: int | None
+    trace: list[dict]
+    generated_tokens: int  # tokens sampled for this prompt (all candidates, kept or not)
+    scored_tokens: int  # tokens the PRM ran incrementally for this prompt
+    steps: int  # search steps run
+    aggregation: str = ""
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def best_text(self) -> str | None:
+        return None if self.best is None else self.candidates[self.best]["text"]
+
+    def to_dict(self) -> dict:
+        return {"prompt": self.prompt, "best": self.best, "best_text": self.best_text,
+                "best_score": None if self.best is None else self.candidates[self.best]["score"],
+                "aggregation": self.aggregation, "candidates": self.candidates, "trace": self.trace,
+                "generated_tokens": self.generated_tokens, "scored_tokens": self.scored_tokens, "steps": self.steps,
+                **({"meta": self.meta} if self.meta else {})}
+
+
+def pick_best(scores: Sequence[float | None]) -> int | None:
+    """Index of the highest score; ties: the lowest index; NaN never wins over a number; None if no score."""
+    ok = [i for i, s in enumerate(scores) if s is not None]
+    if not ok:
+        return None
+    return max(ok, key=lambda i: (scores[i] == scores[i], scores[i], -i))
+
+
+def _rank(cands: list[Candidate], aggregate: str) -> list[Candidate]:
+    """Best first under ``aggregate`` (stable: equal scores keep their order; NaN last)."""
+    def key(c: Candidate):
+        s = c.score(aggregate)
+        return (0, 0.0) if s != s else (1, s)
+    return sorted(cands, key=key, reverse=True)
+
+
+@dataclass
+class _Pool:
+    prompt: str
+    live: list[Candidate]
+    finished: list[Candidate] = field(default_factory=list)
+    subtree: dict[int, int] = field(default_factory=dict)  # candidate id -> DVTS subtree
+    trace: list[dict] = field(default_factory=list)
+    generated: int = 0
+    scored: int = 0
+    done: bool = False
+
+
+class Searcher:
+    """Runs ``SearchConfig`` over prompts with an ``IncrementalScorer`` and a step generator (see ``search()``)."""
+
+    def __init__(self, scorer: IncrementalScorer, generator, config: SearchConfig) -> None:
+        self.inc, self.gen, self.cfg = scorer, generator, config
+        check_delimiter(scorer.tokenizer, config.step_delimiter)
+        self.max_tokens = config.max_tokens
+
+    def run(self, prompts: Sequence[str], *, seed: int | None = None,
+            on_step: Callable[[int, int, int], None] | None = None) -> list[SearchResult]:
+        """Search every prompt (batched); ``on_step(step, generated_tokens, scored_tokens)`` after each step."""
+        cfg = self.cfg
+        if isinstance(prompts, str) or not len(prompts):
+            raise ValueError("prompts must be a non-empty list of strings")
+        for i, p in enumerate(prompts):
+            if not isinstance(p, str) or not p.strip():
+                raise ValueError(f"prompt {i} is empty; every prompt needs text")
+        rng = torch.Generator().manual_seed(cfg.seed if seed is None else seed)
+        roots = self.inc.start(list(prompts))
+        self.gen.start(roots)
+        room = self.inc.scorer.max_length
+        self.max_tokens = min(cfg.max_tokens, min(room - len(r.prompt_ids) for r in roots))
+        pools = []
+        for p, root in zip(prompts, roots):
+            kids = self.inc.fork(root, cfg.n)
+            self.inc.drop(root)
+            pool = _Pool(p, kids)
+            if cfg.method == "dvts":
+                pool.subtree = {c.id: j // cfg.beam_width for j, c in enumerate(kids)}
+            pools.append(pool)
+        any_delimiter = False
+        for step in range(cfg.max_steps):
+            live = [c for pool in pools if not pool.done for c in pool.live]
+            if not live:
+                break
+            outs = self.gen.generate_step(live, delimiter=cfg.step_delimiter, max_step_tokens=cfg.max_step_tokens,
+                                          max_tokens=self._room(live), generator=rng)
+            any_delimiter |= any(o.end == "delimiter" for o in outs)
+            with_step = [(c, o) for c, o in zip(live, outs) if o.ids]
+            if with_step:
+                self.inc.extend([c for c, _ in with_step], [o.ids for _, o in with_step])
+            by_pool: dict[int, list[tuple[Candidate, StepOutput]]] = {}
+            for c, o in zip(live, outs):
+                by_pool.setdefault(c.prompt_index, []).append((c, o))
+                if o.ids:
+                    c.cut.append(o.end == "step_limit")
+                c.carry = o.carry
+                if o.end in ("eos", "length"):
+                    c.status = o.end
+            for pi, pool in enumerate(pools):
+                if pool.done:
+                    continue
+                pairs = by_pool.get(pi, [])
+                pool.generated += sum(o.sampled for _, o in pairs)
+                pool.scored += sum(len(o.ids) for _, o in pairs)
+                self._select(pool, step, pairs)
+            if on_step is not None:
+                on_step(step, sum(o.sampled for o in outs), sum(len(o.ids) for o in outs))
+        if not any_delimiter and cfg.max_steps > 1:
+            warnings.warn(f"no candidate produced the step delimiter {cfg.step_delimiter!r}: every step ended at "
+                          f"max_step_tokens={cfg.max_step_tokens}, EOS or the length limit; check the delimiter "
+                          "and the prompt's step format", stacklevel=2)
+        return [self._result(pool) for pool in pools]
+
+    def _room(self, live) -> int:
+        return self.max_tokens
+
+    # ------------------------------------------------------------------ per-method selection
+    def _select(self, pool: _Pool, step: int, pairs: list[tuple[Candidate, StepOutput]]) -> None:
+        cfg, inc = self.cfg, self.inc
+        agg = cfg.aggregate
+        newly = [c for c, _ in pairs if c.status != "live"]
+        for c in newly:
+            c.states = {}  # finished: caches no longer needed
+        pool.finished += newly
+        live = [c for c in pool.live if c.status == "live"]
+        entry = {"step": step, "live": len(live), "finished": len(pool.finished),
+                 "scores": [c.score(agg) for c, _ in pairs], "ends": [o.end for _, o in pairs],
+                 "candidates": [c.id for c, _ in pairs]}
+        if cfg.method == "best_of_n":
+            pool.live = live
+        elif cfg.method == "beam":
+            if len(pool.finished) >= cfg.n:
+                for c in live:
+                    inc.drop(c)
+                live = []
+            keep = _rank(live, agg)[:cfg.n // cfg.beam_width]
+            for c in live:
+                if c not in keep:
+                    inc.drop(c)
+            entry["kept"] = [c.id for c in keep]
+            pool.live = self._expand(keep, pool) if step + 1 < cfg.max_steps else keep
+        else:  # dvts
+            groups: dict[int, list[Candidate]] = {}
+            for c in live:
+                groups.setdefault(pool.subtree[c.id], []).append(c)
+            keep = []
+            for g in sorted(groups):
+                best = _rank(groups[g], agg)[0]
+                keep.append(best)
+                for c in groups[g]:
+                    if c is not best:
+                        inc.drop(c)
+            entry["kept"] = [c.id for c in keep]
+            pool.live = self._expand(keep, pool) if step + 1 < cfg.max_steps else keep
+        pool.trace.append(entry)
+        if not pool.live:
+            pool.done = True
+
+    def _expand(self, keep: list[Candidate], pool: _Pool) -> list[Candidate]:
+        out = []
+        for c in keep:
+            kids = [c] + self.inc.fork(c, self.cfg.beam_width - 1) if self.cfg.beam_width > 1 else [c]
+            for k in kids:
+                pool.subtree[k.id] = pool.subtree.get(c.id, 0)
+            out += kids
+        return out
+
+    def _result(self, pool: _Pool) -> SearchResult:
+        agg, tok = self.cfg.aggregate, self.inc.tokenizer
+        for c in pool.live:
+            c.status = "budget"
+            c.states = {}
+        finals = pool.finished + pool.live
+        cands = []
+        for c in finals:
+            sr = c.step_rewards
+            cands.append({"text": tok.decode(c.response_ids), "steps": [tok.decode(c.step_ids(k)) for k in range(c.num_steps)],
+                          "step_rewards": list(sr), "score": c.score(agg) if sr else None, "status": c.status,
+                          "num_tokens": len(c.response_ids), "cut": list(c.cut), "id": c.id})
+        best = pick_best([c["score"] for c in cands])
+        return SearchResult(pool.prompt, cands, best, pool.trace, pool.generated, pool.scored, len(pool.trace), agg)
+
+
+# ---------------------------------------------------------------------- public entry
+def build_searcher(policy=None, reference=None, *, config: SearchConfig, scorer=None, generator=None,
+                   backend: str = "transformers", **scorer_kwargs) -> Searcher:
+    """A ``Searcher`` from model specs: the PRM (``policy`` / ``reference`` or a ready ``scorer``) and the generator
+    (None: the PRM's policy model; a spec or ``(model, tokenizer)``; or a ready step generator object)."""
+    from ..engine.loading import DEFAULT_POLICY, load_model
+    from ..engine.scorer import Scorer, _check_same_vocab
+    from .generation import TransformersStepGenerator, VLLMStepGenerator
+
+    if scorer is None:
+        scorer_kwargs.setdefault("beta", DEFAULT_BETA)
+        scorer = Scorer(policy if policy is not None else DEFAULT_POLICY, reference,
+                        step_delimiter=config.step_delimiter, aggregate=config.aggregate, **scorer_kwargs)
+    elif scorer_kwargs:
+        raise ValueError(f"with scorer=, pass no scorer options ({', '.join(sorted(scorer_kwargs))})")
+    inc = IncrementalScorer(scorer)
+    if backend not in ("transformers", "vllm"):
+        raise ValueError(f"backend must be 'transformers' or 'vllm', got {backend!r}")
+    if generator is None or isinstance(generator, (str, tuple)) or isinstance(generator, torch.nn.Module):
+        if backend == "vllm":
+            spec = policy if generator is None else generator
+            if not isinstance(spec, str):
+                raise ValueError("backend='vllm' needs the generator as a model path or hub id")
+            gen = VLLMStepGenerator(spec, scorer.tokenizer, temperature=config.temperature, top_p=config.top_p,
+                                    seed=config.seed)
+        else:
+            if generator is None:
+                model, tok = scorer.policy, scorer.tokenizer
+            else:
+                model, tok = load_model(generator, dtype=scorer.dtype, device=scorer.device)
+                _check_same_vocab(scorer.tokenizer, tok, scorer.policy, model)
+            gen = TransformersStepGenerator(model, tok, temperature=config.temperature, top_p=config.top_p)
+    else:
+        gen = generator  # a ready step generator (start / generate_step)
+    return Searcher(inc, gen, config)
+
+
+def search(prompts: Sequence[str], policy=None, reference=None, *, method: str = "beam", n: int = 8,
+           beam_width: int = 4, max_steps: int = 10, step_delimiter: str = DEFAULT_STEP_DELIMITER,
+           aggregate: str = DEFAULT_AGGREGATE, max_step_tokens: int = 128, max_tokens: int = 1024,
+           temperature: float = 0.7, top_p: float = 1.0, seed: int = 0, scorer=None, generator=None,
+           backend: str = "transformers", **scorer_kwargs) -> list[SearchResult]:
+    """PRM-guided step-level search over ``prompts``; one ``SearchResult`` per prompt (see the module docstring).
+
+    ``policy`` / ``reference`` / ``scorer_kwargs`` build the PRM (``freeprm.engine.Scorer``: beta, prompt_format,
+    dtype, device, max_length, ...; a trained PRM directory's ``freeprm_prm.json`` applies), or pass ``scorer=``.
+    ``generator``: who writes the steps (default: the PRM's policy model; it must share the PRM's tokenizer).
+    Example::
+
+        res = search(["What is 12 * 7?"], policy="smollm2", method="beam", n=8, beam_width=4, max_steps=6)
+        print(res[0].best_text, res[0].candidates[res[0].best]["step_rewards"])
+    """
+    config = SearchConfig(method=method, n=n, beam_width=beam_width, max_steps=max_steps,
+                          step_delimiter=step_delimiter, aggregate=aggregate, max_step_tokens=max_step_tokens,
+                          max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    if isinstance(prompts, str) or not len(prompts) or any(not isinstance(p, str) or not p.strip() for p in prompts):
+        raise ValueError("prompts must be a non-empty list of non-empty strings (an empty prompt has nothing to answer)")
+    searcher = build_searcher(policy, reference, config=config, scorer=scorer, generator=generator, backend=backend,
+                              **scorer_kwargs)
+    return searcher.run(prompts)
