@@ -86,7 +86,9 @@ class SearchResult:
     """The outcome of one prompt's search.
 
     candidates: the final candidates, each ``{"text", "steps", "step_rewards", "score", "status", "num_tokens",
-    "cut"}`` (``status``: eos | length | budget; ``cut[k]``: step k ended at the per-step token limit).
+    "cut", "id", "token_ids", "step_ends"}`` (``status``: eos | length | budget; ``cut[k]``: step k ended at the
+    per-step token limit; ``token_ids``: the scored response ids, ``step_ends``: the cumulative token count at
+    the end of each step, so ``Scorer`` can re-score exactly these ids and steps).
     best: index of the pick in ``candidates`` (None when none has a step). trace: one entry per search step.
     """
 
@@ -146,7 +148,11 @@ class Searcher:
     def __init__(self, scorer: IncrementalScorer, generator, config: SearchConfig) -> None:
         self.inc, self.gen, self.cfg = scorer, generator, config
         check_delimiter(scorer.tokenizer, config.step_delimiter)
-        self.max_tokens = config.max_tokens
+        n_delim = len(scorer.tokenizer(config.step_delimiter, add_special_tokens=False)["input_ids"])
+        if n_delim >= config.max_step_tokens:
+            raise ValueError(f"step_delimiter {config.step_delimiter!r} takes {n_delim} tokens, so it never appears "
+                             f"within max_step_tokens={config.max_step_tokens} after a step's content; raise "
+                             "max_step_tokens or shorten the delimiter")
 
     def run(self, prompts: Sequence[str], *, seed: int | None = None,
             on_step: Callable[[int, int, int], None] | None = None) -> list[SearchResult]:
@@ -158,10 +164,11 @@ class Searcher:
             if not isinstance(p, str) or not p.strip():
                 raise ValueError(f"prompt {i} is empty; every prompt needs text")
         rng = torch.Generator().manual_seed(cfg.seed if seed is None else seed)
+        self.inc.reset_ids()
         roots = self.inc.start(list(prompts))
         self.gen.start(roots)
         room = self.inc.scorer.max_length
-        self.max_tokens = min(cfg.max_tokens, min(room - len(r.prompt_ids) for r in roots))
+        self._limit = [min(cfg.max_tokens, room - len(r.prompt_ids)) for r in roots]  # response tokens per prompt
         pools = []
         for p, root in zip(prompts, roots):
             kids = self.inc.fork(root, cfg.n)
@@ -176,7 +183,8 @@ class Searcher:
             if not live:
                 break
             outs = self.gen.generate_step(live, delimiter=cfg.step_delimiter, max_step_tokens=cfg.max_step_tokens,
-                                          max_tokens=self._room(live), generator=rng)
+                                          max_tokens=[self._limit[c.prompt_index] for c in live],
+                                          generator=rng)
             any_delimiter |= any(o.end == "delimiter" for o in outs)
             with_step = [(c, o) for c, o in zip(live, outs) if o.ids]
             if with_step:
@@ -203,9 +211,6 @@ class Searcher:
                           f"max_step_tokens={cfg.max_step_tokens}, EOS or the length limit; check the delimiter "
                           "and the prompt's step format", stacklevel=2)
         return [self._result(pool) for pool in pools]
-
-    def _room(self, live) -> int:
-        return self.max_tokens
 
     # ------------------------------------------------------------------ per-method selection
     def _select(self, pool: _Pool, step: int, pairs: list[tuple[Candidate, StepOutput]]) -> None:
@@ -269,7 +274,8 @@ class Searcher:
             sr = c.step_rewards
             cands.append({"text": tok.decode(c.response_ids), "steps": [tok.decode(c.step_ids(k)) for k in range(c.num_steps)],
                           "step_rewards": list(sr), "score": c.score(agg) if sr else None, "status": c.status,
-                          "num_tokens": len(c.response_ids), "cut": list(c.cut), "id": c.id})
+                          "num_tokens": len(c.response_ids), "cut": list(c.cut), "id": c.id,
+                          "token_ids": list(c.response_ids), "step_ends": list(c.step_ends)})
         best = pick_best([c["score"] for c in cands])
         return SearchResult(pool.prompt, cands, best, pool.trace, pool.generated, pool.scored, len(pool.trace), agg)
 

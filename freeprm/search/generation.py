@@ -135,9 +135,13 @@ def _sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.G
     return torch.multinomial(probs, 1, generator=gen)[:, 0]
 
 
-def _room(c: Candidate, max_tokens: int) -> int:
-    """Response tokens the candidate may still get (its carried token counts as already there)."""
-    return max_tokens - len(c.response_ids) - len(c.carry)
+def _rooms(cands: Sequence[Candidate], max_tokens: int | Sequence[int]) -> list[int]:
+    """Response tokens each candidate may still get (a carried token counts as already there); ``max_tokens``: the
+    longest response, one for all or one per candidate."""
+    limits = [max_tokens] * len(cands) if isinstance(max_tokens, int) else list(max_tokens)
+    if len(limits) != len(cands):
+        raise ValueError(f"max_tokens: {len(limits)} limits for {len(cands)} candidates")
+    return [m - len(c.response_ids) - len(c.carry) for c, m in zip(cands, limits)]
 
 
 class TransformersStepGenerator:
@@ -177,12 +181,14 @@ class TransformersStepGenerator:
             c.states[self.name] = st
 
     @torch.inference_mode()
-    def generate_step(self, cands: Sequence[Candidate], *, delimiter: str, max_step_tokens: int, max_tokens: int,
+    def generate_step(self, cands: Sequence[Candidate], *, delimiter: str, max_step_tokens: int,
+                      max_tokens: int | Sequence[int],
                       generator: torch.Generator | None = None) -> list[StepOutput]:
         """Sample the next step of every candidate (batched; see the module docstring for where a step ends).
 
-        ``max_tokens``: the longest response a candidate may reach. Updates each candidate's generator state
-        (all sampled tokens, including a carried one, are in its cache); does not touch its response or rewards.
+        ``max_tokens``: the longest response a candidate may reach (one for all, or one per candidate). Updates each
+        candidate's generator state (all sampled tokens, including a carried one, are in its cache); does not touch
+        its response or rewards.
         """
         b = len(cands)
         if b == 0:
@@ -205,7 +211,7 @@ class TransformersStepGenerator:
         end: list[str | None] = [None] * b
         cut: list[tuple[int, int] | None] = [None] * b
         sampled = [0] * b
-        room = [_room(c, max_tokens) for c in cands]
+        room = _rooms(cands, max_tokens)
         for i in range(b):
             if room[i] <= 0:
                 end[i] = "length"
@@ -288,11 +294,12 @@ class VLLMStepGenerator:
         return SamplingParams(n=1, temperature=self.temperature, top_p=self.top_p, max_tokens=max_tokens,
                               stop=[delimiter], include_stop_str_in_output=True, seed=seed)
 
-    def generate_step(self, cands: Sequence[Candidate], *, delimiter: str, max_step_tokens: int, max_tokens: int,
+    def generate_step(self, cands: Sequence[Candidate], *, delimiter: str, max_step_tokens: int,
+                      max_tokens: int | Sequence[int],
                       generator: torch.Generator | None = None) -> list[StepOutput]:
         b = len(cands)
         step = [list(c.carry) for c in cands]
-        room = [_room(c, max_tokens) for c in cands]
+        room = _rooms(cands, max_tokens)
         end: list[str | None] = ["length" if room[i] <= 0 else None for i in range(b)]
         cut: list[tuple[int, int] | None] = [None] * b
         sampled = [0] * b

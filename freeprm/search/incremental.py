@@ -40,9 +40,6 @@ from ..engine.tokenization import prompt_ids as format_prompt
 from ..kernels import linear_logprobs, ops
 from .kvcache import CachedLM, KVState
 
-_ids = itertools.count()
-
-
 @dataclass(eq=False)
 class Candidate:
     """A partial solution: prompt and response token ids, per-step rewards, and its models' KV states."""
@@ -57,7 +54,7 @@ class Candidate:
     status: str = "live"  # live | eos | length | budget | dropped
     carry: list[int] = field(default_factory=list)  # generated ids that open the next step (generation.py)
     cut: list[bool] = field(default_factory=list)  # per step: ended by the per-step token limit (no delimiter)
-    id: int = field(default_factory=lambda: next(_ids))
+    id: int = -1  # numbered by the IncrementalScorer that made it (0, 1, ... per run: reproducible)
     parent: int | None = None
 
     @property
@@ -117,6 +114,11 @@ class IncrementalScorer:
         if scorer.reference is not None:
             self.models["reference"] = CachedLM(scorer.reference, scorer.pad_id)
         self.tokens_run = 0  # tokens run through each model (counted once per token, whatever the model count)
+        self.reset_ids()
+
+    def reset_ids(self) -> None:
+        """Number new candidates from 0 again (a search run does this, so its ids do not depend on earlier runs)."""
+        self._ids = itertools.count()
 
     # ------------------------------------------------------------------ candidates
     def prompt_ids(self, prompt: str) -> list[int]:
@@ -135,7 +137,7 @@ class IncrementalScorer:
             if len(p) >= self.scorer.max_length:
                 raise ValueError(f"prompt {i}: {len(p)} tokens leave no room for a response within max_length="
                                  f"{self.scorer.max_length}")
-        roots = [Candidate(i, p) for i, p in enumerate(ids)]
+        roots = [Candidate(i, p, id=next(self._ids)) for i, p in enumerate(ids)]
         with self.scorer._eval_mode():
             for idx in length_batches([len(p) for p in ids], self.scorer.max_batch_tokens):
                 for name, lm in self.models.items():
@@ -143,8 +145,7 @@ class IncrementalScorer:
                         roots[i].states[name] = st
         return roots
 
-    @staticmethod
-    def fork(cand: Candidate, k: int) -> list[Candidate]:
+    def fork(self, cand: Candidate, k: int) -> list[Candidate]:
         """``k`` children of ``cand`` sharing its caches (no copy: ``KVState`` is immutable)."""
         if cand.status == "dropped":
             raise ValueError(f"candidate {cand.id} was dropped; fork a live candidate")
@@ -152,7 +153,7 @@ class IncrementalScorer:
             raise ValueError(f"fork needs k >= 1, got {k}")
         return [Candidate(cand.prompt_index, cand.prompt_ids, list(cand.response_ids), list(cand.step_ends),
                           list(cand.token_rewards), list(cand.step_rewards), dict(cand.states), cand.status,
-                          list(cand.carry), list(cand.cut), parent=cand.id) for _ in range(k)]
+                          list(cand.carry), list(cand.cut), id=next(self._ids), parent=cand.id) for _ in range(k)]
 
     @staticmethod
     def drop(cand: Candidate) -> None:
