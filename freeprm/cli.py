@@ -18,6 +18,7 @@ _COMMAND_MODULES = (
     "freeprm.eval.cli",     # bon
     "freeprm.integrations.cli",  # serve
     "freeprm.batch.cli",    # rerank
+    "freeprm.search.cli",   # search
 )
 
 

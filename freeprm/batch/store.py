@@ -1,4 +1,5 @@
-"""The output directory of ``rerank``: numbered parts written atomically, a manifest, a fingerprint.
+"""The output directory of ``rerank`` (and ``freeprm search``): numbered parts written atomically, a manifest, a
+fingerprint.
 
 Layout::
 
@@ -83,21 +84,24 @@ def from_arrow_row(r: dict) -> dict:
 
 
 class OutputDir:
-    """Opens (creating or resuming) a rerank output directory; see the module docstring."""
+    """Opens (creating or resuming) a rerank output directory; see the module docstring.
 
-    def __init__(self, path: str | os.PathLike, fingerprint: dict, fmt: str) -> None:
+    ``tool``: the command that writes it, named in messages (``"search"`` writes JSONL parts of its own rows).
+    """
+
+    def __init__(self, path: str | os.PathLike, fingerprint: dict, fmt: str, *, tool: str = "rerank") -> None:
         if fmt not in ("parquet", "jsonl"):
             raise ValueError(f"format must be 'parquet' or 'jsonl', got {fmt!r}")
-        self.path, self.fmt = Path(path), fmt
+        self.path, self.fmt, self.tool = Path(path), fmt, tool
         if self.path.exists() and not self.path.is_dir():
-            raise ValueError(f"--output {self.path} is a file; rerank writes a directory of parts")
+            raise ValueError(f"--output {self.path} is a file; {tool} writes a directory of parts")
         self.path.mkdir(parents=True, exist_ok=True)
         self._lock = open(self.path / ".lock", "a")
         try:
             fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             self._lock.close()
-            raise ValueError(f"another rerank run is writing to {self.path}; wait for it or use another --output") from None
+            raise ValueError(f"another {tool} run is writing to {self.path}; wait for it or use another --output") from None
         self._clean_temps()
         self._check_fingerprint(fingerprint)
         self.done = self._load_manifest()  # part index -> manifest entry, for parts on disk
@@ -132,7 +136,7 @@ class OutputDir:
                                  "to start over")
             if old.get("version") != fp.get("version"):
                 raise ValueError(
-                    f"{self.path} was written by another version of freeprm rerank (output format "
+                    f"{self.path} was written by another version of freeprm {self.tool} (output format "
                     f"{old.get('version')!r}; this version writes format {fp.get('version')!r}, whose rows have other "
                     f"columns), so its parts cannot be resumed. Read them as they are, or delete {self.path} (or pass "
                     "another --output) to start over")
@@ -145,7 +149,7 @@ class OutputDir:
             return
         if any(_PART_RE.match(p.name) for p in self.path.iterdir()) or (self.path / MANIFEST).exists():
             raise ValueError(f"{self.path} holds parts but no {FINGERPRINT}; it was not written by this version of "
-                             "freeprm rerank. Use an empty or new --output directory")
+                             f"freeprm {self.tool}. Use an empty or new --output directory")
         self._write_atomic(fpath, json.dumps(fp, indent=1, sort_keys=True) + "\n")
 
     def _write_atomic(self, path: Path, text: str) -> None:
