@@ -31,6 +31,7 @@ def mentioned(doc: Path, section: str | None = None) -> set[str]:
 @pytest.mark.parametrize("doc, commands", [
     ("docs/trainer.md", [("train",), ("score",)]),
     ("docs/eval.md", [("bon", s) for s in ("generate", "score", "report", "all")]),
+    ("docs/search.md", [("search",)]),
     ("README.md#Command line", None),
 ])
 def test_documented_options_exist(doc, commands):
