@@ -147,6 +147,10 @@ class Searcher:
 
     def __init__(self, scorer: IncrementalScorer, generator, config: SearchConfig) -> None:
         self.inc, self.gen, self.cfg = scorer, generator, config
+        # the generator samples with the policy's own cache: the scorer takes log pi from its hidden states
+        self.shared_policy = getattr(generator, "name", None) == "policy"
+        if self.shared_policy and getattr(generator, "model", None) is not scorer.scorer.policy:
+            raise ValueError("a generator may use the cache name 'policy' only when its model is the PRM's policy")
         check_delimiter(scorer.tokenizer, config.step_delimiter)
         n_delim = len(scorer.tokenizer(config.step_delimiter, add_special_tokens=False)["input_ids"])
         if n_delim >= config.max_step_tokens:
@@ -188,13 +192,16 @@ class Searcher:
             any_delimiter |= any(o.end == "delimiter" for o in outs)
             with_step = [(c, o) for c, o in zip(live, outs) if o.ids]
             if with_step:
-                self.inc.extend([c for c, _ in with_step], [o.ids for _, o in with_step])
+                rows = [o.rows for _, o in with_step] if self.shared_policy else None
+                self.inc.extend([c for c, _ in with_step], [o.ids for _, o in with_step], policy_rows=rows)
             by_pool: dict[int, list[tuple[Candidate, StepOutput]]] = {}
             for c, o in zip(live, outs):
                 by_pool.setdefault(c.prompt_index, []).append((c, o))
                 if o.ids:
                     c.cut.append(o.end == "step_limit")
                 c.carry = o.carry
+                if self.shared_policy:
+                    c.carry_rows = list(o.carry_rows)
                 if o.end in ("eos", "length"):
                     c.status = o.end
             for pi, pool in enumerate(pools):
@@ -306,12 +313,13 @@ def build_searcher(policy=None, reference=None, *, config: SearchConfig, scorer=
             gen = VLLMStepGenerator(spec, scorer.tokenizer, temperature=config.temperature, top_p=config.top_p,
                                     seed=config.seed)
         else:
-            if generator is None:
-                model, tok = scorer.policy, scorer.tokenizer
+            if generator is None:  # the policy writes the steps, through the policy's own KV cache
+                gen = TransformersStepGenerator(scorer.policy, scorer.tokenizer, temperature=config.temperature,
+                                                top_p=config.top_p, name="policy")
             else:
                 model, tok = load_model(generator, dtype=scorer.dtype, device=scorer.device)
                 _check_same_vocab(scorer.tokenizer, tok, scorer.policy, model)
-            gen = TransformersStepGenerator(model, tok, temperature=config.temperature, top_p=config.top_p)
+                gen = TransformersStepGenerator(model, tok, temperature=config.temperature, top_p=config.top_p)
     else:
         gen = generator  # a ready step generator (start / generate_step)
     return Searcher(inc, gen, config)

@@ -29,8 +29,9 @@ A token carried into a step that is never generated (the search stops) is droppe
 always ``decode(response_ids)`` of its scored ids.
 
 Backends: ``TransformersStepGenerator`` (any device; KV cache per candidate, ``kvcache.py``, batched over all live
-candidates of all prompts, sampling one token per forward) and ``VLLMStepGenerator`` (GPU; prefix caching on, all
-live candidates of all prompts in one engine call per step).
+candidates of all prompts, sampling one token per forward; with ``name="policy"`` its cache is the PRM policy's and
+the scorer reuses its hidden states) and ``VLLMStepGenerator`` (GPU; prefix caching on, all live candidates of all
+prompts in one engine call per step).
 """
 
 from __future__ import annotations
@@ -54,6 +55,8 @@ class StepOutput:
     carry: list[int]
     end: str  # one of ENDS
     sampled: int  # tokens sampled for this step (the generation cost)
+    rows: torch.Tensor | None = None  # [len(ids), D] hidden states that predicted ``ids`` (shared policy cache only)
+    carry_rows: torch.Tensor | None = None  # [len(carry), D] the same for the carried token
 
 
 def check_delimiter(tokenizer, delimiter: str) -> None:
@@ -148,9 +151,12 @@ class TransformersStepGenerator:
     """Step sampling with a ``transformers`` causal LM and a KV cache per candidate (``kvcache.py``).
 
     ``model`` / ``tokenizer``: the generator; it must share the PRM's tokenizer (its ids are scored as they are).
-    ``name``: the key of its cache state in ``Candidate.states``. When ``model`` is the PRM's policy object the two
-    still keep separate states (the policy's cache is advanced by the scorer). Sampling: ``temperature`` (0 =
-    greedy) and ``top_p``; randomness from the ``torch.Generator`` passed to ``generate_step``.
+    ``name``: the key of its cache state in ``Candidate.states``. ``name="policy"`` (what ``build_searcher`` does
+    when the generator is the PRM's policy model) makes the generator's cache the policy's: sampling advances
+    it, and each ``StepOutput`` carries the hidden states that predicted its tokens (``rows``), from which the
+    scorer takes ``log pi`` without running the policy again (``IncrementalScorer.extend(..., policy_rows=)``).
+    Sampling: ``temperature`` (0 = greedy) and ``top_p``; randomness from the ``torch.Generator`` passed to
+    ``generate_step``.
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer, *, temperature: float = 0.7, top_p: float = 1.0,
@@ -176,9 +182,12 @@ class TransformersStepGenerator:
 
     @torch.inference_mode()
     def start(self, roots: Sequence[Candidate]) -> None:
-        """Run the roots' prompts through the generator (their ``prompt_ids``, as the scorer formatted them)."""
-        for c, st in zip(roots, self.lm.prefill([c.prompt_ids for c in roots])):
-            c.states[self.name] = st
+        """Run the roots' prompts through the generator (their ``prompt_ids``, as the scorer formatted them); roots
+        that already hold a cache under ``name`` (the shared policy cache) are left as they are."""
+        todo = [c for c in roots if self.name not in c.states]
+        if todo:
+            for c, st in zip(todo, self.lm.prefill([c.prompt_ids for c in todo])):
+                c.states[self.name] = st
 
     @torch.inference_mode()
     def generate_step(self, cands: Sequence[Candidate], *, delimiter: str, max_step_tokens: int,
@@ -208,6 +217,7 @@ class TransformersStepGenerator:
         head = self.lm.head
         h = torch.stack([c.states[self.name].last_hidden for c in cands])  # [B, D]
         step = [list(c.carry) for c in cands]
+        rows = [list(c.carry_rows) for c in cands]  # hidden states that predicted step[i] (shared policy cache)
         end: list[str | None] = [None] * b
         cut: list[tuple[int, int] | None] = [None] * b
         sampled = [0] * b
@@ -232,6 +242,7 @@ class TransformersStepGenerator:
                     end[i] = "eos"
                     continue
                 step[i].append(tok[i])
+                rows[i].append(h[i])
                 col[i, 0], valid[i, 0] = tok[i], True
                 c = cut_step(self.tokenizer, step[i], delimiter, carried=len(cands[i].carry), last_only=True)
                 if c is not None:
@@ -246,11 +257,9 @@ class TransformersStepGenerator:
         for i, c in enumerate(cands):
             c.states[self.name] = states[i]
             e = end[i] or "step_limit"
-            ids, carry = step[i], []
-            if e == "delimiter":
-                stop, _ = cut[i]
-                ids, carry = step[i][:stop], step[i][stop:]
-            out.append(StepOutput(ids, carry, e, sampled[i]))
+            stop = cut[i][0] if e == "delimiter" else len(step[i])
+            r = torch.stack(rows[i]) if rows[i] else h.new_zeros((0, h.shape[-1]))
+            out.append(StepOutput(step[i][:stop], step[i][stop:], e, sampled[i], r[:stop], r[stop:]))
         return out
 
 

@@ -53,6 +53,7 @@ class Candidate:
     states: dict[str, KVState] = field(default_factory=dict)  # model name -> cache state
     status: str = "live"  # live | eos | length | budget | dropped
     carry: list[int] = field(default_factory=list)  # generated ids that open the next step (generation.py)
+    carry_rows: list[torch.Tensor] = field(default_factory=list)  # their predicting hidden states (shared cache)
     cut: list[bool] = field(default_factory=list)  # per step: ended by the per-step token limit (no delimiter)
     id: int = -1  # numbered by the IncrementalScorer that made it (0, 1, ... per run: reproducible)
     parent: int | None = None
@@ -113,7 +114,7 @@ class IncrementalScorer:
         self.models = {"policy": CachedLM(scorer.policy, scorer.pad_id)}
         if scorer.reference is not None:
             self.models["reference"] = CachedLM(scorer.reference, scorer.pad_id)
-        self.tokens_run = 0  # tokens run through each model (counted once per token, whatever the model count)
+        self.tokens_run = {name: 0 for name in self.models}  # tokens each model ran in extend
         self.reset_ids()
 
     def reset_ids(self) -> None:
@@ -153,7 +154,8 @@ class IncrementalScorer:
             raise ValueError(f"fork needs k >= 1, got {k}")
         return [Candidate(cand.prompt_index, cand.prompt_ids, list(cand.response_ids), list(cand.step_ends),
                           list(cand.token_rewards), list(cand.step_rewards), dict(cand.states), cand.status,
-                          list(cand.carry), list(cand.cut), id=next(self._ids), parent=cand.id) for _ in range(k)]
+                          list(cand.carry), list(cand.carry_rows), list(cand.cut), id=next(self._ids),
+                          parent=cand.id) for _ in range(k)]
 
     @staticmethod
     def drop(cand: Candidate) -> None:
@@ -184,8 +186,13 @@ class IncrementalScorer:
         return out
 
     @torch.inference_mode()
-    def extend(self, cands: Sequence[Candidate], new_ids: Sequence[Sequence[int]]) -> list[StepScore]:
+    def extend(self, cands: Sequence[Candidate], new_ids: Sequence[Sequence[int]], *,
+               policy_rows: Sequence[torch.Tensor] | None = None) -> list[StepScore]:
         """Append one step (``new_ids[i]``, non-empty) to each ``cands[i]``; run only those tokens.
+
+        ``policy_rows``: per candidate, the policy's final hidden states ``[len(new_ids[i]), D]`` that predicted the
+        new tokens, when the generator that wrote them is the policy and shares its cache (it has then already
+        advanced ``states["policy"]``): ``log pi`` comes from them and the policy does not run again.
 
         Returns per candidate its tokens' rewards and the step reward; the candidates are updated in place
         (``response_ids``, ``step_ends``, ``token_rewards``, ``step_rewards``, ``states``). Equivalent (to fp32
@@ -193,15 +200,20 @@ class IncrementalScorer:
         over the new tokens. Batched across all candidates given (any prompts) in ``max_batch_tokens`` chunks.
         """
         new_ids = self._check_extend(cands, new_ids)
+        if policy_rows is not None:
+            if len(policy_rows) != len(cands) or any(r.dim() != 2 or r.shape[0] != len(x)
+                                                     for r, x in zip(policy_rows, new_ids)):
+                raise ValueError("policy_rows must hold one [len(new_ids[i]), D] tensor per candidate")
         out: list[StepScore | None] = [None] * len(cands)
         sc = self.scorer
         lengths = [cands[i].states["policy"].length + len(new_ids[i]) for i in range(len(cands))]
         with sc._eval_mode():
             for idx in length_batches(lengths, sc.max_batch_tokens):
-                self._extend_chunk([cands[i] for i in idx], [new_ids[i] for i in idx], idx, out)
+                rows = None if policy_rows is None else [policy_rows[i] for i in idx]
+                self._extend_chunk([cands[i] for i in idx], [new_ids[i] for i in idx], idx, out, rows)
         return out  # type: ignore[return-value]
 
-    def _extend_chunk(self, cands, new_ids, idx, out) -> None:
+    def _extend_chunk(self, cands, new_ids, idx, out, policy_rows=None) -> None:
         sc = self.scorer
         b, t = len(cands), max(len(x) for x in new_ids)
         ids = torch.full((b, t), sc.pad_id, dtype=torch.long)
@@ -212,15 +224,19 @@ class IncrementalScorer:
         targets = torch.tensor([tok for x in new_ids for tok in x], dtype=torch.long, device=sc.device)
         logps, new_states = {}, {}
         for name, lm in self.models.items():
-            old = [c.states[name] for c in cands]
-            first = [s.last_hidden for s in old]  # predicts each row's first new token
-            batch = lm.open(old)
-            hs = batch.forward(ids, valid)  # [B, T, D]
-            rows = torch.cat([torch.cat([first[i][None], hs[i, :len(x) - 1]], 0) for i, x in enumerate(new_ids)], 0)
             head = lm.head
+            if name == "policy" and policy_rows is not None:  # the generator's cache is the policy's
+                rows = torch.cat([r.to(sc.device) for r in policy_rows], 0)
+            else:
+                old = [c.states[name] for c in cands]
+                first = [s.last_hidden for s in old]  # predicts each row's first new token
+                batch = lm.open(old)
+                hs = batch.forward(ids, valid)  # [B, T, D]
+                rows = torch.cat([torch.cat([first[i][None], hs[i, :len(x) - 1]], 0) for i, x in enumerate(new_ids)])
+                new_states[name] = batch.states()
+                self.tokens_run[name] += int(valid.sum())
             logps[name] = linear_logprobs(rows, head.weight, targets, logit_scale=head.logit_scale,
                                           softcap=head.softcap, impl=sc.impl)  # [N] fp32
-            new_states[name] = batch.states()
         lp, lpr = logps["policy"], logps.get("reference")
         r = ops.token_rewards(lp, lpr, None, sc.beta, impl=sc.impl).float().cpu()
         lp, lpr = lp.float().cpu(), None if lpr is None else lpr.float().cpu()
@@ -234,10 +250,9 @@ class IncrementalScorer:
             c.step_ends.append(len(c.response_ids))
             c.token_rewards.append(tr)
             c.step_rewards.append(step)
-            for name in self.models:
+            for name in new_states:
                 c.states[name] = new_states[name][i]
             out[idx[i]] = StepScore(tr, step, lp[sl].clone(), None if lpr is None else lpr[sl].clone())
-        self.tokens_run += int(valid.sum())
 
     # ------------------------------------------------------------------ baseline / checks
     def prepared(self, cand: Candidate) -> PreparedItem:

@@ -98,10 +98,11 @@ def test_eos_missing_delimiter_and_length_limit(tiny_scorer):
     assert o.end == "eos" and o.ids == [] and o.sampled == 1
 
 
-def test_carried_token_opens_the_next_step(merge_scorer):
+@pytest.mark.parametrize("name", ["generator", "policy"])  # its own cache, or the policy's (log pi from its rows)
+def test_carried_token_opens_the_next_step(merge_scorer, name):
     tok = merge_scorer.tokenizer
     inc, roots = _setup(merge_scorer, ["Add the numbers."])
-    gen = Scripted(merge_scorer.policy, tok, script={})
+    gen = Scripted(merge_scorer.policy, tok, script={}, name=name)
     gen.start(roots)
     (c,) = inc.fork(roots[0], 1)
     ids = _ids(tok, "we add 4.\n\nThe sum is 6.\n\nThe total")
@@ -109,13 +110,15 @@ def test_carried_token_opens_the_next_step(merge_scorer):
     steps = []
     while c.status == "live":
         o = gen.generate_step([c], delimiter="\n\n", max_step_tokens=50, max_tokens=100)[0]
+        assert o.rows.shape[0] == len(o.ids) and o.carry_rows.shape[0] == len(o.carry)
         if o.ids:
-            inc.extend([c], [o.ids])
+            inc.extend([c], [o.ids], policy_rows=[o.rows] if name == "policy" else None)
             steps.append(o.ids)
-        c.carry = o.carry
+        c.carry, c.carry_rows = o.carry, list(o.carry_rows)
         if o.end == "eos":
             c.status = "eos"
     assert sum(steps, []) == ids and len(steps) == 3
+    assert inc.tokens_run["policy"] == (0 if name == "policy" else len(ids))
     (res,) = merge_scorer.score([{"prompt": "Add the numbers.", "response": tok.decode(ids)}])
     assert res.token_steps.tolist() == c.token_steps()
     assert torch.allclose(torch.tensor(c.step_rewards), res.step_rewards, atol=1e-5, rtol=1e-5)

@@ -178,3 +178,25 @@ def test_no_delimiter_ever_warns(tiny_scorer):
     with pytest.warns(UserWarning, match="no candidate produced the step delimiter"):
         search(PROMPTS[:1], scorer=tiny_scorer, method="best_of_n", n=2, max_steps=2, max_step_tokens=12,
                step_delimiter="zzzz zzzz", temperature=1.0)
+
+
+def test_shared_policy_cache_skips_the_policy_forward(tiny_scorer, tiny_model_dir):
+    """Generator = the PRM's policy: sampling advances the policy's cache and log pi comes from the sampling pass's
+    hidden states; the same search with a separately loaded copy of the policy as generator gives the same text
+    and (to fp32 rounding) the same step rewards."""
+    from freeprm.search import build_searcher
+
+    cfg = SearchConfig(method="beam", n=4, beam_width=2, max_steps=3, max_step_tokens=6, temperature=1.0, seed=3)
+    shared = build_searcher(scorer=tiny_scorer, config=cfg)
+    separate = build_searcher(scorer=tiny_scorer, config=cfg, generator=tiny_model_dir)
+    assert shared.shared_policy and not separate.shared_policy
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        a = shared.run(PROMPTS[:2])
+        b = separate.run(PROMPTS[:2])
+    assert shared.inc.tokens_run["policy"] == 0 and shared.inc.tokens_run["reference"] > 0
+    assert separate.inc.tokens_run["policy"] == separate.inc.tokens_run["reference"] > 0
+    for ra, rb in zip(a, b):
+        assert [c["token_ids"] for c in ra.candidates] == [c["token_ids"] for c in rb.candidates]
+        for ca, cb in zip(ra.candidates, rb.candidates):
+            assert ca["step_rewards"] == pytest.approx(cb["step_rewards"], rel=1e-5, abs=1e-5)
