@@ -45,6 +45,8 @@ class SearchConfig:
     aggregate: how partial solutions are ranked (``engine.AGGREGATIONS``).
     max_step_tokens / max_tokens: sampled tokens per step / response tokens per candidate.
     temperature / top_p / seed: sampling.
+    stop: strings that finish a candidate: after a step whose text contains one, the candidate is done (status
+        ``"stop"``; the step is kept whole), e.g. ``("The answer is",)`` for prompts that end with that line.
     """
 
     method: str = "beam"
@@ -58,8 +60,12 @@ class SearchConfig:
     temperature: float = 0.7
     top_p: float = 1.0
     seed: int = 0
+    stop: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        if isinstance(self.stop, str) or not all(isinstance(x, str) and x for x in self.stop):
+            raise ValueError(f"stop must be a list of non-empty strings, got {self.stop!r}")
+        object.__setattr__(self, "stop", tuple(self.stop))
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         for name in ("n", "beam_width", "max_steps", "max_step_tokens", "max_tokens"):
@@ -78,7 +84,7 @@ class SearchConfig:
             raise ValueError(f"temperature must be >= 0 and top_p in (0, 1]; got {self.temperature}, {self.top_p}")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
 
 @dataclass
@@ -204,6 +210,8 @@ class Searcher:
                     c.carry_rows = list(o.carry_rows)
                 if o.end in ("eos", "length"):
                     c.status = o.end
+                elif cfg.stop and o.ids and any(x in self.inc.tokenizer.decode(o.ids) for x in cfg.stop):
+                    c.status = "stop"
             for pi, pool in enumerate(pools):
                 if pool.done:
                     continue
@@ -328,7 +336,8 @@ def build_searcher(policy=None, reference=None, *, config: SearchConfig, scorer=
 def search(prompts: Sequence[str], policy=None, reference=None, *, method: str = "beam", n: int = 8,
            beam_width: int = 4, max_steps: int = 10, step_delimiter: str = DEFAULT_STEP_DELIMITER,
            aggregate: str = DEFAULT_AGGREGATE, max_step_tokens: int = 128, max_tokens: int = 1024,
-           temperature: float = 0.7, top_p: float = 1.0, seed: int = 0, scorer=None, generator=None,
+           temperature: float = 0.7, top_p: float = 1.0, seed: int = 0, stop: Sequence[str] = (), scorer=None,
+           generator=None,
            backend: str = "transformers", **scorer_kwargs) -> list[SearchResult]:
     """PRM-guided step-level search over ``prompts``; one ``SearchResult`` per prompt (see the module docstring).
 
@@ -342,7 +351,7 @@ def search(prompts: Sequence[str], policy=None, reference=None, *, method: str =
     """
     config = SearchConfig(method=method, n=n, beam_width=beam_width, max_steps=max_steps,
                           step_delimiter=step_delimiter, aggregate=aggregate, max_step_tokens=max_step_tokens,
-                          max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
+                          max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=tuple(stop))
     if isinstance(prompts, str) or not len(prompts) or any(not isinstance(p, str) or not p.strip() for p in prompts):
         raise ValueError("prompts must be a non-empty list of non-empty strings (an empty prompt has nothing to answer)")
     searcher = build_searcher(policy, reference, config=config, scorer=scorer, generator=generator, backend=backend,

@@ -28,7 +28,7 @@ def cmd_search(args) -> int:
         config = SearchConfig(method=args.method, n=args.n, beam_width=args.beam_width, max_steps=args.max_steps,
                               step_delimiter=args.step_delimiter, aggregate=args.aggregate,
                               max_step_tokens=args.max_step_tokens, max_tokens=args.max_tokens,
-                              temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+                              temperature=args.temperature, top_p=args.top_p, seed=args.seed, stop=tuple(args.stop))
         if args.task is not None:
             rows, bad = task_prompts(args.task, limit=args.limit, offset=args.offset, seed=args.task_seed,
                                      data_dir=args.data_dir), 0
@@ -49,7 +49,7 @@ def cmd_search(args) -> int:
 
 
 def register(sub) -> None:
-    from ..cliargs import HelpFormatter, positive_float, positive_int
+    from ..cliargs import HelpFormatter, escapes_arg, positive_float, positive_int
     from ..engine.cli import _scorer_args
     from ..eval.tasks import TASK_NAMES
     from .algorithms import METHODS
@@ -73,6 +73,9 @@ def register(sub) -> None:
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--top-p", type=positive_float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stop", action="append", default=[], type=escapes_arg,
+                   help="a string that finishes a candidate after the step that contains it (repeatable), "
+                        "e.g. 'The answer is'")
     p.add_argument("--generator", default=None, help="model that writes the steps (default: the --policy model); "
                    "it must share the policy's tokenizer")
     p.add_argument("--backend", default="transformers", choices=["transformers", "vllm"],

@@ -200,3 +200,13 @@ def test_shared_policy_cache_skips_the_policy_forward(tiny_scorer, tiny_model_di
         assert [c["token_ids"] for c in ra.candidates] == [c["token_ids"] for c in rb.candidates]
         for ca, cb in zip(ra.candidates, rb.candidates):
             assert ca["step_rewards"] == pytest.approx(cb["step_rewards"], rel=1e-5, abs=1e-5)
+
+
+def test_stop_strings_finish_a_candidate_after_their_step(tiny_scorer):
+    s = _searcher(tiny_scorer, "beam", n=4, beam_width=2, max_steps=3, stop=("B",))
+    res = s.run(PROMPTS)
+    assert all(c["status"] == "stop" and len(c["steps"]) == 1 for c in res[1].candidates)  # prompt 1 writes "B"
+    assert len(res[1].candidates) == 4 and res[1].steps == 1
+    assert all(c["status"] == "budget" for c in res[0].candidates)
+    with pytest.raises(ValueError, match="stop must be a list"):
+        SearchConfig(stop="B")
