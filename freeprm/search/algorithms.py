@@ -128,6 +128,18 @@ def pick_best(scores: Sequence[float | None]) -> int | None:
     return max(ok, key=lambda i: (scores[i] == scores[i], scores[i], -i))
 
 
+def step_texts(tokenizer, ids: Sequence[int], ends: Sequence[int]) -> list[str]:
+    """The text of each step: the growth of ``decode(ids[:end])`` from one step end to the next (so the steps join to
+    the decoded response even where a character's bytes straddle a step boundary); ``decode`` of the step's own ids
+    where a prefix does not decode to a prefix of the next."""
+    out, prev, a = [], "", 0
+    for e in ends:
+        cur = tokenizer.decode(list(ids[:e]))
+        out.append(cur[len(prev):] if cur.startswith(prev) else tokenizer.decode(list(ids[a:e])))
+        prev, a = cur, e
+    return out
+
+
 def _rank(cands: list[Candidate], aggregate: str) -> list[Candidate]:
     """Best first under ``aggregate`` (stable: equal scores keep their order; NaN last)."""
     def key(c: Candidate):
@@ -287,7 +299,7 @@ class Searcher:
         cands = []
         for c in finals:
             sr = c.step_rewards
-            cands.append({"text": tok.decode(c.response_ids), "steps": [tok.decode(c.step_ids(k)) for k in range(c.num_steps)],
+            cands.append({"text": tok.decode(c.response_ids), "steps": step_texts(tok, c.response_ids, c.step_ends),
                           "step_rewards": list(sr), "score": c.score(agg) if sr else None, "status": c.status,
                           "num_tokens": len(c.response_ids), "cut": list(c.cut), "id": c.id,
                           "token_ids": list(c.response_ids), "step_ends": list(c.step_ends)})

@@ -30,8 +30,10 @@ def _inputs(tmp_path):
 
 
 def _env(**extra):
+    # FREEPRM_CPU_EXT=0: the pure-torch LM head here and in the in-process reference run (same values; and no
+    # subprocess waits on another process building the optional C++ kernel)
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
-               PYTHONWARNINGS="ignore")
+               PYTHONWARNINGS="ignore", FREEPRM_CPU_EXT="0")
     env.pop("FREEPRM_BATCH_KILL", None)
     env.update(extra)
     return env
@@ -44,7 +46,8 @@ def _parts(out):
         return 0
 
 
-def test_kill9_then_resume_equals_uninterrupted(tmp_path, tiny_model_dir, tiny_ref_dir):
+def test_kill9_then_resume_equals_uninterrupted(tmp_path, tiny_model_dir, tiny_ref_dir, monkeypatch):
+    monkeypatch.setenv("FREEPRM_CPU_EXT", "0")
     inp, out = _inputs(tmp_path), str(tmp_path / "out")
     cmd = [sys.executable, "-m", "freeprm.cli", "search", "--policy", tiny_model_dir, "--reference", tiny_ref_dir,
            "--input", inp, "--output", out, *OPTS]
