@@ -1,6 +1,6 @@
 """PRM cost per search step: incremental scoring (KV caches per candidate) vs re-scoring every candidate's full prefix.
 
-    flock /work/heavy.lock nice -n 5 python bench/bench_search.py           # SmolLM2 pi + pi_ref, 2 prompts x 4, 8 steps
+    flock /work/heavy.lock nice -n 5 python bench/bench_search.py     # SmolLM2 pi + pi_ref, 2 prompts x 4, 8 steps
     python bench/bench_search.py --prompts 1 --n 2 --steps 3 --step-tokens 8 --reps 1    # quick check
 
 A search step extends every live candidate by one step of ``--step-tokens`` tokens. After each step ``k = 1 ..
@@ -15,8 +15,8 @@ steps of exactly ``--step-tokens`` tokens):
 
 Per step: the median seconds over ``--reps`` repetitions (after a warm-up repetition), the ratio, the tokens each
 path runs through the models, and the largest difference between the two paths' step rewards. The models are
-SmolLM2-135M-Instruct as pi and a second instance of it, its weights perturbed by 2% noise, as pi_ref (fp32, CPU). Results:
-``bench/results/search_incremental_cpu.{json,md}``.
+SmolLM2-135M-Instruct as pi and a second instance of it, its weights perturbed by 2% noise, as pi_ref (fp32, CPU).
+Results: ``bench/results/search_incremental_cpu.{json,md}``.
 """
 
 from __future__ import annotations
@@ -111,7 +111,8 @@ def main() -> None:
                      "tokens_incremental": reps[0][2][k], "tokens_full": reps[0][3][k],
                      "max_abs_step_reward_diff": max(r[4][k] for r in reps)})
     env = env_info(args.threads)
-    setup = {"model": "SmolLM2-135M-Instruct (pi) and a perturbed second instance (pi_ref), fp32", "prompts": args.prompts,
+    setup = {"model": "SmolLM2-135M-Instruct (pi) and a perturbed second instance (pi_ref), fp32",
+             "prompts": args.prompts,
              "candidates_per_prompt": args.n, "steps": args.steps, "step_tokens": args.step_tokens, "reps": args.reps,
              "prompt_tokens": [len(inc.prompt_ids(q)) for q in qs],
              "full_path": "Scorer.score_prepared (batched, shared-prompt prefill)"}

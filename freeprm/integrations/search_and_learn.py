@@ -16,10 +16,10 @@ maps the implicit rewards into ``[0, 1]``:
   (the aggregation the paper uses for best-of-N) and ``prod`` by ``sum_k log sigmoid(r_k)``, treating each step as
   an independent "this step is right" probability (as for Math-Shepherd-style PRMs).
 
-``scale`` (default 1) divides nothing out: use it when the rewards are not on the trained scale, e.g. an untrained
+``scale`` (default 1) multiplies the rewards first: use it when the rewards are not on the trained scale, e.g. an untrained
 reference-free model, whose rewards are log-probs (tens of nats negative, where ``sigmoid`` is 0 to float
-precision): ``scale=0.05`` keeps them apart. Blank pieces (``"a\\n\\n\\n\\nb"``, a trailing ``"\\n\\n"``) get the score of
-the step whose characters they are (the one before them, ``engine/steps.py``); an answer with no text gets
+precision): ``scale=0.05`` keeps them apart. Blank pieces (``"a\\n\\n\\n\\nb"``, a trailing ``"\\n\\n"``) get the score
+of the step whose characters they are (the one before them, ``engine/steps.py``); an answer with no text gets
 ``sigmoid(0) = 0.5`` per piece (no evidence either way).
 
 This adapter scores whole texts (the interface gives whole texts at each call); freeprm's own search
@@ -73,7 +73,8 @@ class SearchAndLearnPRM:
             from ..engine.scorer import Scorer
 
             kwargs = dict(scorer_kwargs, step_delimiter=SAL_DELIMITER)
-            scorer = Scorer(policy, reference, **kwargs) if policy is not None else Scorer(reference=reference, **kwargs)
+            scorer = (Scorer(policy, reference, **kwargs) if policy is not None
+                      else Scorer(reference=reference, **kwargs))
         elif policy is not None or reference is not None or scorer_kwargs:
             raise ValueError("pass either scorer= or model specs (policy=, reference=, ...), not both")
         if scorer.step_delimiter != SAL_DELIMITER or scorer.step_pattern is not None:
@@ -101,7 +102,8 @@ class SearchAndLearnPRM:
         return out
 
     def score(self, questions: Sequence[str], outputs: Sequence[Sequence[str]]) -> list[list[list[float]]]:
-        """``scores[i][j][k]``: the ``[0, 1]`` score of step ``k`` (``"\\n\\n"`` piece) of answer ``j`` to question ``i``."""
+        """``scores[i][j][k]``: the ``[0, 1]`` score of step (``"\\n\\n"`` piece) ``k`` of answer ``j`` to question
+        ``i``."""
         if len(questions) != len(outputs):
             raise ValueError(f"{len(questions)} questions but {len(outputs)} lists of answers")
         items, where = [], []

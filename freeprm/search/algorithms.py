@@ -365,7 +365,8 @@ def search(prompts: Sequence[str], policy=None, reference=None, *, method: str =
                           step_delimiter=step_delimiter, aggregate=aggregate, max_step_tokens=max_step_tokens,
                           max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=tuple(stop))
     if isinstance(prompts, str) or not len(prompts) or any(not isinstance(p, str) or not p.strip() for p in prompts):
-        raise ValueError("prompts must be a non-empty list of non-empty strings (an empty prompt has nothing to answer)")
+        raise ValueError("prompts must be a non-empty list of non-empty strings (an empty prompt has nothing to "
+                         "answer)")
     searcher = build_searcher(policy, reference, config=config, scorer=scorer, generator=generator, backend=backend,
                               **scorer_kwargs)
     return searcher.run(prompts)

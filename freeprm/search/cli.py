@@ -38,7 +38,8 @@ def cmd_search(args) -> int:
             source = {"input": "jsonl"}
         run_search(rows, args.output, config=config, policy=args.policy, reference=args.reference,
                    generator=args.generator, backend=args.backend, prompts_per_part=args.prompts_per_part,
-                   source=source, progress=not args.no_progress, bad_lines=bad, beta=args.beta, prompt_format=args.prompt_format,
+                   source=source, progress=not args.no_progress, bad_lines=bad, beta=args.beta,
+                   prompt_format=args.prompt_format,
                    dtype=args.dtype, device=args.device, max_length=args.max_length,
                    max_batch_tokens=args.max_batch_tokens, trust_remote_code=args.trust_remote_code,
                    allow_pickle=args.allow_pickle)

@@ -177,7 +177,7 @@ class TransformersStepGenerator:
         self.eos_ids = set(int(e) for e in eos_ids)
 
     def choose(self, logits: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:
-        """The next token of each row from its logits ``[B, V]`` (fp32): greedy at temperature 0, else top-p sampling."""
+        """The next token of each row from its logits ``[B, V]`` (fp32): greedy at temperature 0, else top-p."""
         return _sample(logits, self.temperature, self.top_p, gen)
 
     @torch.inference_mode()

@@ -1,4 +1,4 @@
-"""Incremental scoring (KV caches per candidate) equals whole-sequence scoring; fork / drop bookkeeping; the step rule."""
+"""Incremental scoring (KV caches per candidate) equals whole-sequence scoring; fork / drop bookkeeping; step rule."""
 
 import pytest
 import torch
