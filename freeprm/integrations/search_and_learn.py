@@ -29,7 +29,7 @@ This adapter scores whole texts (the interface gives whole texts at each call); 
         from freeprm.integrations.search_and_learn import SearchAndLearnPRM
         return SearchAndLearnPRM(config, policy=config.prm_path.removeprefix("freeprm:"))
 
-and run a recipe with ``--prm_path freeprm:/path/to/trained_prm`` (or ``freeprm:smollm2``).
+and set ``prm_path`` to ``freeprm:/path/to/trained_prm`` (or ``freeprm:smollm2``) in a recipe.
 """
 
 from __future__ import annotations

@@ -19,15 +19,15 @@ The final candidates of a prompt are the finished ones and those still live when
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 
-from ..engine.results import AGGREGATIONS
-from .defaults import DEFAULT_AGGREGATE, DEFAULT_BETA, DEFAULT_STEP_DELIMITER
+from .defaults import AGGREGATIONS, DEFAULT_AGGREGATE, DEFAULT_STEP_DELIMITER, SCORING_OPTIONS, ScoringConfig
 from .generation import StepOutput, check_delimiter
 from .incremental import Candidate, IncrementalScorer
 
@@ -47,6 +47,10 @@ class SearchConfig:
     temperature / top_p / seed: sampling.
     stop: strings that finish a candidate: after a step whose text contains one, the candidate is done (status
         ``"stop"``; the step is kept whole), e.g. ``("The answer is",)`` for prompts that end with that line.
+    scoring: the PRM's ``freeprm.config.ScoringConfig`` (beta, reference, prompt format, dtype, max_length), used
+        when the search builds its ``Scorer``; its step split and aggregation are set from ``step_delimiter`` and
+        ``aggregate`` above (one source for both), and a ``step_pattern`` is refused (steps end at the delimiter
+        while they are generated).
     """
 
     method: str = "beam"
@@ -61,6 +65,7 @@ class SearchConfig:
     top_p: float = 1.0
     seed: int = 0
     stop: tuple[str, ...] = ()
+    scoring: ScoringConfig = field(default_factory=ScoringConfig)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str) or not all(isinstance(x, str) and x for x in self.stop):
@@ -82,9 +87,18 @@ class SearchConfig:
             raise ValueError(f"aggregate must be one of {AGGREGATIONS}, got {self.aggregate!r}")
         if not (self.temperature >= 0 and math.isfinite(self.temperature)) or not 0 < self.top_p <= 1:
             raise ValueError(f"temperature must be >= 0 and top_p in (0, 1]; got {self.temperature}, {self.top_p}")
+        if not isinstance(self.scoring, ScoringConfig):
+            raise ValueError(f"scoring must be a freeprm.config.ScoringConfig, got {type(self.scoring).__name__}")
+        if self.scoring.step_pattern is not None:
+            raise ValueError("search splits steps at step_delimiter while it generates them; a step_pattern is not "
+                             "supported (remove it from the scoring config)")
+        object.__setattr__(self, "scoring", self.scoring.replace(step_delimiter=self.step_delimiter,
+                                                                 aggregate=self.aggregate))
 
     def to_dict(self) -> dict:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        """The search options as plain JSON (the scoring config is identified separately, with its models)."""
+        return {f.name: list(v) if isinstance(v, tuple) else v
+                for f in fields(self) if f.name != "scoring" for v in [getattr(self, f.name)]}
 
 
 @dataclass
@@ -308,20 +322,32 @@ class Searcher:
 
 
 # ---------------------------------------------------------------------- public entry
+def split_scoring_options(options: dict) -> tuple[dict, dict]:
+    """``(ScoringConfig fields, the other Scorer options)`` of keyword options (``SCORING_OPTIONS`` go to the config)."""
+    return ({k: v for k, v in options.items() if k in SCORING_OPTIONS},
+            {k: v for k, v in options.items() if k not in SCORING_OPTIONS})
+
+
 def build_searcher(policy=None, reference=None, *, config: SearchConfig, scorer=None, generator=None,
                    backend: str = "transformers", **scorer_kwargs) -> Searcher:
-    """A ``Searcher`` from model specs: the PRM (``policy`` / ``reference`` or a ready ``scorer``) and the generator
-    (None: the PRM's policy model; a spec or ``(model, tokenizer)``; or a ready step generator object)."""
+    """A ``Searcher`` from model specs: the PRM (``policy`` with ``config.scoring``, ``reference`` overriding its
+    reference; or a ready ``scorer``) and the generator (None: the PRM's policy model; a spec or ``(model,
+    tokenizer)``; or a ready step generator object). ``scorer_kwargs``: engine options that are not scoring
+    semantics (``device``, ``max_batch_tokens``, ``impl``, ``trust_remote_code``, ...)."""
     from ..engine.loading import DEFAULT_POLICY, load_model
     from ..engine.scorer import Scorer, _check_same_vocab
     from .generation import TransformersStepGenerator, VLLMStepGenerator
 
     if scorer is None:
-        scorer_kwargs.setdefault("beta", DEFAULT_BETA)
-        scorer = Scorer(policy if policy is not None else DEFAULT_POLICY, reference,
-                        step_delimiter=config.step_delimiter, aggregate=config.aggregate, **scorer_kwargs)
-    elif scorer_kwargs:
-        raise ValueError(f"with scorer=, pass no scorer options ({', '.join(sorted(scorer_kwargs))})")
+        if reference is not None:
+            config = dataclasses.replace(config, scoring=config.scoring.replace(reference=reference))
+        sc = config.scoring
+        scorer = Scorer(policy if policy is not None else DEFAULT_POLICY, sc.reference_model, beta=sc.beta,
+                        step_delimiter=config.step_delimiter, aggregate=config.aggregate,
+                        prompt_format=sc.prompt_format, dtype=sc.dtype, max_length=sc.max_length, **scorer_kwargs)
+    elif scorer_kwargs or reference is not None:
+        raise ValueError(f"with scorer=, pass no model or scorer options "
+                         f"({', '.join(sorted(scorer_kwargs) + (['reference'] if reference is not None else []))})")
     inc = IncrementalScorer(scorer)
     if backend not in ("transformers", "vllm"):
         raise ValueError(f"backend must be 'transformers' or 'vllm', got {backend!r}")
@@ -353,20 +379,25 @@ def search(prompts: Sequence[str], policy=None, reference=None, *, method: str =
            backend: str = "transformers", **scorer_kwargs) -> list[SearchResult]:
     """PRM-guided step-level search over ``prompts``; one ``SearchResult`` per prompt (see the module docstring).
 
-    ``policy`` / ``reference`` / ``scorer_kwargs`` build the PRM (``freeprm.engine.Scorer``: beta, prompt_format,
-    dtype, device, max_length, ...; a trained PRM directory's ``freeprm_prm.json`` applies), or pass ``scorer=``.
+    ``policy`` / ``reference`` / ``scorer_kwargs`` build the PRM: ``beta``, ``prompt_format``, ``dtype``,
+    ``max_length``, ``reference_free`` make its ``freeprm.config.ScoringConfig``; the rest (``device``,
+    ``max_batch_tokens``, ...) go to ``freeprm.engine.Scorer``. Or pass a ready ``scorer=``.
     ``generator``: who writes the steps (default: the PRM's policy model; it must share the PRM's tokenizer).
     Example::
 
         res = search(["What is 12 * 7?"], policy="smollm2", method="beam", n=8, beam_width=4, max_steps=6)
         print(res[0].best_text, res[0].candidates[res[0].best]["step_rewards"])
     """
+    scoring, engine = split_scoring_options(scorer_kwargs)
     config = SearchConfig(method=method, n=n, beam_width=beam_width, max_steps=max_steps,
                           step_delimiter=step_delimiter, aggregate=aggregate, max_step_tokens=max_step_tokens,
-                          max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=tuple(stop))
+                          max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=tuple(stop),
+                          scoring=ScoringConfig(**scoring))
     if isinstance(prompts, str) or not len(prompts) or any(not isinstance(p, str) or not p.strip() for p in prompts):
         raise ValueError("prompts must be a non-empty list of non-empty strings (an empty prompt has nothing to "
                          "answer)")
+    if scorer is not None and scoring:
+        raise ValueError(f"with scorer=, pass no scoring options ({', '.join(sorted(scoring))}): the scorer has its own")
     searcher = build_searcher(policy, reference, config=config, scorer=scorer, generator=generator, backend=backend,
-                              **scorer_kwargs)
+                              **engine)
     return searcher.run(prompts)

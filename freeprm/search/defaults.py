@@ -1,11 +1,9 @@
-"""The scoring defaults search builds on, in one place (switch to ``freeprm.config`` when it exists)."""
+"""The scoring defaults search builds on, from the shared scoring configuration (``freeprm/config.py``)."""
 
-try:  # the shared scoring configuration (freeprm/config.py), once it is on main
-    from ..config import DEFAULT_BETA, DEFAULT_STEP_DELIMITER
-except ImportError:  # the engine's current defaults (Scorer's signature)
-    DEFAULT_BETA = 1.0
-    DEFAULT_STEP_DELIMITER = "\n\n"
+from ..config import AGGREGATIONS, DEFAULT_AGGREGATE, DEFAULT_BETA, DEFAULT_STEP_DELIMITER, ScoringConfig
 
-DEFAULT_AGGREGATE = "min"  # Scorer's default aggregation
+SCORING_OPTIONS = ("beta", "reference", "reference_free", "prompt_format", "dtype", "max_length")
+"""``ScoringConfig`` fields a search takes from its caller (the step split and the aggregation are search options)."""
 
-__all__ = ["DEFAULT_AGGREGATE", "DEFAULT_BETA", "DEFAULT_STEP_DELIMITER"]
+__all__ = ["AGGREGATIONS", "DEFAULT_AGGREGATE", "DEFAULT_BETA", "DEFAULT_STEP_DELIMITER", "SCORING_OPTIONS",
+           "ScoringConfig"]
