@@ -19,7 +19,6 @@ The final candidates of a prompt are the finished ones and those still live when
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import warnings
 from collections.abc import Callable, Sequence
@@ -47,10 +46,11 @@ class SearchConfig:
     temperature / top_p / seed: sampling.
     stop: strings that finish a candidate: after a step whose text contains one, the candidate is done (status
         ``"stop"``; the step is kept whole), e.g. ``("The answer is",)`` for prompts that end with that line.
-    scoring: the PRM's ``freeprm.config.ScoringConfig`` (beta, reference, prompt format, dtype, max_length), used
-        when the search builds its ``Scorer``; its step split and aggregation are set from ``step_delimiter`` and
-        ``aggregate`` above (one source for both), and a ``step_pattern`` is refused (steps end at the delimiter
-        while they are generated).
+    scoring: None (default): the PRM's own settings (a trained PRM directory's recorded beta, reference and prompt
+        format, ``freeprm_prm.json``, else the defaults), resolved by the ``Scorer``; or a
+        ``freeprm.config.ScoringConfig`` whose beta, reference, prompt format, dtype and max_length are passed as
+        given. Either way the step split and the aggregation are ``step_delimiter`` and ``aggregate`` above (one
+        source), and a ``step_pattern`` is refused (steps end at the delimiter while they are generated).
     """
 
     method: str = "beam"
@@ -65,7 +65,7 @@ class SearchConfig:
     top_p: float = 1.0
     seed: int = 0
     stop: tuple[str, ...] = ()
-    scoring: ScoringConfig = field(default_factory=ScoringConfig)
+    scoring: ScoringConfig | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str) or not all(isinstance(x, str) and x for x in self.stop):
@@ -87,8 +87,10 @@ class SearchConfig:
             raise ValueError(f"aggregate must be one of {AGGREGATIONS}, got {self.aggregate!r}")
         if not (self.temperature >= 0 and math.isfinite(self.temperature)) or not 0 < self.top_p <= 1:
             raise ValueError(f"temperature must be >= 0 and top_p in (0, 1]; got {self.temperature}, {self.top_p}")
+        if self.scoring is None:
+            return
         if not isinstance(self.scoring, ScoringConfig):
-            raise ValueError(f"scoring must be a freeprm.config.ScoringConfig, got {type(self.scoring).__name__}")
+            raise ValueError(f"scoring must be a freeprm.config.ScoringConfig or None, got {type(self.scoring).__name__}")
         if self.scoring.step_pattern is not None:
             raise ValueError("search splits steps at step_delimiter while it generates them; a step_pattern is not "
                              "supported (remove it from the scoring config)")
@@ -339,12 +341,17 @@ def build_searcher(policy=None, reference=None, *, config: SearchConfig, scorer=
     from .generation import TransformersStepGenerator, VLLMStepGenerator
 
     if scorer is None:
-        if reference is not None:
-            config = dataclasses.replace(config, scoring=config.scoring.replace(reference=reference))
+        opts = {}
         sc = config.scoring
-        scorer = Scorer(policy if policy is not None else DEFAULT_POLICY, sc.reference_model, beta=sc.beta,
-                        step_delimiter=config.step_delimiter, aggregate=config.aggregate,
-                        prompt_format=sc.prompt_format, dtype=sc.dtype, max_length=sc.max_length, **scorer_kwargs)
+        if sc is not None:  # given as a whole: every field as given
+            opts = dict(reference=sc.reference, beta=sc.beta, prompt_format=sc.prompt_format, dtype=sc.dtype,
+                        max_length=sc.max_length)
+        if reference is not None:
+            opts["reference"] = reference
+        opts.update({k: v for k, v in scorer_kwargs.items() if v is not None or k not in SCORING_OPTIONS})
+        # unset options (None) are the Scorer's to resolve: a trained PRM's freeprm_prm.json, else the defaults
+        scorer = Scorer(policy if policy is not None else DEFAULT_POLICY, step_delimiter=config.step_delimiter,
+                        aggregate=config.aggregate, **opts)
     elif scorer_kwargs or reference is not None:
         raise ValueError(f"with scorer=, pass no model or scorer options "
                          f"({', '.join(sorted(scorer_kwargs) + (['reference'] if reference is not None else []))})")
@@ -379,25 +386,24 @@ def search(prompts: Sequence[str], policy=None, reference=None, *, method: str =
            backend: str = "transformers", **scorer_kwargs) -> list[SearchResult]:
     """PRM-guided step-level search over ``prompts``; one ``SearchResult`` per prompt (see the module docstring).
 
-    ``policy`` / ``reference`` / ``scorer_kwargs`` build the PRM: ``beta``, ``prompt_format``, ``dtype``,
-    ``max_length``, ``reference_free`` make its ``freeprm.config.ScoringConfig``; the rest (``device``,
-    ``max_batch_tokens``, ...) go to ``freeprm.engine.Scorer``. Or pass a ready ``scorer=``.
+    ``policy`` / ``reference`` / ``scorer_kwargs`` build the PRM (``freeprm.engine.Scorer``: ``beta``,
+    ``prompt_format``, ``dtype``, ``max_length``, ``device``, ``max_batch_tokens``, ...); what is not given comes
+    from a trained PRM directory's ``freeprm_prm.json``, else the defaults. Or pass a ready ``scorer=``.
     ``generator``: who writes the steps (default: the PRM's policy model; it must share the PRM's tokenizer).
     Example::
 
         res = search(["What is 12 * 7?"], policy="smollm2", method="beam", n=8, beam_width=4, max_steps=6)
         print(res[0].best_text, res[0].candidates[res[0].best]["step_rewards"])
     """
-    scoring, engine = split_scoring_options(scorer_kwargs)
+    scoring, _ = split_scoring_options(scorer_kwargs)
     config = SearchConfig(method=method, n=n, beam_width=beam_width, max_steps=max_steps,
                           step_delimiter=step_delimiter, aggregate=aggregate, max_step_tokens=max_step_tokens,
-                          max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=tuple(stop),
-                          scoring=ScoringConfig(**scoring))
+                          max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=tuple(stop))
     if isinstance(prompts, str) or not len(prompts) or any(not isinstance(p, str) or not p.strip() for p in prompts):
         raise ValueError("prompts must be a non-empty list of non-empty strings (an empty prompt has nothing to "
                          "answer)")
     if scorer is not None and scoring:
         raise ValueError(f"with scorer=, pass no scoring options ({', '.join(sorted(scoring))}): the scorer has its own")
     searcher = build_searcher(policy, reference, config=config, scorer=scorer, generator=generator, backend=backend,
-                              **engine)
+                              **scorer_kwargs)
     return searcher.run(prompts)

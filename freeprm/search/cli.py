@@ -15,7 +15,6 @@ import sys
 
 def cmd_search(args) -> int:
     from ..engine.cli import _check_scorer_args
-    from ..config import ScoringConfig
     from .algorithms import SearchConfig
     from .run import read_prompts, run_search, task_prompts
 
@@ -29,9 +28,7 @@ def cmd_search(args) -> int:
         config = SearchConfig(method=args.method, n=args.n, beam_width=args.beam_width, max_steps=args.max_steps,
                               step_delimiter=args.step_delimiter, aggregate=args.aggregate,
                               max_step_tokens=args.max_step_tokens, max_tokens=args.max_tokens,
-                              temperature=args.temperature, top_p=args.top_p, seed=args.seed, stop=tuple(args.stop),
-                              scoring=ScoringConfig(beta=args.beta, prompt_format=args.prompt_format,
-                                                    dtype=args.dtype, max_length=args.max_length))
+                              temperature=args.temperature, top_p=args.top_p, seed=args.seed, stop=tuple(args.stop))
         if args.task is not None:
             rows, bad = task_prompts(args.task, limit=args.limit, offset=args.offset, seed=args.task_seed,
                                      data_dir=args.data_dir), 0
@@ -41,7 +38,9 @@ def cmd_search(args) -> int:
             source = {"input": "jsonl"}
         run_search(rows, args.output, config=config, policy=args.policy, reference=args.reference,
                    generator=args.generator, backend=args.backend, prompts_per_part=args.prompts_per_part,
-                   source=source, progress=not args.no_progress, bad_lines=bad, device=args.device,
+                   source=source, progress=not args.no_progress, bad_lines=bad, beta=args.beta,
+                   prompt_format=args.prompt_format, dtype=args.dtype, max_length=args.max_length,
+                   force_reference=args.force_reference, device=args.device,
                    max_batch_tokens=args.max_batch_tokens, trust_remote_code=args.trust_remote_code,
                    allow_pickle=args.allow_pickle)
     except ValueError as e:

@@ -14,7 +14,6 @@ the missing parts are computed. A run with another configuration (models, search
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import os
 import sys
@@ -24,7 +23,7 @@ from pathlib import Path
 
 from ..batch.store import OutputDir
 from ..identity import model_identity, params_identity
-from .algorithms import SearchConfig, Searcher, build_searcher, split_scoring_options
+from .algorithms import SearchConfig, Searcher, build_searcher
 
 FINGERPRINT_VERSION = 1
 
@@ -208,11 +207,9 @@ def run_search(rows: list[PromptRow], output_dir: str | os.PathLike, *, config: 
         raise ValueError(f"prompts_per_part must be >= 1, got {prompts_per_part}")
     if not rows:
         raise ValueError("no prompts to search (the input is empty or every line was bad)")
-    scoring, engine = split_scoring_options(scorer_kwargs)
-    if scoring:  # scoring options given as keywords go into the config's ScoringConfig
-        config = dataclasses.replace(config, scoring=config.scoring.replace(**scoring))
     if searcher is None:
-        searcher = build_searcher(policy, reference, config=config, generator=generator, backend=backend, **engine)
+        searcher = build_searcher(policy, reference, config=config, generator=generator, backend=backend,
+                                  **scorer_kwargs)
     fp = make_fingerprint(searcher, policy=policy, reference=reference, generator=generator, backend=backend,
                           prompts_per_part=prompts_per_part, source=source or {})
     t0 = time.perf_counter()

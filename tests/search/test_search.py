@@ -210,3 +210,23 @@ def test_stop_strings_finish_a_candidate_after_their_step(tiny_scorer):
     assert all(c["status"] == "budget" for c in res[0].candidates)
     with pytest.raises(ValueError, match="stop must be a list"):
         SearchConfig(stop="B")
+
+
+def test_a_trained_prm_directory_applies_its_recorded_settings(tmp_path, tiny_model_dir):
+    """freeprm_prm.json (beta, prompt format) applies through the Scorer unless given; given values win."""
+    import shutil
+
+    from freeprm.config import ScoringConfig
+    from freeprm.prm_meta import meta_dict, write_meta
+    from freeprm.search import build_searcher
+
+    prm = tmp_path / "prm"
+    shutil.copytree(tiny_model_dir, prm)
+    write_meta(prm, meta_dict(ScoringConfig(beta=0.25, reference="none", prompt_format="raw"), reference_digest=None,
+                              training={"trainer": "test"}))
+    cfg = SearchConfig(method="best_of_n", n=2, max_steps=1, max_step_tokens=4)
+    s = build_searcher(str(prm), config=cfg)
+    assert s.inc.scorer.beta == 0.25 and s.inc.scorer.prompt_format == "raw" and s.inc.scorer.reference is None
+    with pytest.warns(UserWarning):
+        s2 = build_searcher(str(prm), config=cfg, beta=0.5)
+    assert s2.inc.scorer.beta == 0.5
