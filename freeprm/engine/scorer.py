@@ -45,7 +45,7 @@ __all__ = ["AGGREGATIONS", "BatchScores", "PreparedItem", "ScoreResult", "Scorer
 _aggregate = aggregate_steps  # the old private name
 
 # "auto" packing packs a batch when that removes at least this fraction of its padded tokens: fewer rows of the same
-# length, so less work whatever the attention kernel; a prior until bench/bench_packing.py has run at full size
+# length, so less work whatever the attention kernel (measured: bench/README.md, packing)
 PACK_MIN_SAVING = 0.25
 
 
@@ -103,8 +103,8 @@ class Scorer:
             unshared path with a warning.
         pack: varlen packing of a batch's sequences several to a row (position ids restarting, block-diagonal causal
             attention: no cross-contamination, tested equal to the padded path to 1e-5). ``"auto"`` (default) packs a
-            batch only where it pays: when packing removes at least ``PACK_MIN_SAVING`` of its padded tokens (a prior;
-            ``bench/bench_packing.py`` measures it on CPU), on models with plain causal attention (sdpa/eager, no sliding window).
+            batch only where it pays: when packing removes at least ``PACK_MIN_SAVING`` of its padded tokens
+            (``bench/bench_packing.py``; results in bench/README.md), on models with plain causal attention (sdpa/eager, no sliding window).
             ``True`` packs every batch on such models; ``False`` never packs.
         fuse_reference: opt-in. With a reference and the Triton path, compute ``beta * (log pi - log pi_ref)`` in
             one kernel launch reading both models' hidden states and LM heads; the per-model log-probs are then

@@ -31,8 +31,8 @@ DEFAULT_CHUNK_ROWS = 2048
 TILE_BYTES = 32 * 2**20
 MIN_VOCAB_BLOCK = 1024
 # Forward tiles (no gradient to keep, so they can be small): [FWD_ROWS, FWD_TILE_ELEMS / FWD_ROWS] fp32,
-# 1 MB: stays in L2 between the GEMM that writes it and the max / exp / sum that read it (measured on
-# 2 cores with 2 MB L2 each: 256 x 512 and 256 x 1024 tie; 2048 x 4096 (32 MB) was 1.7x slower).
+# 1 MB: stays in L2 between the GEMM that writes it and the max / exp / sum that read it (the tile-size
+# measurement: docs/kernels.md, CPU path).
 FWD_ROWS = 256
 FWD_TILE_ELEMS = 256 * 1024
 # Take the C++ forward (csrc/cpu_head.cpp) for fp32 CPU inputs when it is built; False forces the

@@ -35,8 +35,8 @@ COMBINE_BLOCK = 1024
 CPU_BLOCKS = dict(BLOCK_N=32, BLOCK_V=512, BLOCK_D=64)
 
 # GPU tile candidates. Each compiles for sm_90 in bf16 to wgmma with a cp.async pipeline and no
-# register spills (tests/kernels/test_sm90_compile.py); 128x256 tiles spill and are left out. Not
-# timed on a GPU yet: `bench/bench_kernels.py --config` sweeps them.
+# register spills (tests/kernels/test_sm90_compile.py); 128x256 tiles spill and are left out. Their timings:
+# `bench/bench_kernels.py --config` (status in docs/kernels.md).
 GPU_CONFIGS = [
     triton.Config(dict(BLOCK_N=128, BLOCK_V=128, BLOCK_D=64), num_warps=8, num_stages=3),
     triton.Config(dict(BLOCK_N=128, BLOCK_V=128, BLOCK_D=64), num_warps=8, num_stages=4),
