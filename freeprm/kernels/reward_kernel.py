@@ -113,7 +113,7 @@ def token_reward_bwd(grad, logp, logp_ref, mask, beta, need_ref=True):
     return dlp, dlr
 
 
-class TokenRewards(torch.autograd.Function):
+class TokenRewardFunction(torch.autograd.Function):
     """autograd glue for beta * (lp - lpref) * mask."""
 
     @staticmethod
@@ -134,7 +134,7 @@ def triton_token_rewards(logp: torch.Tensor, logp_ref: torch.Tensor | None, mask
     """float32 ``beta * (logp - logp_ref) * mask`` (same shape as logp); differentiable in logp, logp_ref."""
     needs = logp.requires_grad or (logp_ref is not None and logp_ref.requires_grad)
     if torch.is_grad_enabled() and needs:
-        return TokenRewards.apply(logp, logp_ref, mask, beta)
+        return TokenRewardFunction.apply(logp, logp_ref, mask, beta)
     return token_reward_fwd(logp, logp_ref, mask, beta)
 
 

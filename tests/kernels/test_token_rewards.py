@@ -182,3 +182,16 @@ def test_policy_ref_rewards_bf16_real_shapes(v, d, device, assert_budget):
     got = policy_ref_rewards(hp, wp, hr, wr, t, 0.1, mask, impl="triton").double()
     err, ref = (got - oracle).abs().max().item(), (naive - oracle).abs().max().item()
     assert err <= 2 * ref + 1e-6, f"bf16 fused rewards: |triton-fp64|={err:.3g} > 2*|naive bf16-fp64|={2 * ref:.3g}"
+
+
+def test_the_autograd_function_and_the_result_class_have_different_names():
+    """One name, one thing: ``TokenRewards`` is the engine's result dataclass, the autograd glue is
+    ``TokenRewardFunction`` (issue 15 item 5)."""
+    import torch
+
+    from freeprm.engine import TokenRewards
+    from freeprm.kernels import reward_kernel
+
+    assert not hasattr(reward_kernel, "TokenRewards")
+    assert issubclass(reward_kernel.TokenRewardFunction, torch.autograd.Function)
+    assert TokenRewards.__module__ == "freeprm.engine.results"
