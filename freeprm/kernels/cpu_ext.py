@@ -63,7 +63,6 @@ def get():
         return _MODULE
     _TRIED = True
     try:
-        import torch
         from torch.utils import cpp_extension
 
         build = build_dir()

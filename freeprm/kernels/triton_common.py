@@ -318,7 +318,7 @@ def programs_per_sm(config: triton.Config, elt: int) -> int:
     return int(min(by_smem, by_regs))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
@@ -435,7 +435,7 @@ def compile_spec(rec: Launch, target=None) -> dict:
     return dict(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs, options=rec.options, key=key)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _binder(kernel, target):
     from triton.compiler import make_backend
     from triton.runtime.jit import JITFunction, create_function_from_signature

@@ -68,7 +68,7 @@ def test_length_batches_budget_order_and_cover():
     # longest first across and within batches; a greedy fill: the next row would not have fit
     seq = [lengths[i] for i in flat]
     assert seq == sorted(seq, reverse=True)
-    for b, nxt in zip(batches[1:], batches[2:]):
+    for b, _nxt in zip(batches[1:], batches[2:]):
         assert (len(b) + 1) * lengths[b[0]] > 256
     assert all(len(b) <= 3 for b in length_batches(lengths, 10**6, max_batch_size=3))
     with pytest.raises(ValueError):

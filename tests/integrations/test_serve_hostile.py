@@ -47,7 +47,7 @@ def _closed_by_server(c: socket.socket, within: float) -> bool:
         return True
     except (ConnectionResetError, BrokenPipeError):
         return True
-    except socket.timeout:
+    except TimeoutError:
         return False
 
 

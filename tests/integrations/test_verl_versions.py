@@ -124,9 +124,9 @@ def _load_module_like_verl_0_9_1(module_path: str):
 
 def test_verl_0_9_1_loads_the_class_by_pkg_and_by_file_path():
     """Both give the one registered class (before: the file path failed on the relative imports)."""
-    by_pkg = getattr(_load_module_like_verl_0_9_1("pkg://freeprm.integrations.verl"), "FreePRMRewardManager")
+    by_pkg = _load_module_like_verl_0_9_1("pkg://freeprm.integrations.verl").FreePRMRewardManager
     path = Path(impl.__file__).with_name("verl.py")
-    by_file = getattr(_load_module_like_verl_0_9_1(str(path)), "FreePRMRewardManager")
+    by_file = _load_module_like_verl_0_9_1(str(path)).FreePRMRewardManager
     assert by_pkg is FreePRMRewardManager and by_file is FreePRMRewardManager
 
 
