@@ -66,7 +66,7 @@ def test_pools_are_per_prompt_and_batched(tiny_scorer, method):
 def test_beam_keeps_the_top_n_over_width_and_forks(tiny_scorer):
     s = _searcher(tiny_scorer, "beam", n=6, beam_width=3, max_steps=4, aggregate="last")
     (r,) = s.run(PROMPTS[:1])
-    for t, e in enumerate(r.trace):
+    for _t, e in enumerate(r.trace):
         scores = dict(zip(e["candidates"], e["scores"]))
         kept = e["kept"]
         assert len(kept) == 2  # n // beam_width

@@ -124,4 +124,4 @@ def test_prompt_reader_bad_lines(tmp_path, line, why, capsys):
     p.write_text('{"id": "a", "prompt": "ok"}\n' + line + "\n")
     rows, bad = read_prompts(str(p))
     assert bad == 1 and [r.id for r in rows] == ["a"]
-    assert f"p.jsonl:2: " in capsys.readouterr().err
+    assert "p.jsonl:2: " in capsys.readouterr().err

@@ -53,7 +53,6 @@ def test_incremental_equals_scorer_score_of_the_text(smol_scorer, smollm2_dir, a
 
 
 def test_searched_candidates_equal_the_scorer(smol_scorer):
-    tok = smol_scorer.tokenizer
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         (r,) = search(["What is 12 * 7? Answer step by step, with a blank line between steps."], scorer=smol_scorer,
