@@ -268,3 +268,26 @@ def test_import_stays_light():
     code = "import sys, freeprm.config; print('torch' in sys.modules, 'transformers' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]
+
+
+def test_root_api_is_small_and_lazy():
+    code = ("import sys, freeprm; light = 'torch' not in sys.modules; "
+            "from freeprm import score, Scorer, ScoringConfig, ImplicitPRM, train, rerank; "
+            "print(light, callable(score) and callable(train) and callable(rerank), Scorer.__name__, "
+            "ImplicitPRM.__name__, ScoringConfig.__module__)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["True", "True", "Scorer", "ImplicitPRM", "freeprm.config"]
+    import freeprm
+
+    with pytest.raises(AttributeError):
+        freeprm.no_such_name  # noqa: B018
+
+
+def test_training_defaults_come_from_the_config():
+    import inspect
+
+    from freeprm import ImplicitPRM
+    from freeprm.trainer import TrainConfig
+
+    assert TrainConfig().beta == DEFAULT_TRAIN_BETA
+    assert inspect.signature(ImplicitPRM).parameters["beta"].default == DEFAULT_TRAIN_BETA

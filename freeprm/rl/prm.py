@@ -24,6 +24,7 @@ from typing import NamedTuple
 
 import torch
 
+from ..config import DEFAULT_TRAIN_BETA
 from ..engine.loading import load_model, resolve_dtype
 from ..engine.logprobs import full_logits_logprobs, sequence_logprobs
 from ..engine.steps import GRANULARITIES, step_rewards_on_last_token
@@ -78,7 +79,7 @@ class ImplicitPRM:
         reference="frozen",
         *,
         tokenizer=None,
-        beta: float = 0.05,
+        beta: float = DEFAULT_TRAIN_BETA,
         granularity: str = "token",
         step_delimiter: str = "\n\n",
         lr: float = 1e-6,

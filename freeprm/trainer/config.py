@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
+from ..config import DEFAULT_TRAIN_BETA
 from . import losses
 
 SCHEDULES = ("cosine", "linear", "constant")
@@ -16,7 +17,7 @@ class TrainConfig:
     """Everything that defines a training run (stored in each checkpoint)."""
 
     loss: str = "ce"  # ce | dpo | nca | kto
-    beta: float = 0.05  # reward scale: r = beta * log(pi / pi_ref)
+    beta: float = DEFAULT_TRAIN_BETA  # reward scale: r = beta * log(pi / pi_ref) (the paper's 0.05; docs/config.md)
     reference_free: bool = False  # pi_ref uniform: r = beta * log pi
     ce_balance: str = "none"  # none | dataset | instruction
     kto_desirable_weight: float = 1.0
