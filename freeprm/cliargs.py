@@ -151,3 +151,38 @@ def check_device(device: str | None) -> None:
     mod = getattr(torch, d.type, None)
     if mod is None or not hasattr(mod, "is_available") or not mod.is_available():
         raise ValueError(f"--device {device}: no {d.type} device is available here; use cpu or cuda")
+
+
+def error(command: str, err: BaseException | str) -> int:
+    """The one error format of every command: ``freeprm COMMAND: error: MESSAGE`` on stderr; returns exit code 2.
+
+    The same shape argparse uses for a bad option, so every failure a user sees reads alike.
+    """
+    import sys
+
+    print(f"freeprm {command}: error: {err}", file=sys.stderr)
+    return 2
+
+
+class DeprecatedAlias(argparse.Action):
+    """``store`` (or ``store_true`` with ``nargs=0``) that warns when an old spelling of the option is used.
+
+    ``p.add_argument("--output", "-o", "--out", action=DeprecatedAlias, deprecated=("--out",))``: ``--out`` still
+    works for one release and prints ``freeprm: warning: --out is deprecated; use --output`` (and raises a
+    ``DeprecationWarning`` for code that calls ``main``).
+    """
+
+    def __init__(self, option_strings, dest, deprecated=(), **kwargs) -> None:
+        self.deprecated = tuple(deprecated)
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        if option_string in self.deprecated:
+            import sys
+            import warnings
+
+            new = next(o for o in self.option_strings if o.startswith("--") and o not in self.deprecated)
+            msg = f"{option_string} is deprecated; use {new}"
+            warnings.warn(msg, DeprecationWarning, stacklevel=2)
+            print(f"freeprm: warning: {msg}", file=sys.stderr)
+        setattr(namespace, self.dest, values)

@@ -53,10 +53,10 @@ def test_train_last_layers_reaches_the_config(monkeypatch, tmp_path):
         raise ValueError("stop here")
 
     monkeypatch.setattr(trainer_mod, "train", fake_train)
-    assert main(["train", "--policy", "p", "--data", "d", "--out", str(tmp_path), "--train-last-layers", "2"]) == 2
+    assert main(["train", "--policy", "p", "--data", "d", "--output", str(tmp_path), "--train-last-layers", "2"]) == 2
     assert seen["config"].train_last_layers == 2
     with pytest.raises(SystemExit):
-        main(["train", "--policy", "p", "--data", "d", "--out", str(tmp_path), "--train-last-layers", "0"])
+        main(["train", "--policy", "p", "--data", "d", "--output", str(tmp_path), "--train-last-layers", "0"])
 
 
 def _parsers(parser: argparse.ArgumentParser, path: tuple = ()):

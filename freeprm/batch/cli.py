@@ -18,7 +18,6 @@ Bad lines are reported with their line number and skipped; a rejected candidate 
 
 from __future__ import annotations
 
-import sys
 
 
 def cmd_rerank(args) -> int:
@@ -45,8 +44,9 @@ def cmd_rerank(args) -> int:
             trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle,
             force_reference=args.force_reference)
     except ValueError as e:
-        print(f"freeprm rerank: {e}", file=sys.stderr)
-        return 2
+        from ..cliargs import error
+
+        return error("rerank", e)
     return 0 if summary is not None else 1
 
 

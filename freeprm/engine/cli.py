@@ -43,7 +43,7 @@ import sys
 import threading
 from pathlib import Path
 
-from ..cliargs import HelpFormatter, check_device, escapes_arg, positive_float, positive_int
+from ..cliargs import HelpFormatter, error, check_device, escapes_arg, positive_float, positive_int
 from ..io import STDIO, AtomicJsonlWriter, LineError, check_input, iter_jsonl, load_jsonl
 from .loading import DEFAULT_POLICY
 
@@ -214,8 +214,7 @@ def cmd_score(args) -> int:
     except ValueError as e:
         if writer is not None:
             writer.abort()
-        print(f"freeprm score: {e}", file=sys.stderr)
-        return 2
+        return error("score", e)
     except BaseException:  # e.g. a model that fails to load: leave no temporary file behind
         if writer is not None:
             writer.abort()

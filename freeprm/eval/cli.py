@@ -17,7 +17,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from ..cliargs import HelpFormatter, escapes_arg, positive_float
+from ..cliargs import DeprecatedAlias, HelpFormatter, error, escapes_arg, positive_float
 
 STAGES = ("generate", "score", "report", "all")
 
@@ -34,7 +34,8 @@ def _ints(s: str) -> list[int]:
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", required=True, help="output directory (created; reused on reruns)")
+    p.add_argument("--output", "-o", "--out", dest="out", required=True, action=DeprecatedAlias, deprecated=("--out",),
+                   help="output directory (created; reused on reruns; --out: deprecated spelling)")
     p.add_argument("--candidates", default=None, help="candidates JSONL (default: OUT/candidates.jsonl); "
                    "bring your own in the documented schema")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -243,6 +244,5 @@ def run(args) -> int:
         if args.stage in ("report", "all"):
             stage_report(args)
     except ValueError as e:
-        _log(f"freeprm bon {args.stage}: error: {e}")
-        return 2
+        return error(f"bon {args.stage}", e)
     return 0

@@ -38,25 +38,23 @@ def register(sub) -> None:
 
 
 def _serve(args) -> int:
+    from ..cliargs import error
     from ..engine.cli import _make_scorer
     from ..engine.scorer import AGGREGATIONS
     from .openrlhf import RewardServer, check_options, is_loopback
 
     if args.aggregate not in AGGREGATIONS:
-        print(f"error: --aggregate must be one of {AGGREGATIONS}", file=sys.stderr)
-        return 2
+        return error("serve", f"--aggregate must be one of {AGGREGATIONS}")
     if not is_loopback(args.host) and not args.allow_remote:
-        print(f"error: --host {args.host} is not a loopback address; the server has no authentication. "
-              "Pass --allow-remote to bind it anyway.", file=sys.stderr)
-        return 2
+        return error("serve", f"--host {args.host} is not a loopback address; the server has no authentication. "
+                              "Pass --allow-remote to bind it anyway.")
     try:  # every option is checked before the model loads
         check_options(port=args.port, max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms,
                       read_timeout_s=args.read_timeout_s, max_connections=args.max_connections)
         if not math.isfinite(args.invalid_reward):
             raise ValueError(f"--invalid-reward must be a finite number, got {args.invalid_reward}")
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return error("serve", e)
     try:
         scorer = _make_scorer(args)
         server = RewardServer(scorer, args.host, args.port, aggregate=args.aggregate,
@@ -65,8 +63,7 @@ def _serve(args) -> int:
                               extra_logs=args.extra_logs, invalid_reward=args.invalid_reward,
                               read_timeout_s=args.read_timeout_s, max_connections=args.max_connections)
     except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return error("serve", e)
     print(f"freeprm: serving rewards at {server.url}/get_reward (GET {server.url}/health); Ctrl-C stops",
           file=sys.stderr, flush=True)
     server.serve_forever()

@@ -10,7 +10,6 @@ directory is refused. Details: docs/search.md.
 
 from __future__ import annotations
 
-import sys
 
 
 def cmd_search(args) -> int:
@@ -44,8 +43,9 @@ def cmd_search(args) -> int:
                    max_batch_tokens=args.max_batch_tokens, trust_remote_code=args.trust_remote_code,
                    allow_pickle=args.allow_pickle)
     except ValueError as e:
-        print(f"freeprm search: {e}", file=sys.stderr)
-        return 2
+        from ..cliargs import error
+
+        return error("search", e)
     return 0
 
 

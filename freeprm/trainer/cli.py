@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import sys
 
-from ..cliargs import HelpFormatter, check_device, positive_int
+from ..cliargs import DeprecatedAlias, HelpFormatter, error, check_device, positive_int
 from ..io import dumps_line, mark_nonfinite
 from .config import SCHEDULES, TrainConfig
 from .losses import CE_BALANCE, LOSSES
@@ -23,7 +22,8 @@ def register(subparsers) -> None:
                    help="reference model (default: the initial policy); its log-probs are cached")
     p.add_argument("--reference-free", action="store_true", help="no reference term (pi_ref uniform)")
     p.add_argument("--data", required=True, help="JSONL: {prompt, response, label} or {prompt, chosen, rejected}")
-    p.add_argument("--out", required=True, help="output directory (metrics.jsonl, checkpoint-*/, final/)")
+    p.add_argument("--output", "-o", "--out", dest="out", required=True, action=DeprecatedAlias, deprecated=("--out",),
+                   help="output directory (metrics.jsonl, checkpoint-*/, final/); --out: deprecated spelling")
     p.add_argument("--resume", default=None, help="'auto' (latest checkpoint in --out) or a checkpoint directory")
     p.add_argument("--beta", type=float, default=d.beta)
     p.add_argument("--ce-balance", choices=CE_BALANCE, default=d.ce_balance)
@@ -76,8 +76,7 @@ def run(args) -> int:
         res = train(args.policy, args.data, args.out, config=config, reference=args.reference, resume=args.resume,
                     device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
     except ValueError as e:  # bad data, settings or model: say what to fix, no traceback
-        print(f"freeprm train: {e}", file=sys.stderr)
-        return 2
+        return error("train", e)
     last = res.metrics[-1] if res.metrics else {}
     print(dumps_line({"final": str(res.final_dir) if res.final_dir else None, "steps": res.steps,
                       "ref_cache": str(res.ref_cache) if res.ref_cache else None,

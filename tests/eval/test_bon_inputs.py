@@ -12,7 +12,7 @@ def test_bad_candidate_named_by_file_line(tiny_model_dir, tmp_path, capsys):
     recs[3]["steps"] = ["not in the response"]  # line 4 (second chunk with --score-chunk 2)
     own.write_text("".join(json.dumps(r) + "\n" for r in recs))
     out = tmp_path / "out"
-    assert main(["bon", "score", "--out", str(out), "--candidates", str(own), "--policy", tiny_model_dir, "--no-progress",
+    assert main(["bon", "score", "--output", str(out), "--candidates", str(own), "--policy", tiny_model_dir, "--no-progress",
                  "--score-chunk", "2"]) == 2
     err = capsys.readouterr().err
     assert f"{own}:4: " in err and "item" not in err.split(f"{own}:4: ")[1].split("\n")[0]
@@ -29,12 +29,12 @@ def test_bad_candidate_record_named_by_file_line(tmp_path, capsys):
                            ('{"problem_id": "q", "candidate_id": "x", "prompt": "p", "response": "r"}',
                             "candidate_id must be an integer")]:
         own.write_text(first + second + "\n")
-        assert main(["bon", "report", "--out", str(tmp_path / "o"), "--candidates", str(own), "--no-scores"]) == 2
+        assert main(["bon", "report", "--output", str(tmp_path / "o"), "--candidates", str(own), "--no-scores"]) == 2
         assert f"{own}:2: {needle}" in capsys.readouterr().err
 
 
 def test_bon_step_delimiter_keeps_non_ascii():
     from freeprm.cli import build_parser
 
-    args = build_parser().parse_args(["bon", "score", "--out", "o", "--step-delimiter", "。"])
+    args = build_parser().parse_args(["bon", "score", "--output", "o", "--step-delimiter", "。"])
     assert args.step_delimiter == "。"

@@ -9,7 +9,7 @@ from freeprm.eval.candidates import append_jsonl, read_jsonl
 
 
 def _bon(stage, out, *extra):
-    return main(["bon", stage, "--out", str(out), "--no-progress", *extra])
+    return main(["bon", stage, "--output", str(out), "--no-progress", *extra])
 
 
 def test_bon_all_tiny_end_to_end(tiny_model_dir, tmp_path, capsys):

@@ -6,7 +6,7 @@ from freeprm.cli import main
 
 
 def _argv(tiny_model_dir, data, out, tmp_path, *extra):
-    return ["train", "--loss", "dpo", "--policy", tiny_model_dir, "--data", str(data), "--out", str(out), "--lr", "1e-3",
+    return ["train", "--loss", "dpo", "--policy", tiny_model_dir, "--data", str(data), "--output", str(out), "--lr", "1e-3",
             "--beta", "0.1", "--batch-size", "2", "--max-steps", "3", "--no-progress",
             "--ref-cache-dir", str(tmp_path / "rc"), *extra]
 
