@@ -32,6 +32,8 @@ def mentioned(doc: Path, section: str | None = None) -> set[str]:
     ("docs/trainer.md", [("train",), ("score",)]),
     ("docs/eval.md", [("bon", s) for s in ("generate", "score", "report", "all")]),
     ("docs/search.md", [("search",)]),
+    ("docs/cli.md", None),
+    ("docs/config.md", None),
     ("README.md#Command line", None),
 ])
 def test_documented_options_exist(doc, commands):

@@ -88,7 +88,7 @@ class Scorer:
         prompt_format: ``"auto" | "chat" | "raw"`` (see ``tokenization.py``; None: the recorded one, else auto).
         dtype: ``"auto"`` (default: bfloat16 on CUDA, float32 on CPU; a model object keeps its own dtype),
             ``"float32"``, ``"bfloat16"``, ``"float16"`` or a ``torch.dtype``. Log-probs and rewards are always
-            fp32; the dtype is that of the model weights and activations (bf16 vs fp32 error: README).
+            fp32; the dtype is that of the model weights and activations (bf16 vs fp32 error: docs/engine.md).
         device: where the models run (default: a model object's own device, else CUDA when available).
         max_length: longest prompt+response in tokens (default: the model's max positions); inputs longer
             than 32 characters per token of it are rejected before tokenizing (see ``items.py``).
