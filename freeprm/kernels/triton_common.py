@@ -4,8 +4,13 @@ Device code: the logit tile (``logit_tile``), the online (max, sum exp[, sum exp
 vocab range for a block of rows (``row_block_partial``), the split-vocab prologue (``split_prologue``)
 and the range / split logsumexp helpers. Host code: tile configs (pinned, so results do not depend
 on timing), the vocab split count, the dot precision flags, input dtype resolution, and one
-``launch`` through which every kernel of the package starts (so the sm_90 compile test can record
-the real launches instead of restating their signatures).
+``launch`` through which every kernel of the package starts.
+
+Introspection seam (used by tests, never by production code): every launcher reaches the device
+only through three functions of this module, looked up at call time, ``launch(kernel, grid, args,
+consts, config, **options)``, ``interpreting(tensor)`` and ``sm_count(device)``. Replacing them
+(``tests/kernels/_launches.py``) records the launches a call would make on a GPU, from meta
+tensors, without running anything; nothing else here exists for tests.
 
 Online logsumexp over vocab tiles, per row (z the fp32 logits of one tile, -inf past the range), with
 alpha = exp(m - m'):
@@ -21,8 +26,6 @@ the logits share a large offset). Ranges k with (m_k, l_k, H_k) combine (``combi
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import functools
 import os
 
@@ -49,6 +52,11 @@ GPU_CONFIGS = [
 # the first candidate; fp32 (tf32 or IEEE dots) halves BLOCK_D to keep the same shared memory.
 PINNED_16BIT = GPU_CONFIGS[0]
 PINNED_FP32 = triton.Config(dict(BLOCK_N=128, BLOCK_V=128, BLOCK_D=32), num_warps=8, num_stages=3)
+# fp32 with IEEE dots (torch's default precision, "highest") runs on the FMA units, whose operands sit in
+# registers: at 128x128 the forward and the fused reward spill on sm_90 (255 registers and a 16-176 byte
+# stack). 64x128 tiles over 16-wide D slices compile without spills for every launch the Scorer and the
+# trainer make (tests/kernels/test_sm90_compile.py); FMA-bound, they lose nothing to the smaller tile.
+PINNED_FP32_IEEE = triton.Config(dict(BLOCK_N=64, BLOCK_V=128, BLOCK_D=16), num_warps=8, num_stages=3)
 CONFIG_ENV = "FREEPRM_TRITON_CONFIG"  # e.g. "BLOCK_N=64,BLOCK_V=256,BLOCK_D=64,num_warps=8,num_stages=3"
 
 # vocab ranges per token block on GPU even when N alone fills the machine: the adjacent programs of
@@ -62,8 +70,6 @@ WAVE_SLACK = 0.95
 
 def interpreting(t: torch.Tensor) -> bool:
     """True when kernels on ``t`` run under the Triton interpreter (CPU tensors or TRITON_INTERPRET=1)."""
-    if _RECORDING is not None:
-        return False
     return (not t.is_cuda) or os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -266,8 +272,12 @@ def dot_flags(dtype: torch.dtype, interp: bool) -> dict:
     """
     if interp:
         return dict(UPCAST_DOT=True, DOT_PREC="ieee")
-    ieee = dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest"
-    return dict(UPCAST_DOT=False, DOT_PREC="ieee" if ieee else "tf32")
+    return dict(UPCAST_DOT=False, DOT_PREC="ieee" if ieee_fp32(dtype) else "tf32")
+
+
+def ieee_fp32(dtype: torch.dtype) -> bool:
+    """fp32 inputs at torch's "highest" matmul precision: IEEE fp32 dots on the GPU (no tensor cores)."""
+    return dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest"
 
 
 def common_dtype(hidden: torch.Tensor, weight: torch.Tensor):
@@ -289,7 +299,7 @@ def _parse_config(text: str) -> triton.Config:
 
 
 def pick_config(dtype: torch.dtype, interp: bool, entropy: bool = False) -> triton.Config:
-    """The tile config of the GEMM-like kernels: a pure function of (dtype, entropy, environment), never timing.
+    """The tile config of the GEMM-like kernels: a function of (dtype, matmul precision, entropy, environment), never timing.
 
     ``FREEPRM_TRITON_CONFIG`` overrides the pinned default on GPU (for tuning runs). With entropy
     the forward keeps a second fp32 tile (p * (z - m)) live, which at 128x128 spills on sm_90, so
@@ -298,7 +308,10 @@ def pick_config(dtype: torch.dtype, interp: bool, entropy: bool = False) -> trit
     if interp:
         return triton.Config(dict(CPU_BLOCKS), num_warps=4, num_stages=1)
     env = os.environ.get(CONFIG_ENV)
-    base = _parse_config(env) if env else PINNED_FP32 if dtype == torch.float32 else PINNED_16BIT
+    if env:
+        base = _parse_config(env)
+    else:
+        base = PINNED_16BIT if dtype != torch.float32 else PINNED_FP32_IEEE if ieee_fp32(dtype) else PINNED_FP32
     if entropy:
         return triton.Config(dict(base.kwargs, BLOCK_V=max(16, base.kwargs["BLOCK_V"] // 2)), num_warps=base.num_warps,
                              num_stages=base.num_stages)
@@ -324,8 +337,7 @@ def _sm_count(index: int) -> int:
 
 
 def sm_count(device: torch.device) -> int:
-    if _RECORDING is not None:
-        return _RECORDING.sms
+    """Streaming multiprocessors of a CUDA device (cached)."""
     return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
@@ -361,52 +373,21 @@ def num_splits(n: int, v: int, config: triton.Config, elt: int, device: torch.de
 # ----------------------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass
-class Launch:
-    """One kernel launch: what ``kernel[grid](*args, **consts, **options)`` receives."""
-
-    kernel: object  # a triton JITFunction
-    grid: tuple
-    args: tuple
-    consts: dict
-    options: dict
-
-
-class _Recorder(list):
-    def __init__(self, sms: int):
-        super().__init__()
-        self.sms = sms
-
-
-_RECORDING: _Recorder | None = None
-
-
-@contextlib.contextmanager
-def recording(sms: int = 132):
-    """Record launches instead of running them, as if on a GPU with ``sms`` SMs (for compile tests).
-
-    Launchers then take their GPU branch (pinned configs, vocab splits); use meta tensors.
-    """
-    global _RECORDING
-    prev, _RECORDING = _RECORDING, _Recorder(sms)
-    try:
-        yield _RECORDING
-    finally:
-        _RECORDING = prev
-
-
 def launch(kernel, grid: tuple, args: tuple, consts: dict, config: triton.Config | None = None,
            **options) -> None:
     """``kernel[grid](*args, **consts, **config)``; the one place kernels of this package start."""
-    if config is not None:
-        consts = {**consts, **config.kwargs}
-        options = {**dict(num_warps=config.num_warps, num_stages=config.num_stages), **options}
-    if _RECORDING is not None:
-        _RECORDING.append(Launch(kernel, tuple(grid), tuple(args), dict(consts), dict(options)))
-        return
+    consts, options = with_config(consts, options, config)
     if interpreting_env():
         options = {}
     kernel[tuple(grid)](*args, **consts, **options)
+
+
+def with_config(consts: dict, options: dict, config: triton.Config | None) -> tuple[dict, dict]:
+    """(constexprs, launch options) of a launch: ``config``'s block sizes, warps and stages merged in."""
+    if config is None:
+        return dict(consts), dict(options)
+    return ({**consts, **config.kwargs},
+            {**dict(num_warps=config.num_warps, num_stages=config.num_stages), **options})
 
 
 def interpreting_env() -> bool:
@@ -417,31 +398,3 @@ def split_vocab_launch(kernel, n: int, splits: int, args: tuple, consts: dict, c
     """Flat grid of ``splits`` programs per BLOCK_N token block (``split_prologue``'s layout)."""
     launch(kernel, (splits * triton.cdiv(n, config.kwargs["BLOCK_N"]),), args,
            dict(consts, SPLIT=splits > 1), config)
-
-
-def compile_spec(rec: Launch, target=None) -> dict:
-    """What Triton's JIT would compile for a recorded launch on ``target`` (default: sm_90), without a GPU.
-
-    Returns dict(fn, signature, constexprs, attrs, options, key); ``key`` is the JIT's cache key
-    (launches with equal keys share one compiled kernel).
-    """
-    from triton.backends.compiler import GPUTarget
-
-    fn, backend, binder = _binder(rec.kernel, target or GPUTarget("cuda", 90, 32))
-    kwargs = {**rec.consts, **rec.options}
-    bound, spec, opts = binder(*rec.args, **kwargs)
-    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, spec, opts)
-    key = (fn.fn.__qualname__, str(spec), str(sorted(rec.options.items())))
-    return dict(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs, options=rec.options, key=key)
-
-
-@functools.cache
-def _binder(kernel, target):
-    from triton.compiler import make_backend
-    from triton.runtime.jit import JITFunction, create_function_from_signature
-
-    fn = kernel
-    if not isinstance(fn, JITFunction):  # TRITON_INTERPRET=1 wraps kernels; rebuild the JIT view
-        fn = JITFunction(fn.fn, **fn.kwargs)
-    backend = make_backend(target)
-    return fn, backend, create_function_from_signature(fn.signature, fn.params, backend)

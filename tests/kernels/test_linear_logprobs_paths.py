@@ -15,6 +15,7 @@ import torch
 
 from freeprm.kernels import linear_logprobs, ops, oracle as oracle_ops
 from freeprm.kernels import triton_common as tc
+from _launches import compile_key, recording
 from freeprm.kernels.linear_logprob_kernel import linear_logprob_bwd, linear_logprob_fwd, triton_linear_logprobs
 from test_linear_logprobs import ATOL, _fwd_bwd, _inputs, check_three_way
 
@@ -71,14 +72,14 @@ def test_fp32_dot_precision_follows_torch_setting():
     try:
         for prec in ("highest", "high", "medium"):
             torch.set_float32_matmul_precision(prec)
-            with tc.recording() as rec:
+            with recording() as rec:
                 linear_logprob_fwd(h, w, t)
                 linear_logprob_bwd(torch.empty(256, device="meta"), h, w, t, torch.empty(256, device="meta"))
             seen[prec] = {r.consts["DOT_PREC"] for r in rec if "DOT_PREC" in r.consts}
     finally:
         torch.set_float32_matmul_precision(prev)
     assert seen == {"highest": {"ieee"}, "high": {"tf32"}, "medium": {"tf32"}}
-    with tc.recording() as rec:  # 16-bit inputs: native tensor-core dots regardless
+    with recording() as rec:  # 16-bit inputs: native tensor-core dots regardless
         linear_logprob_fwd(h.bfloat16(), w.bfloat16(), t)
     assert rec[0].consts["DOT_PREC"] == "tf32"
 
@@ -95,12 +96,12 @@ def test_split_counts_agree_with_oracle(splits, device, assert_budget):
 def test_compile_keys_bounded_over_a_sweep_of_n():
     d, v = 4096, 128256
     w = torch.empty(v, d, dtype=torch.bfloat16, device="meta")
-    with tc.recording(sms=132) as rec:
+    with recording(sms=132) as rec:
         for n in range(1, 20000, 97):
             h = torch.empty(n, d, dtype=torch.bfloat16, device="meta")
             linear_logprob_fwd(h, w, torch.empty(n, dtype=torch.int64, device="meta"))
     fwd = [r for r in rec if r.kernel.fn.__name__ == "_linear_logprob_fwd_kernel"]
-    keys = {tc.compile_spec(r)["key"] for r in fwd}
+    keys = {compile_key(r) for r in fwd}
     splits = {r.args[10] for r in fwd}
     assert len(fwd) == len(range(1, 20000, 97)) and len(splits) > 5  # split counts vary with N ...
     assert len(keys) <= 2, keys  # ... but only SPLIT on/off reaches the compiler
@@ -178,11 +179,11 @@ def test_value_checks_skip_device_tensors_unless_debug(monkeypatch):
 
 _RECORD = """
 import json, torch
-from freeprm.kernels import triton_common as tc
+from _launches import recording
 from freeprm.kernels.linear_logprob_kernel import linear_logprob_fwd
 out = []
 for n in (300, 1024, 7000):
-    with tc.recording(sms=132) as rec:
+    with recording(sms=132) as rec:
         linear_logprob_fwd(torch.empty(n, 2048, dtype=torch.bfloat16, device="meta"),
                            torch.empty(50000, 2048, dtype=torch.bfloat16, device="meta"),
                            torch.empty(n, dtype=torch.int64, device="meta"))
@@ -198,10 +199,24 @@ def test_config_and_splits_are_the_same_in_a_fresh_process(monkeypatch):
         exec(_RECORD, scope)  # noqa: S102 - the same script, in this process
     here = json.loads(buf.getvalue().splitlines()[-1])
     env = {k: x for k, x in os.environ.items() if k not in ("TRITON_INTERPRET", tc.CONFIG_ENV)}
+    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(__file__), env.get("PYTHONPATH", "")])
     again = json.loads(subprocess.run([sys.executable, "-c", _RECORD], capture_output=True, text=True, check=True,
                                       env=env).stdout.splitlines()[-1])
     assert here == again
     assert here[0][0][1]["BLOCK_N"] == tc.PINNED_16BIT.kwargs["BLOCK_N"]
+
+
+def test_fp32_ieee_dots_take_the_spill_free_tile(monkeypatch):
+    monkeypatch.delenv(tc.CONFIG_ENV, raising=False)
+    prev = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        assert tc.pick_config(torch.float32, interp=False) is tc.PINNED_FP32_IEEE
+        torch.set_float32_matmul_precision("high")
+        assert tc.pick_config(torch.float32, interp=False) is tc.PINNED_FP32
+    finally:
+        torch.set_float32_matmul_precision(prev)
+    assert tc.pick_config(torch.bfloat16, interp=False) is tc.PINNED_16BIT
 
 
 def test_config_env_override(monkeypatch):

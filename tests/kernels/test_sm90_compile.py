@@ -1,12 +1,17 @@
-"""Compile the Triton kernels ahead of time for an H100 (sm_90) without a GPU.
+"""Compile, ahead of time for an H100/H200 (sm_90) and without a GPU, every kernel the Scorer and the trainer launch.
 
-The interpreter accepts programs the compiler rejects (types of loop-carried values, bounds,
-dot shapes), so this compiles every kernel down to a cubin with Triton's bundled ptxas and checks what the hot kernels
-compile to: Hopper wgmma dots, a multi-stage cp.async pipeline over D, and no register spills.
-The launches are recorded from the real launchers (``triton_common.recording``) on meta tensors,
-and their signatures, constexprs and alignment come from Triton's own binder
-(``triton_common.compile_spec``): nothing here restates a kernel's arguments.
-Runs in a subprocess, since this test session has TRITON_INTERPRET=1.
+The compiled set is derived, not listed: the Scorer (reference-free, with a reference, fused; shared-prompt,
+packed and padded batches) and one trainer step (forward + backward) run on tiny Llama and soft-capped
+Gemma 2 models through the Triton entry points under the interpreter, and the distinct call forms they make
+are captured (``_launches.capture_calls``). Each form is then replayed at a Llama-3-8B head (D=4096,
+V=128256) for N from 1k to 32k on a 132-SM GPU, in bf16 (the GPU default) and fp32 at torch's default
+matmul precision ("highest": IEEE dots), on meta tensors with the launches recorded (``_launches.recording``);
+every distinct JIT cache key among those launches is compiled to a cubin with Triton's bundled ptxas. The
+library's other options (fp16, entropy, TF32) are added the same way from direct calls.
+
+Checked: every key compiles; the hot kernels use Hopper wgmma (16-bit and TF32 dots; IEEE fp32 dots run
+on the FMA units), a multi-stage cp.async pipeline over D, and spill no registers. Compilation runs in a
+subprocess (this session has TRITON_INTERPRET=1); Triton's on-disk cache makes reruns quick.
 """
 
 import json
@@ -18,115 +23,101 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import torch
+
+from _launches import Call, capture_calls, scorer_and_trainer_calls
 
 ROOT = Path(__file__).resolve().parents[2]
-
-# the kernels' launches at benchmark-like shapes, recorded from the real launchers on meta tensors
-# (so the signatures, constexprs and 16-byte alignment below are what the JIT would see)
-N, D, V = 1024, 4096, 128256
+NS = (1000, 1024, 2048, 3000, 4096, 5000, 8192, 12345, 16384, 20000, 24576, 32768)  # tokens per launch
+HOT = ("linear_logprob_fwd_kernel", "linear_logprob_dx_kernel", "policy_ref_reward_kernel")
 
 
-def record_launches():
-    """{label: Launch} for every kernel of the package, recorded as if on a 132-SM sm_90 GPU."""
-    import torch
+def _api_calls() -> list[str]:
+    """Call forms of the public options the Scorer and trainer do not use (entropy, with and without soft-cap)."""
+    from freeprm.kernels import linear_logprobs
 
-    from freeprm.kernels import linear_logprob_kernel as L
-    from freeprm.kernels import reward_kernel as R
-    from freeprm.kernels import segment_kernel as S
-    from freeprm.kernels import triton_common as tc
+    g = torch.Generator().manual_seed(0)
+    h, w, t = torch.randn(8, 16, generator=g), torch.randn(40, 16, generator=g), torch.randint(0, 40, (8,), generator=g)
+    with capture_calls() as seen:
+        for softcap in (None, 30.0):
+            linear_logprobs(h, w, t, softcap=softcap, return_entropy=True, impl="triton")
+    return sorted(seen)
 
-    def meta(*shape, dtype=torch.bfloat16):
-        return torch.empty(*shape, dtype=dtype, device="meta")
 
-    out = {}
-
-    def rec(label, f, *args, **kw):
-        with tc.recording() as launches:
-            f(*args, **kw)
-        for i, launch in enumerate(launches):
-            out[f"{label}#{i}-{launch.kernel.fn.__name__.strip('_')}"] = launch
-
-    tgt = meta(N, dtype=torch.int64)
-    for name, dt in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
-        h, w = meta(N, D, dtype=dt), meta(V, D, dtype=dt)
-        rec(f"fwd-{name}-s1", L.linear_logprob_fwd, h, w, tgt, num_splits=1)
-        rec(f"fwd-{name}-split-softcap", L.linear_logprob_fwd, h, w, tgt, softcap=30.0)
-        rec(f"fwd-{name}-split-entropy", L.linear_logprob_fwd, h, w, tgt, entropy=True)
-        rec(f"fwd-{name}-s1-entropy", L.linear_logprob_fwd, h, w, tgt, num_splits=1, entropy=True)
-        rec(f"bwd-{name}", L.linear_logprob_bwd, meta(N, dtype=torch.float32), h, w, tgt,
-            meta(N, dtype=torch.float32), softcap=30.0)
-    prev = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("high")  # fp32 inputs with TF32 dots
-    try:
-        h32, w32 = meta(N, D, dtype=torch.float32), meta(V, D, dtype=torch.float32)
-        rec("fwd-fp32tf32-s1", L.linear_logprob_fwd, h32, w32, tgt, num_splits=1)
-        rec("bwd-fp32tf32", L.linear_logprob_bwd, meta(N, dtype=torch.float32), h32, w32, tgt,
-            meta(N, dtype=torch.float32))
-    finally:
-        torch.set_float32_matmul_precision(prev)
-    hb, wb = meta(N, D), meta(V, D)
-    mask = meta(N, dtype=torch.bool)
-    rec("policy_ref-bf16-split", R.policy_ref_reward_fwd, hb, wb, hb, wb, tgt, 0.5, mask)
-    rec("policy_ref-bf16-s1", R.policy_ref_reward_fwd, hb, wb, hb, wb, tgt, 0.5, mask, num_splits=1)
-    lp, g = meta(N), meta(N, dtype=torch.float32)
-    rec("token_reward-fwd", R.token_reward_fwd, lp, meta(N, dtype=torch.float32), mask, 0.5)
-    rec("token_reward-bwd", R.token_reward_bwd, g, lp, meta(N, dtype=torch.float16), meta(N, dtype=torch.float32), 0.5)
-    cu = meta(65, dtype=torch.int64)
-    for op in ("sum", "mean", "min", "max", "last"):
-        rec(f"segment_reduce-{op}", S.segment_reduce_fwd, lp, cu, op)
-    rec("segment_broadcast", S.segment_broadcast, g[:64], meta(65, dtype=torch.int32), N, torch.bfloat16, mean=True)
-    for rev in (False, True):
-        rec(f"segment_cumsum-{rev}", S.segment_cumsum_fwd, g, cu, reverse=rev, out_dtype=torch.bfloat16)
+@pytest.fixture(scope="module")
+def plan(tmp_path_factory):
+    """[(label, Call key, dtypes, fp32 matmul precision)]: what the compile subprocess replays."""
+    derived = scorer_and_trainer_calls(tmp_path_factory.mktemp("calls"))
+    out = [(src, k, ["bfloat16", "float32"], "highest") for src, keys in derived.items() for k in keys]
+    head = sorted({k for keys in derived.values() for k in keys if Call.from_key(k).entry == "linear_logprobs"})
+    out += [("fp16", k, ["float16"], "highest") for k in head]
+    out += [("tf32", k, ["float32"], "high") for k in head]
+    out += [("entropy", k, ["bfloat16", "float16"], "highest") for k in _api_calls()]
     return out
 
 
-def _compile_all():  # runs in the subprocess
+def _compile_all(plan_path: str) -> None:  # runs in the subprocess
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from freeprm.kernels import triton_common as tc
+    from _launches import compile_spec, record_call
 
     target = GPUTarget("cuda", 90, 32)
     cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    results, compiled = {}, {}
-    for name, launch in record_launches().items():
-        spec = tc.compile_spec(launch, target)
-        if spec["key"] in compiled:  # same compiled kernel as an earlier label
-            results[name] = compiled[spec["key"]]
-            continue
+    keys = {}  # JIT key -> (first launch, labels)
+    for label, call_key, dtypes, precision in json.loads(Path(plan_path).read_text()):
+        call = Call.from_key(call_key)
+        for dt in dtypes:
+            for rec in record_call(call, NS, [getattr(torch, dt)], precision=precision):
+                spec = compile_spec(rec, target)
+                k = json.dumps(spec["key"])
+                first, labels = keys.setdefault(k, (rec, set()))
+                labels.add(f"{label}:{call.entry}:{dt}:{precision}:{rec.name}")
+    results = {}
+    for k, (rec, labels) in keys.items():
+        spec = compile_spec(rec, target)
+        res = dict(kernel=rec.name, labels=sorted(labels), dtype=str(rec.args[0].dtype).replace("torch.", ""),
+                   dot_prec=rec.consts.get("DOT_PREC"))
         try:
-            k = triton.compile(ASTSource(spec["fn"], spec["signature"], spec["constexprs"], spec["attrs"]),
+            c = triton.compile(ASTSource(spec["fn"], spec["signature"], spec["constexprs"], spec["attrs"]),
                                target=target, options=spec["options"])
         except Exception as e:  # noqa: BLE001 - reported to the test
-            results[name] = dict(error=f"{type(e).__name__}: {str(e)[:1500]}")
+            results[k] = dict(res, error=f"{type(e).__name__}: {str(e)[:1500]}")
             continue
-        ptx, ttgir = k.asm["ptx"], k.asm["ttgir"]
-        res = dict(wgmma=ptx.count("wgmma.mma_async"), cp_async=ptx.count("cp.async"),
+        ptx, ttgir = c.asm["ptx"], c.asm["ttgir"]
+        res.update(wgmma=ptx.count("wgmma.mma_async"), cp_async=ptx.count("cp.async"),
                    stages=sorted({int(x) for x in re.findall(r"memdesc<(\d+)x\d+x\d+x", ttgir)}))
         if cuobjdump.exists():
             with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-                f.write(k.asm["cubin"])
+                f.write(c.asm["cubin"])
                 f.flush()
                 usage = subprocess.run([str(cuobjdump), "-res-usage", f.name], capture_output=True, text=True).stdout
             m = re.search(r"REG:(\d+).*?STACK:(\d+).*?LOCAL:(\d+)", usage)
             if m:
                 res.update(regs=int(m[1]), stack=int(m[2]), local=int(m[3]))
-        results[name] = compiled[spec["key"]] = res
+        results[k] = res
     print("RESULTS " + json.dumps(results))
 
 
 @pytest.fixture(scope="module")
-def compiled():
+def compiled(plan, tmp_path_factory):
+    """{JIT key: {kernel, labels, dtype, dot_prec, wgmma, cp_async, stages, regs, stack, local} or {error}}."""
     try:
         import triton  # noqa: F401
         from triton.backends.compiler import GPUTarget  # noqa: F401
+        from triton.runtime.jit import JITFunction
     except ImportError:
         pytest.skip("triton without the compiler backends")
+    if not hasattr(JITFunction, "_pack_args"):
+        pytest.skip("this Triton's JIT has no _pack_args (the private binder these tests read keys from)")
+    path = tmp_path_factory.mktemp("plan") / "plan.json"
+    path.write_text(json.dumps(plan))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, __file__], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(Path(__file__).parent), env.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, __file__, str(path)], capture_output=True, text=True, env=env, cwd=ROOT,
+                          timeout=900)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS ")]
     if not lines:
         if "ptxas" in proc.stderr and ("not found" in proc.stderr or "No such file" in proc.stderr):
@@ -135,25 +126,58 @@ def compiled():
     return json.loads(lines[-1][len("RESULTS "):])
 
 
-def test_every_kernel_compiles_for_sm90(compiled):
-    errors = {k: v["error"] for k, v in compiled.items() if "error" in v}
+def test_derived_calls_are_what_the_scorer_and_trainer_make(plan):
+    forms = {(src, Call.from_key(k)) for src, k, _, _ in plan}
+    by = {src: [c for s, c in forms if s == src] for src in ("scorer", "trainer")}
+
+    def kw(c):
+        return dict(c.kwargs)
+
+    # the fused reward as the Scorer passes it: mask=None, with and without soft-cap
+    fused = [c for c in by["scorer"] if c.entry == "policy_ref_rewards"]
+    assert {c.args[6] for c in fused} == {None} and {kw(c)["softcap"] for c in fused} == {None, 3.0}
+    # the forward with and without soft-cap; token rewards with a [B, T] mask (padded) and None (packed, shared)
+    assert {kw(c)["softcap"] for c in by["scorer"] if c.entry == "linear_logprobs"} == {None, 3.0}
+    assert {c.args[2] is None for c in by["scorer"] if c.entry == "token_rewards"} == {True, False}
+    assert {c.entry for c in by["scorer"]} >= {"segment_sum", "segment_cumsum"}
+    # the trainer's backward, with and without soft-cap
+    bwd = [c for c in by["trainer"] if c.backward]
+    assert {kw(c)["softcap"] for c in bwd} == {None, 3.0} and all(c.entry == "linear_logprobs" for c in bwd)
+
+
+def test_every_launch_compiles_for_sm90(compiled):
+    errors = {v["kernel"] + " " + v["labels"][0]: v["error"] for v in compiled.values() if "error" in v}
     assert not errors, errors
-    assert len(compiled) >= 25, sorted(compiled)
+    labels = [lab for v in compiled.values() for lab in v["labels"]]
+    for src in ("scorer", "trainer", "fp16", "tf32", "entropy"):
+        assert any(lab.startswith(src + ":") for lab in labels), src
+    # the keys the review found missing from the old hand-written list (issue 18, item 4)
+    def has(kernel, dtype, prec=None, label=""):
+        return any(v["kernel"] == kernel and v["dtype"] == dtype and (prec is None or v["dot_prec"] == prec)
+                   and any(label in lab for lab in v["labels"]) for v in compiled.values())
 
-
-HOT = ("linear_logprob_fwd_kernel", "linear_logprob_dx_kernel", "policy_ref_reward_kernel")
+    assert has("linear_logprob_fwd_kernel", "bfloat16", label="scorer:")
+    assert has("linear_logprob_dx_kernel", "bfloat16", label="trainer:")
+    assert has("policy_ref_reward_kernel", "bfloat16", label="scorer:policy_ref_rewards")
+    assert has("linear_logprob_fwd_kernel", "float32", "ieee", label=":highest:")
+    assert has("linear_logprob_dx_kernel", "float32", "ieee", label=":highest:")
+    assert len(compiled) >= 30, len(compiled)
 
 
 def test_hot_kernels_use_wgmma_pipelined_without_spills(compiled):
-    hot = {k: r for k, r in compiled.items() if k.endswith(HOT)}
-    assert len(hot) >= 12, sorted(compiled)
-    for name, r in hot.items():
+    hot = {k: r for k, r in compiled.items() if r["kernel"] in HOT}
+    assert len(hot) >= 15, len(hot)
+    for r in hot.values():
+        name = f"{r['kernel']} {r['dtype']} {r['dot_prec']} ({r['labels'][0]}...)"
         assert "error" not in r, (name, r)
-        assert r["wgmma"] > 0, f"{name}: no Hopper wgmma in the PTX"
+        if r["dtype"] == "float32" and r["dot_prec"] == "ieee":
+            assert r["wgmma"] == 0, f"{name}: IEEE fp32 dots should not use tensor cores"
+        else:
+            assert r["wgmma"] > 0, f"{name}: no Hopper wgmma in the PTX"
         assert r["cp_async"] > 0 and max(r["stages"], default=0) >= 2, f"{name}: D loop not software-pipelined: {r}"
         if "local" in r:
             assert r["local"] == 0 and r["stack"] == 0, f"{name}: register spills {r}"
 
 
 if __name__ == "__main__":
-    _compile_all()
+    _compile_all(sys.argv[1])
