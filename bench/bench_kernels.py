@@ -14,6 +14,8 @@ Providers (each reported, or listed as skipped with the reason):
     liger     Liger-Kernel fused linear cross-entropy, reduction="none" (logp = -loss), if importable
     cce       Apple cut_cross_entropy.linear_cross_entropy, reduction="none", if importable
     freeprm   freeprm.kernels.linear_logprobs(impl="triton")
+    freeprm_rows  the same with the row-split backward forced (bwd_split="rows": a [V, D] fp32 d_weight
+              accumulator), to see what the default vocab-split backward saves in memory
 Modes: fwd (no-grad inputs, the scoring pass), bwd (backward of a kept graph, random grad_output),
 full (fwd + bwd). TFLOP/s counts 2 / 6 / 8 * N * D * V for fwd / bwd / full (the backward counts
 the logit recompute; the GEMM rows count the 2 / 4 / 6 * N * D * V they do); "x GEMM" is the GEMM
@@ -21,7 +23,9 @@ time over the provider's time in the same mode (fwd: one GEMM, bwd: two, full: t
 "tput/GEMM" the provider's TFLOP/s over the GEMMs' TFLOP/s. Extra memory is the peak allocated during a call minus the inputs
 and the unavoidable outputs (log-probs and, for bwd/full, the two gradients). Errors are max abs
 vs an fp32 computation of the same inputs. A second table times token_rewards and the segment ops
-(Triton vs plain torch, forward and forward + backward). Results: JSON + markdown in bench/results/.
+(Triton vs plain torch, forward and forward + backward). Results: JSON + markdown in bench/results/;
+with ``--jsonl PATH`` every row is also appended to PATH (flushed and synced) as soon as it is measured,
+so a run cut short by a time limit keeps what it measured (bench/gpu_checklist.sh).
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SHAPES = [(4096, 128256), (576, 49152), (2304, 256000)]  # (D, V): Llama-3 8B, SmolLM2-135M, Gemma-2 2B
 TOKENS = [1024, 8192, 32768]
 PROVIDERS = ["gemm", "naive", "compile", "chunked", "liger", "cce", "freeprm"]
+EXTRA_PROVIDERS = ["freeprm_rows"]
 MODES = ["fwd", "bwd", "full"]
 FLOP_FACTOR = {"fwd": 2, "bwd": 6, "full": 8}  # what a logits-free provider computes (bwd recomputes)
 GEMM_FLOP_FACTOR = {"fwd": 2, "bwd": 4, "full": 6}  # what the bare GEMMs compute
@@ -94,6 +99,10 @@ def make_provider(name: str, device: torch.device):
         return lambda h, w, t: linear_logprobs(h, w, t, impl="torch")
     if name == "freeprm":
         return lambda h, w, t: linear_logprobs(h, w, t, impl="triton")
+    if name == "freeprm_rows":
+        from freeprm.kernels.linear_logprob_kernel import triton_linear_logprobs
+
+        return lambda h, w, t: triton_linear_logprobs(h, w, t, bwd_split="rows")
     if name in ("liger", "cce"):
         if device.type != "cuda":
             raise Skip("needs CUDA")
@@ -118,8 +127,17 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
+SMOKE = False  # --smoke: one timed call per measurement, no warm-up (checks the logic; times mean nothing)
+
+
 def bench_ms(fn, device, grad_to_none=(), quick=False):
     """(median, p20, p80) milliseconds."""
+    if SMOKE:
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        ms = (time.perf_counter() - t0) * 1e3
+        return ms, ms, ms
     if device.type == "cuda":
         import triton.testing
 
@@ -220,8 +238,14 @@ def run_provider(fn, hidden, weight, targets, grad_out, device, quick):
     return res, (out.detach(), dh, dw)
 
 
-def bench_case(d, v, n, dtype, device, providers, quick):
+def bench_case(d, v, n, dtype, device, providers, quick, emit=None):
+    """Rows of one (D, V, N) case, one per provider; ``emit(row)`` is called as each row is done."""
     rows = []
+    def done(row):
+        rows.append(row)
+        if emit is not None:
+            emit(row)
+
     hidden, weight, targets, grad_out = make_inputs(n, d, v, dtype, device)
     oracle = fp32_oracle(hidden, weight, targets, grad_out)
     gemm = None
@@ -236,16 +260,16 @@ def bench_case(d, v, n, dtype, device, providers, quick):
                 res, got = run_provider(fn, hidden, weight, targets, grad_out, device, quick)
         except Skip as e:
             row["status"] = f"skipped: {e}"
-            rows.append(row)
+            done(row)
             continue
         except torch.cuda.OutOfMemoryError:
             row["status"] = "oom"
-            rows.append(row)
+            done(row)
             torch.cuda.empty_cache()
             continue
         except Exception as e:  # noqa: BLE001 - a broken provider must not stop the others
             row["status"] = f"error: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
-            rows.append(row)
+            done(row)
             continue
         for m in MODES:
             med, lo, hi = res[m]
@@ -263,7 +287,7 @@ def bench_case(d, v, n, dtype, device, providers, quick):
         if got is not None:
             for part, a, o in zip(("logp", "dh", "dw"), got, oracle):
                 row[f"err_{part}"] = (a.float() - o).abs().max().item()
-        rows.append(row)
+        done(row)
         del got
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -363,19 +387,31 @@ def bench_small_ops(n, k, device, quick):
 
 
 def bench_compile_sweep(d, v, dtype, device, tokens):
-    """First-call (compile + run) and steady-state milliseconds of the forward over a sweep of N."""
+    """First-call (compile + run) and steady-state milliseconds over a sweep of N: the forward, then forward +
+    backward. Run it in a fresh process with an empty TRITON_CACHE_DIR to see the compile cost; after the
+    first N only a new compile key (vocab splits on / off, a new backward slab shape) should pay again."""
     rows = []
     w = make_inputs(1, d, v, dtype, device)[1]
     for n in tokens:
-        h, _, t, _ = make_inputs(n, d, 1, dtype, device)
+        h, _, t, g = make_inputs(n, d, 1, dtype, device)
         t = torch.randint(0, v, (n,), device=device)
-        _sync(device)
-        t0 = time.perf_counter()
-        linear_logprobs(h, w, t, impl="triton")
-        _sync(device)
-        first = (time.perf_counter() - t0) * 1e3
-        steady = bench_ms(lambda: linear_logprobs(h, w, t, impl="triton"), device, quick=True)[0]
-        rows.append(dict(D=d, V=v, N=n, first_call_ms=first, steady_ms=steady))
+        hg = h.detach().clone().requires_grad_()
+
+        def fwd():
+            return linear_logprobs(h, w, t, impl="triton")
+
+        def full():
+            linear_logprobs(hg, w, t, impl="triton").backward(g)
+
+        row = dict(D=d, V=v, N=n)
+        for name, fn in (("", fwd), ("full_", full)):
+            _sync(device)
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            row[f"{name}first_call_ms"] = (time.perf_counter() - t0) * 1e3
+            row[f"{name}steady_ms"] = bench_ms(fn, device, grad_to_none=(hg,), quick=True)[0]
+        rows.append(row)
     return rows
 
 
@@ -399,6 +435,25 @@ def environment(device):
     return dict(device=name, torch=torch.__version__, triton=triton.__version__, cuda=torch.version.cuda,
                 git_sha=sha, date=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
                 triton_interpret=os.environ.get("TRITON_INTERPRET", "0"), python=platform.python_version())
+
+
+class RowSink:
+    """Prints each result row as JSON and, with a path, appends it there at once (flushed and fsynced)."""
+
+    def __init__(self, path: str | None, env: dict, tag: str | None):
+        self.path, self.extra = path, {"tag": tag} if tag else {}
+        if path:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self.emit(dict(kind="env", **env))
+
+    def emit(self, row: dict, kind: str | None = None) -> None:
+        line = json.dumps({**self.extra, **({"kind": kind} if kind else {}), **row})
+        print(line, flush=True)
+        if self.path:
+            with open(self.path, "a") as f:
+                f.write(line + "\n")
+                f.flush()
+                os.fsync(f.fileno())
 
 
 def _f(x, fmt="{:.3g}"):
@@ -459,15 +514,19 @@ def markdown(env, rows, pr_rows, dtype, small_rows=(), sweep_rows=()):
                      lambda r: [r["op"], r["N"], r["K"], r["impl"], _f(r["fwd_ms"]), _f(r["full_ms"]),
                                 _f(r["fwd_GBps"]), _f(r.get("fwd_speedup_vs_torch"), "{:.2f}"),
                                 _f(r.get("full_speedup_vs_torch"), "{:.2f}"), _f(r.get("err"))], lead=("op", "N", "K", "impl"))
-    out += _md_table("Compile sweep (forward, first call vs steady state)",
-                     ["D", "V", "N", "first call ms", "steady ms"], sweep_rows,
-                     lambda r: [r["D"], r["V"], r["N"], _f(r["first_call_ms"]), _f(r["steady_ms"])])
+    out += _md_table("Compile sweep (first call vs steady state)",
+                     ["D", "V", "N", "fwd first call ms", "fwd steady ms", "fwd+bwd first call ms", "fwd+bwd steady ms"],
+                     sweep_rows,
+                     lambda r: [r["D"], r["V"], r["N"], _f(r["first_call_ms"]), _f(r["steady_ms"]),
+                                _f(r.get("full_first_call_ms")), _f(r.get("full_steady_ms"))])
     return "\n".join(out)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="one small shape, fewer repetitions")
+    p.add_argument("--smoke", action="store_true", help="one timed call per measurement, no warm-up: checks that "
+                   "every step runs (bench/gpu_checklist.sh --dry-run); the times mean nothing")
     p.add_argument("--shapes", default=None, help="D:V pairs, comma separated, e.g. 4096:128256,576:49152")
     p.add_argument("--tokens", default=None, help="token counts, comma separated")
     p.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"], help="default bf16 on GPU, fp32 on CPU")
@@ -479,10 +538,19 @@ def main(argv=None):
                    "BLOCK_N=64,BLOCK_V=256,BLOCK_D=64,num_warps=8,num_stages=3 (sets FREEPRM_TRITON_CONFIG)")
     p.add_argument("--compile-sweep", default=None, help="token counts for a first-call vs steady-state sweep of "
                    "the forward (GPU), e.g. 1000,1024,3000,4096,8192,16384")
+    p.add_argument("--fp32-precision", default=None, choices=["highest", "high", "medium"],
+                   help="torch.set_float32_matmul_precision for this run (fp32 Triton dots: IEEE at 'highest', "
+                        "else TF32); default: torch's")
+    p.add_argument("--jsonl", default=None, help="append every result row to this file as soon as it exists")
+    p.add_argument("--tag", default=None, help="a label added to every --jsonl row (e.g. the checklist step)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = p.parse_args(argv)
     if args.config:
         os.environ["FREEPRM_TRITON_CONFIG"] = args.config
+    global SMOKE
+    SMOKE = args.smoke
+    if args.fp32_precision:
+        torch.set_float32_matmul_precision(args.fp32_precision)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu":
@@ -504,17 +572,18 @@ def main(argv=None):
     providers = [x for x in args.providers.split(",") if x]
 
     env = environment(device)
-    print(json.dumps(env), flush=True)
+    env["fp32_matmul_precision"] = torch.get_float32_matmul_precision()
+    env["triton_config"] = os.environ.get("FREEPRM_TRITON_CONFIG", "pinned default")
+    sink = RowSink(args.jsonl, env, args.tag)
     rows, pr_rows = [], []
     for d, v in shapes:
-        for n in tokens:
-            case_rows = bench_case(d, v, n, dtype, device, providers, args.quick)
-            for r in case_rows:
-                print(json.dumps(r), flush=True)
+        for n in tokens if providers else ():
+            case_rows = bench_case(d, v, n, dtype, device, providers, args.quick,
+                                   emit=lambda r: sink.emit(r, "head"))
             rows += case_rows
         if not args.no_policy_ref:
             for r in bench_policy_ref(d, v, min(tokens[-1], 8192), dtype, device, args.quick):
-                print(json.dumps(r), flush=True)
+                sink.emit(r, "policy_ref")
                 pr_rows.append(r)
 
     small_rows, sweep_rows = [], []
@@ -522,12 +591,12 @@ def main(argv=None):
     if small != "0":
         n_small, k_small = (int(x) for x in small.split(":"))
         for r in bench_small_ops(n_small, k_small, device, args.quick):
-            print(json.dumps(r), flush=True)
+            sink.emit(r, "small_ops")
             small_rows.append(r)
     if args.compile_sweep:
         for d, v in shapes:
             for r in bench_compile_sweep(d, v, dtype, device, [int(x) for x in args.compile_sweep.split(",")]):
-                print(json.dumps(r), flush=True)
+                sink.emit(r, "compile_sweep")
                 sweep_rows.append(r)
 
     out_dir = Path(args.out)
@@ -535,7 +604,6 @@ def main(argv=None):
     tag = "cpu" if device.type == "cpu" else env["device"].replace(" ", "_").replace("/", "_")
     stem = out_dir / f"kernels_{tag}_{env['date'][:10]}{'_quick' if args.quick else ''}"
     dname = str(dtype).replace("torch.", "")
-    env["triton_config"] = os.environ.get("FREEPRM_TRITON_CONFIG", "pinned default")
     stem.with_suffix(".json").write_text(json.dumps(dict(env=env, dtype=dname, quick=args.quick, rows=rows,
                                                          policy_ref=pr_rows, small_ops=small_rows,
                                                          compile_sweep=sweep_rows), indent=1))
