@@ -8,7 +8,8 @@
 # budget, so the archive is always written; a step that overruns is cut and the next one starts):
 #   wheels        install carried wheels from .whl/ (liger-kernel, cut-cross-entropy) into /tmp; none: skip
 #   env           device, SMs, torch / triton / transformers versions, which baselines import
-#   tests         the Triton kernel tests compiled on the GPU (FREEPRM_TEST_GPU=1; pytest-xdist if there)
+#   tests         the Triton kernel tests compiled on the GPU (FREEPRM_TEST_GPU=1; pytest-xdist if there;
+#                 -v: one line per test in the log as it finishes, in case the step is cut)
 #   bf16_n4096    bf16 forward, backward, forward+backward and peak extra memory at D=4096, V=128256,
 #   bf16_n16384   N=4096 / 16384: bare GEMM (the roofline), Liger, CCE, freeprm
 #   compile_cold  first-call vs steady time over N with an EMPTY Triton cache (fresh TRITON_CACHE_DIR)
@@ -36,7 +37,7 @@ KERNEL_TESTS="tests/kernels/test_linear_logprobs.py tests/kernels/test_linear_lo
     tests/kernels/test_token_rewards.py tests/kernels/test_segment.py"
 XDIST=""
 $PY -c "import xdist" 2>/dev/null && XDIST="-n 4"
-step tests env FREEPRM_TEST_GPU=1 $PY -m pytest $KERNEL_TESTS -q -p no:cacheprovider -o addopts="-ra" \
+step tests env FREEPRM_TEST_GPU=1 $PY -m pytest $KERNEL_TESTS -v -p no:cacheprovider -o addopts="-ra" \
     --maxfail=20 --junitxml="$WORK/tests.xml" $(pick "$XDIST" --collect-only)
 [ "$DRY" = 1 ] || $PY bench/checklist_tools.py junit "$WORK/tests.xml" "$RESULTS" >>"$LOG" 2>&1
 

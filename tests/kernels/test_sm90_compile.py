@@ -12,6 +12,8 @@ library's other options (fp16, entropy, TF32) are added the same way from direct
 Checked: every key compiles; the hot kernels use Hopper wgmma (16-bit and TF32 dots; IEEE fp32 dots run
 on the FMA units), a multi-stage cp.async pipeline over D, and spill no registers. Compilation runs in a
 subprocess (this session has TRITON_INTERPRET=1); Triton's on-disk cache makes reruns quick.
+``FREEPRM_COMPILE_TRITON=DIR`` puts DIR first on the subprocess's path, to compile with another Triton
+(e.g. the GPU image's 3.6: ``pip install --no-deps --target DIR triton==3.6.0``).
 """
 
 import json
@@ -115,7 +117,8 @@ def compiled(plan, tmp_path_factory):
     path.write_text(json.dumps(plan))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(Path(__file__).parent), env.get("PYTHONPATH", "")])
+    env["PYTHONPATH"] = os.pathsep.join([*filter(None, [os.environ.get("FREEPRM_COMPILE_TRITON")]), str(ROOT),
+                                         str(Path(__file__).parent), env.get("PYTHONPATH", "")])
     proc = subprocess.run([sys.executable, __file__, str(path)], capture_output=True, text=True, env=env, cwd=ROOT,
                           timeout=900)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS ")]
