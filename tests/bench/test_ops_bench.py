@@ -10,7 +10,7 @@ Groups (one per op, mode, device and shape; ``pytest-benchmark compare --group-b
     linear_logprobs fwd+bwd   gemm x3 (h @ W^T, dz @ W, dz^T @ h) | freeprm
     policy_ref_rewards fwd    gemm x2 (both models' logits) | freeprm (fused on GPU, chunked on CPU)
     token_rewards, segment_*  copy (read + write the values once: the bandwidth bound) | torch
-                              (the plain-torch reference; GPU only, on CPU it is what "auto" runs) | freeprm
+                              (the plain-torch oracle; GPU only, on CPU it is what "auto" runs) | freeprm
 CPU shapes: the SmolLM2-135M head (D=576, V=49152) at N=512 tokens, fp32; 64k values in 1024 segments. With
 CUDA and ``FREEPRM_TEST_GPU=1`` also the GPU shapes: a Llama-3-8B head (D=4096, V=128256) at N=4096 and
 16384, bf16; 1M values in 8192 segments. ``impl="auto"`` takes the Triton kernels on CUDA and the CPU paths
@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from freeprm.kernels import linear_logprobs, policy_ref_rewards, reference, segment_cumsum, segment_reduce, segment_sum
+from freeprm.kernels import linear_logprobs, oracle, policy_ref_rewards, segment_cumsum, segment_reduce, segment_sum
 from freeprm.kernels import token_rewards
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
@@ -136,22 +136,22 @@ SMALL_OPS = {  # name: fn(values, small case, impl)
 @pytest.mark.parametrize("op", list(SMALL_OPS))
 def test_small_op_fwd(benchmark, small, op, provider):
     if provider == "torch" and small["device"] == "cpu":
-        pytest.skip("on CPU impl='auto' is the torch reference: one row suffices")
+        pytest.skip("on CPU impl='auto' is the torch oracle: one row suffices")
     x = small["lp"]
     benchmark.group = f"{op} fwd {small['tag']}"
     fns = {"copy": lambda: x.clone(), "torch": lambda: SMALL_OPS[op](x, small, "torch"),
            "freeprm": lambda: SMALL_OPS[op](x, small, "auto")}
     with torch.no_grad():
         out = _bench(benchmark, fns[provider], small["device"])
-    if provider == "freeprm":  # same values as the reference
+    if provider == "freeprm":  # same values as the oracle
         want = SMALL_OPS[op](x, small, "torch")
         torch.testing.assert_close(out, want, equal_nan=True, atol=1e-4, rtol=1e-5)
 
 
-def test_reference_is_what_the_groups_compare_against():
-    """The baselines above are the plain-torch definitions of the ops (freeprm.kernels.reference)."""
+def test_oracle_is_what_the_groups_compare_against():
+    """The baselines above are the plain-torch definitions of the ops (freeprm.kernels.oracle)."""
     s = dict(lr=torch.zeros(3), mask=torch.tensor([True, False, True]), cu=torch.tensor([0, 1, 3]))
     x = torch.tensor([1.0, 2.0, 3.0])
-    assert SMALL_OPS["token_rewards"](x, s, "torch").tolist() == reference.token_rewards(x, s["lr"], s["mask"],
-                                                                                        0.05).tolist()
+    want = oracle.token_rewards(x, s["lr"], s["mask"], 0.05)
+    assert SMALL_OPS["token_rewards"](x, s, "torch").tolist() == want.tolist()
     assert SMALL_OPS["segment_sum"](x, s, "torch").tolist() == [1.0, 5.0]

@@ -54,7 +54,7 @@ def plan(tmp_path_factory):
     head = sorted({k for keys in derived.values() for k in keys if Call.from_key(k).entry == "linear_logprobs"})
     out += [("fp16", k, ["float16"], "highest") for k in head]
     out += [("tf32", k, ["float32"], "high") for k in head]
-    out += [("entropy", k, ["bfloat16", "float16"], "highest") for k in _api_calls()]
+    out += [("entropy", k, ["bfloat16", "float16", "float32"], "highest") for k in _api_calls()]
     return out
 
 
