@@ -9,7 +9,9 @@
 #
 # --dry-run: the same steps on CPU (CUDA hidden, Triton interpreter, the pure-torch CPU path, tiny
 # shapes, one timed call per measurement); `DRY` is 1 then, and the scripts pick their tiny arguments
-# with `pick REAL TINY`. --plan: print the plan, check that it fits, run nothing.
+# with `pick REAL TINY`; the plan is checked as written, then every limit and the budget are
+# stretched by DRY_TIME_SCALE (default 4): a dry run tests the logic, on a CPU that may be busy.
+# --plan: print the plan, check that it fits, run nothing.
 
 checklist_begin() {  # checklist_begin NAME "$@"
     CHECKLIST=$1; shift
@@ -36,8 +38,10 @@ checklist_begin() {  # checklist_begin NAME "$@"
     if [ "$DRY" = 1 ]; then
         export CUDA_VISIBLE_DEVICES="" TRITON_INTERPRET=1 FREEPRM_CPU_EXT=0
     fi
+    SCALE=1
+    [ "$DRY" = 1 ] && SCALE=${DRY_TIME_SCALE:-4}
     START=$(date +%s)
-    DEADLINE=$((START + BUDGET))
+    DEADLINE=$((START + BUDGET * SCALE))
     local total=0 entry
     echo "== $CHECKLIST$([ "$DRY" = 1 ] && echo ' (dry run: CPU, tiny shapes)'): budget ${BUDGET}s, reserve ${RESERVE}s" | tee -a "$LOG"
     for entry in $PLAN; do
@@ -67,6 +71,7 @@ step() {  # step NAME COMMAND...: the plan's limit for NAME, clipped to the budg
     local entry limit="" left t0 rc status
     for entry in $PLAN; do [ "${entry%%:*}" = "$name" ] && limit=${entry##*:}; done
     if [ -z "$limit" ]; then echo "step $name is not in the plan" >&2; exit 4; fi
+    limit=$((limit * SCALE))
     left=$((DEADLINE - RESERVE - $(date +%s)))
     [ "$limit" -gt "$left" ] && limit=$left
     if [ "$limit" -lt 5 ]; then

@@ -20,7 +20,7 @@
 # Runs under the GPU image's own python3 (torch 2.11, triton 3.6 there); nothing is fetched.
 set -u
 cd "$(dirname "$0")/.."
-PLAN="wheels:15 env:15 tests:150 bf16_n4096:90 bf16_n16384:90 compile_cold:35 fused_rewards:35"
+PLAN="wheels:10 env:30 tests:140 bf16_n4096:90 bf16_n16384:90 compile_cold:35 fused_rewards:35"
 . bench/checklist_lib.sh
 checklist_begin gpu_checklist "$@"
 

@@ -15,7 +15,7 @@
 # Results: $OUT/results.jsonl (row by row), $OUT/checklist.log, $OUT/gpu_checklist_more.tar.gz.
 set -u
 cd "$(dirname "$0")/.."
-PLAN="wheels:15 env:15 gemma_bf16:100 baselines_bf16:85 fp32:70 bwd_memory:40 small_ops:30 configs:75"
+PLAN="wheels:10 env:30 gemma_bf16:100 baselines_bf16:85 fp32:70 bwd_memory:40 small_ops:30 configs:65"
 . bench/checklist_lib.sh
 checklist_begin gpu_checklist_more "$@"
 
