@@ -90,7 +90,7 @@ def compile_spec(rec: Launch, target=None) -> dict:
     return dict(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs, options=rec.options, key=key)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _binder(kernel, target):
     from triton.compiler import make_backend
     from triton.runtime.jit import JITFunction, create_function_from_signature
