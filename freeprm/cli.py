@@ -7,6 +7,7 @@ its parsers and sets ``func`` (called with the parsed args, returns an exit code
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import sys
 
@@ -39,7 +40,15 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except OSError as e:  # a full disk or a file too large, wherever it struck: one line, no traceback
+        if e.errno not in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+            raise
+        from .io import os_error_message
+
+        print(f"freeprm {args.command}: {os_error_message(e, e.filename or 'an output file')}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

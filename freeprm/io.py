@@ -33,10 +33,21 @@ place on success, removed on failure; temporary files of killed runs (their proc
 are removed on the next write. A new file gets mode ``0666 & ~umask`` (what ``open(path, "w")`` or a shell redirection gives); replacing an existing
 file keeps that file's mode. An output path that is a symlink is resolved: the file it points
 to is replaced, like a shell redirection. ``"-"`` means stdin / stdout (stdout is not atomic).
+
+Outputs (``output_kind``, the one rule every writer follows): atomic replacement is for regular
+files only. A character device (``/dev/null``, a terminal) or a FIFO is written directly, not
+atomically, the way ``"-"`` writes stdout (the device is never replaced by a file); any other
+special file (a socket, a block device) and a directory are refused with a message. Directory
+outputs (``rerank -o``, ``bon --out``, ``train --out``) go through ``check_output_dir``. Every
+rename into place goes through ``replace_file``, which refuses to replace anything but a regular
+file. An ``OSError`` while writing (a full disk, ENOSPC; a file too large, EFBIG; a read-only or
+virtual file system such as ``/proc``) becomes an ``OutputError`` (a ``ValueError``) with one line
+naming the path and what to do; the temporary file is removed, so nothing half-written is left.
 """
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import math
@@ -155,7 +166,7 @@ def _json_type(v: Any) -> str:
 
 def _lines(f: BinaryIO, max_line_bytes: int | None) -> Iterator[tuple[bytes | None, int, bool]]:
     """(line without its newline or None when over the limit, its byte length, ended by a newline)."""
-    limit = -1 if max_line_bytes is None else max_line_bytes + 1
+    limit = -1 if max_line_bytes is None else min(max_line_bytes + 1, sys.maxsize)
     while True:
         raw = f.readline(limit)
         if not raw:
@@ -259,29 +270,145 @@ def check_input(path: str | os.PathLike) -> None:
         raise ValueError(f"input {path} is not readable (permissions)")
 
 
+class OutputError(ValueError):
+    """An output path that cannot be written (a special file, a full disk, ...); the message says what to do."""
+
+
+_OS_HINTS = {
+    errno.ENOSPC: "the disk is full (ENOSPC); free space or write elsewhere, then rerun",
+    errno.EFBIG: "the file is too large (EFBIG) for this file system or the file-size limit (ulimit -f); "
+                 "write elsewhere or raise the limit, then rerun",
+    errno.EDQUOT: "the disk quota is exceeded (EDQUOT); free space or write elsewhere, then rerun",
+    errno.EROFS: "the file system is read-only (EROFS); write elsewhere",
+    errno.EACCES: "permission denied; write elsewhere or fix the permissions",
+    errno.EPERM: "operation not permitted; write elsewhere",
+    errno.ENOENT: "it cannot be created there (a virtual file system such as /proc or /sys?); write elsewhere",
+    errno.ENOTDIR: "a folder on its path is a file; write elsewhere",
+    errno.EISDIR: "it is a directory; give a file name",
+}
+
+
+def os_error_message(e: OSError, path: str | os.PathLike) -> str:
+    """One line for an ``OSError`` while writing ``path``: the path, the reason, what to do."""
+    hint = _OS_HINTS.get(e.errno, e.strerror or str(e))
+    return f"cannot write output {path}: {hint}"
+
+
+def _file_type(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "directory"), (stat.S_ISSOCK, "socket"), (stat.S_ISBLK, "block device"),
+                       (stat.S_ISCHR, "character device"), (stat.S_ISFIFO, "FIFO")):
+        if test(mode):
+            return name
+    return "special file"
+
+
+def output_kind(path: str | os.PathLike) -> str:
+    """How an output file path is written; the one rule for every freeprm writer.
+
+    ``"stdout"`` for ``"-"``; ``"stream"`` for an existing character device or FIFO (``/dev/null``, a
+    terminal, ``mkfifo``): written directly, not atomically, like stdout; ``"file"`` for a regular file
+    or a path that does not exist yet: written atomically (temporary file, rename). A directory, a
+    socket or a block device raises ``OutputError``. A symlink counts as what it points to.
+    """
+    if str(path) == STDIO:
+        return "stdout"
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return "file"
+    except NotADirectoryError:
+        raise OutputError(f"cannot write output {path}: a folder on its path is a file, not a directory") from None
+    except OSError as e:
+        raise OutputError(os_error_message(e, path)) from None
+    mode = st.st_mode
+    if stat.S_ISREG(mode):
+        return "file"
+    if stat.S_ISCHR(mode) or stat.S_ISFIFO(mode):
+        return "stream"
+    if stat.S_ISDIR(mode):
+        raise OutputError(f"output {path} is a directory; give a file name")
+    raise OutputError(f"output {path} is a {_file_type(mode)}; write to a regular file, a FIFO, a character "
+                      "device or - (stdout)")
+
+
+def _check_folder(path: str | os.PathLike, folder: Path) -> None:
+    """``OutputError`` unless ``folder`` exists as a writable directory or can be created."""
+    probe = folder
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise OutputError(f"cannot create the folder of output {path}: {probe} is a file, not a directory")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise OutputError(f"cannot write output {path}: folder {probe} is not writable")
+
+
 def check_output(path: str | os.PathLike, inputs: Iterable[str | os.PathLike] = ()) -> None:
     """Check, before any work, that ``path`` can be written and is none of ``inputs``; ``ValueError`` if not.
 
-    Refuses a directory, the input file itself (also through a symlink or a hard link), and a
-    parent folder that cannot be created or written.
+    Refuses a directory and special files other than character devices and FIFOs (``output_kind``),
+    the input file itself (also through a symlink or a hard link), and a parent folder that cannot
+    be created or written.
     """
-    if str(path) == STDIO:
+    if output_kind(path) != "file":
         return
     p = Path(os.path.realpath(path))
-    if p.is_dir():
-        raise ValueError(f"output {path} is a directory; give a file name")
     for inp in inputs:
         if str(inp) != STDIO and p.exists() and os.path.exists(inp) and os.path.samefile(p, inp):
             raise ValueError(f"output {path} is the input file {inp}; writing it would destroy the input; "
                              "choose another output path")
-    parent = p.parent
-    probe = parent
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir():
-        raise ValueError(f"cannot create the folder of output {path}: {probe} is not a directory")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise ValueError(f"cannot write output {path}: folder {probe} is not writable")
+    _check_folder(path, p.parent)
+
+
+def check_output_dir(path: str | os.PathLike, *, create: bool = False) -> Path:
+    """Check (and with ``create``, create) an output directory; ``OutputError`` with a message if it cannot be one.
+
+    Refuses a path that exists and is not a directory (a file, ``/dev/null``, a FIFO), a folder on its
+    path that is a file, and an unwritable parent. ``create`` turns an ``OSError`` of ``mkdir`` (as root
+    the permission check passes on ``/proc`` or ``/sys``, then the kernel refuses) into the same message.
+    """
+    p = Path(path)
+    try:
+        st = os.stat(p)
+    except FileNotFoundError:
+        st = None
+    except NotADirectoryError:
+        raise OutputError(f"cannot create output directory {path}: a folder on its path is a file") from None
+    except OSError as e:
+        raise OutputError(os_error_message(e, path)) from None
+    if st is not None and not stat.S_ISDIR(st.st_mode):
+        what = "regular file" if stat.S_ISREG(st.st_mode) else _file_type(st.st_mode)
+        raise OutputError(f"output {path} is a {what}, not a directory; give a directory path (created if missing)")
+    if st is None:
+        _check_folder(path, p)
+    elif not os.access(p, os.W_OK | os.X_OK):
+        raise OutputError(f"cannot write output directory {path}: it is not writable")
+    if create:
+        try:
+            p.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise OutputError(os_error_message(e, path)) from None
+    return p
+
+
+def replace_file(tmp: str | os.PathLike, final: str | os.PathLike) -> None:
+    """Rename ``tmp`` over ``final`` and fsync the folder: the one place where freeprm moves an output into place.
+
+    ``final`` must be a regular file or absent: a device, FIFO, socket, directory or symlink there is
+    never replaced (``OutputError``; ``tmp`` is left for the caller to remove).
+    """
+    try:
+        st = os.lstat(final)
+    except FileNotFoundError:
+        st = None
+    if st is not None and not stat.S_ISREG(st.st_mode):
+        what = "symlink" if stat.S_ISLNK(st.st_mode) else _file_type(st.st_mode)
+        raise OutputError(f"refusing to replace {final}: it is a {what}, not a regular file; remove it or write "
+                          "elsewhere")
+    os.replace(tmp, final)
+    try:  # make the rename durable
+        fsync_dir(Path(final).parent)
+    except OSError:
+        pass
 
 
 def _plain(v: Any) -> Any:
@@ -367,48 +494,77 @@ class AtomicJsonlWriter:
     """Write JSONL rows to ``path`` atomically (see the module doc); ``"-"`` writes to stdout.
 
     Opening checks the output (``check_output``) and creates the temporary file, so an unwritable
-    output fails before any model work. Use as a context manager: the file is committed (fsync,
-    rename) when the block ends normally and removed when it raises.
+    output fails before any model work. A character device or FIFO (``output_kind``) is opened and
+    written directly instead. Use as a context manager: the file is committed (fsync, rename) when
+    the block ends normally and removed when it raises. ``OSError`` while opening, writing or
+    committing becomes ``OutputError`` (the temporary file is removed first).
     """
 
     def __init__(self, path: str | os.PathLike, *, inputs: Iterable[str | os.PathLike] = ()) -> None:
         self.path, self.rows = path, 0
         check_output(path, inputs)
-        if str(path) == STDIO:
-            self.tmp, self.final = None, None
+        self.kind = output_kind(path)
+        self.tmp, self.final = None, None
+        if self.kind == "stdout":
             self._f: IO[bytes] = sys.stdout.buffer
             return
-        self.final = Path(os.path.realpath(path))
-        self.final.parent.mkdir(parents=True, exist_ok=True)
-        clean_stale_temps(self.final)
-        self.tmp = self.final.with_name(f".{self.final.name}.{os.getpid()}.tmp")
-        fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the kernel applies the umask
+        try:
+            if self.kind == "stream":  # a device or FIFO: written in place, never replaced by a file
+                self._f = io.BufferedWriter(io.FileIO(os.open(path, os.O_WRONLY), "wb"))
+                return
+            self.final = Path(os.path.realpath(path))
+            self.final.parent.mkdir(parents=True, exist_ok=True)
+            clean_stale_temps(self.final)
+            self.tmp = self.final.with_name(f".{self.final.name}.{os.getpid()}.tmp")
+            fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the kernel applies the umask
+        except OSError as e:
+            raise OutputError(os_error_message(e, path)) from None
         if self.final.is_file():  # replacing a file: keep its permissions
             os.chmod(self.tmp, stat.S_IMODE(self.final.stat().st_mode))
         self._f = io.BufferedWriter(io.FileIO(fd, "wb"))
 
     def write(self, row: Any) -> None:
-        self._f.write(dumps_line(row).encode("utf-8"))
+        try:
+            self._f.write(dumps_line(row).encode("utf-8"))
+        except OSError as e:
+            self._fail(e)
         self.rows += 1
 
+    def _fail(self, e: OSError):
+        self.abort()
+        raise OutputError(os_error_message(e, self.path)) from None
+
     def commit(self) -> None:
-        if self.tmp is None:
+        try:
             self._f.flush()
-            return
-        self._f.flush()
-        os.fsync(self._f.fileno())
-        self._f.close()
-        os.replace(self.tmp, self.final)
-        try:  # make the rename durable
-            fsync_dir(self.final.parent)
-        except OSError:
-            pass
+            if self.tmp is None:
+                if self.kind == "stream":
+                    self._f.close()
+                return
+            os.fsync(self._f.fileno())
+            self._f.close()
+        except OSError as e:
+            self._fail(e)
+        try:
+            replace_file(self.tmp, self.final)
+        except (OSError, OutputError) as e:
+            self.abort()
+            if isinstance(e, OutputError):
+                raise
+            raise OutputError(os_error_message(e, self.path)) from None
 
     def abort(self) -> None:
         if self.tmp is None:
+            if self.kind == "stream":
+                try:
+                    self._f.close()
+                except OSError:
+                    pass
             return
         try:
             self._f.close()
+        except OSError:  # e.g. the flush of a full disk
+            pass
         finally:
             if self.tmp.exists():
                 self.tmp.unlink()

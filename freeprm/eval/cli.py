@@ -235,8 +235,10 @@ def run(args) -> int:
         torch.set_num_threads(args.threads)
     try:
         from ..cliargs import check_device
+        from ..io import check_output_dir
 
         check_device(getattr(args, "device", None))
+        check_output_dir(args.out)  # a file, /dev/null, a FIFO as --out: refused before any work
         if args.stage in ("generate", "all"):
             stage_generate(args)
         if args.stage in ("score", "all"):

@@ -18,6 +18,7 @@ import torch
 from ..engine import load_model
 from ..engine.batching import pad_id_of
 from ..engine.loading import cache_dir
+from ..io import check_output_dir
 from . import losses
 from .checkpoint import latest_checkpoint, read_state, truncate_metrics
 from .config import TrainConfig, check_resume_config
@@ -57,8 +58,7 @@ def train(
     """
     config = config or TrainConfig()
     config.validate()
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = check_output_dir(out, create=True)  # a file, /dev/null, a FIFO: refused with a message
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     ckpt = latest_checkpoint(out) if resume == "auto" else (Path(resume) if resume else None)
     state = None
