@@ -5,7 +5,8 @@
 """
 
 from .reader import BadLine, Chunk, Group, iter_chunks, iter_groups
-from .rerank import RerankSummary, make_fingerprint, model_identity, rerank, score_groups
+from .job import RerankSummary, score_groups
+from .rerank import make_fingerprint, model_identity, rerank
 from .store import OutputDir, read_output
 
 

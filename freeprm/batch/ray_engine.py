@@ -25,14 +25,15 @@ from __future__ import annotations
 import json
 
 from .reader import BadLine, Group, iter_chunks, parse_row
-from .rerank import Progress, _report, _resume_part, _warn_extra_parts, _write_scored_part, score_groups
+from .job import Progress, _report, _resume_part, _warn_extra_parts, _write_scored_part, score_groups
 from .store import output_schema, to_arrow_rows
+
 
 def _transport_schema():
     import pyarrow as pa
 
-    return pa.schema([("kind", pa.string()), ("part", pa.int64()), ("ids_sha", pa.string()), ("line", pa.int64()),
-                      ("msg", pa.string()), ("payload", pa.large_string())])
+    return pa.schema([("kind", pa.string()), ("part", pa.int64()), ("ids_sha", pa.string()), ("content", pa.string()),
+                      ("line", pa.int64()), ("msg", pa.string()), ("payload", pa.large_string())])
 
 
 def _row(**kw):
@@ -48,9 +49,10 @@ def _read_chunks(path: str, fmt: str, rows_per_part: int, done: set[int]):
         if isinstance(item, BadLine):
             yield _row(kind="bad", line=item.line, msg=item.message)
         elif item.index in done:  # anti-join: this chunk's part is already in the output directory
-            yield _row(kind="resumed", part=item.index, ids_sha=item.ids_digest)
+            yield _row(kind="resumed", part=item.index, ids_sha=item.ids_digest, content=item.content_digest,
+                       payload=json.dumps(item.where()))
         else:
-            yield _row(kind="chunk", part=item.index, ids_sha=item.ids_digest,
+            yield _row(kind="chunk", part=item.index, ids_sha=item.ids_digest, content=item.content_digest,
                        payload=json.dumps([[g.id, g.prompt, g.candidates, g.line, g.lines, g.extra, g.cand_extra]
                                            for g in item.groups]))
 
@@ -192,11 +194,11 @@ def run_ray(input, in_fmt, out, summary, *, policy, reference, scorer_opts, aggr
                 part = r["part"]
                 last = max(last, part)
                 if kind == "resumed":
-                    _resume_part(part, r["ids_sha"], out, summary)
+                    _resume_part(part, r["ids_sha"], r["content"], json.loads(r["payload"]), out, summary)
                     continue
                 res = json.loads(r["payload"])
-                _write_scored_part(part, r["ids_sha"], res["rows"], res["invalid"], res["candidates"], res["tokens"],
-                                   out, summary, input, strict, quiet, bar)
+                _write_scored_part(part, r["ids_sha"], r["content"], res["rows"], res["invalid"], res["candidates"],
+                                   res["tokens"], out, summary, input, strict, quiet, bar)
     finally:
         bar.close()
         ctx.execution_options.preserve_order, ctx.enable_progress_bars, ctx.target_max_block_size = saved

@@ -35,9 +35,12 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+
+from ..io import LineError, check_value, iter_jsonl
 
 FORMATS = ("jsonl", "parquet")
 
@@ -77,6 +80,35 @@ class Chunk:
             h.update(g.id.encode("utf-8") + b"\0")
         return h.hexdigest()
 
+    @property
+    def content_digest(self) -> str:
+        """Per group, 8 bytes of blake2b over everything its output row is made of (``group_digest``), base64.
+
+        Stored in the manifest line of the chunk's part, so that a resumed run notices a changed prompt,
+        candidate, extra key or line number and can name the first group that differs (``first_change``).
+        """
+        return base64.b64encode(b"".join(group_digest(g) for g in self.groups)).decode("ascii")
+
+    def where(self) -> list[tuple[str, int]]:
+        """``(id, line)`` of each group, for messages."""
+        return [(g.id, g.line) for g in self.groups]
+
+
+def group_digest(g: Group) -> bytes:
+    """8-byte blake2b of a group's id, prompt, candidates, line numbers and extra keys (canonical JSON)."""
+    text = json.dumps([g.id, g.prompt, g.candidates, g.line, g.lines, g.extra, g.cand_extra],
+                      sort_keys=True, ensure_ascii=True, allow_nan=True, separators=(",", ":"))
+    return hashlib.blake2b(text.encode("ascii"), digest_size=8).digest()
+
+
+def first_change(stored: str, now: str) -> int | None:
+    """Index of the first group whose digest differs between two ``content_digest`` values; None if equal."""
+    a, b = base64.b64decode(stored), base64.b64decode(now)
+    for k in range(0, max(len(a), len(b)), 8):
+        if a[k:k + 8] != b[k:k + 8]:
+            return k // 8
+    return None
+
 
 def detect_format(path: str, fmt: str | None = None) -> str:
     if fmt is not None:
@@ -88,30 +120,48 @@ def detect_format(path: str, fmt: str | None = None) -> str:
 
 def _surrogate(obj) -> str | None:
     """Why ``obj`` cannot be written as UTF-8 (a lone surrogate in a string or key), or None."""
-    from ..io import check_value
-
     return check_value(obj, allow_nan=True)
 
 
-def iter_jsonl(path: str) -> Iterator[tuple[int, dict | BadLine]]:
-    """(line number, parsed object or BadLine) per non-blank line, one line at a time (``freeprm.io``)."""
-    from ..io import LineError
-    from ..io import iter_jsonl as _iter_jsonl
-
-    for lineno, obj in _iter_jsonl(path, allow_surrogates=True):  # checked by parse_row, per candidate
-        yield lineno, BadLine(lineno, obj.message) if isinstance(obj, LineError) else obj
-
-
 def iter_parquet(path: str, batch_rows: int = 1024) -> Iterator[tuple[int, dict | BadLine]]:
-    """(1-based row number, row dict) per Parquet row, one record batch at a time."""
+    """(1-based row number, row dict) per Parquet row, one record batch of one row group at a time.
+
+    Page checksums are verified where the file has them. A row group that cannot be read (a corrupted
+    data page, a bad checksum) is one ``BadLine`` naming the file, the row group and its unread rows;
+    the rows read before it are yielded as usual and reading goes on with the next row group.
+    """
+    import pyarrow as pa
+
+    pf = open_parquet(path)
+    row = 0
+    for rg in range(pf.num_row_groups):
+        end = row + pf.metadata.row_group(rg).num_rows
+        try:
+            for batch in pf.iter_batches(batch_size=batch_rows, row_groups=[rg]):
+                for obj in batch.to_pylist():
+                    row += 1
+                    yield row, obj
+        except (pa.ArrowException, OSError) as e:
+            yield row + 1, BadLine(row + 1, f"row group {rg} of {path} (rows {row + 1}..{end}) could not be read: "
+                                            f"{_first_line(e)} (a corrupted data page?); its unread rows are skipped")
+            row = end
+
+
+def open_parquet(path: str):
+    """``pyarrow.parquet.ParquetFile`` (page checksums verified); ``ValueError`` naming the file if it is not Parquet."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    pf = pq.ParquetFile(path)
-    row = 0
-    for batch in pf.iter_batches(batch_size=batch_rows):
-        for obj in batch.to_pylist():
-            row += 1
-            yield row, obj
+    try:
+        return pq.ParquetFile(path, page_checksum_verification=True)
+    except (pa.ArrowException, OSError) as e:
+        raise ValueError(f"{path} is not a readable Parquet file ({_first_line(e)}); pass a Parquet file, or "
+                         "--input-format jsonl for JSONL") from None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"
 
 
 def _as_id(value, what: str) -> str:
@@ -218,7 +268,11 @@ def parse_row(obj: dict) -> tuple[str, str, str, list[dict], dict | None, list]:
 def iter_groups(path: str, fmt: str | None = None) -> Iterator[Group | BadLine]:
     """Groups and bad lines in input order (duplicates are reported as bad lines; first one kept)."""
     fmt = detect_format(path, fmt)
-    rows = iter_parquet(path) if fmt == "parquet" else iter_jsonl(path)
+    if fmt == "parquet":
+        rows = iter_parquet(path)
+    else:  # lone surrogates are checked by parse_row, per candidate (a bad candidate costs only itself)
+        rows = ((n, BadLine(n, obj.message) if isinstance(obj, LineError) else obj)
+                for n, obj in iter_jsonl(path, allow_surrogates=True))
     seen: dict[bytes, int] = {}  # 16-byte digest of each id -> its first line (duplicate check)
     cur: Group | None = None
 

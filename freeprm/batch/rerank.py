@@ -34,55 +34,22 @@ from __future__ import annotations
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
-
-from ..config import NO_REFERENCE
-from ..engine.cli import _PatternTimeout, _time_limit
+from ..config import NO_REFERENCE, check_beta
 from ..engine.loading import DEFAULT_POLICY, auto_dtype, resolve_dtype
 from ..identity import model_identity
 from ..identity import params_identity as _params_identity
 from ..engine.scorer import AGGREGATIONS, Scorer
+from ..io import check_input
 from ..prm_meta import resolve_scoring
-from .reader import BadLine, Group, detect_format, iter_chunks
+from .job import (Progress, RerankSummary, _report, _resume_part, _warn_extra_parts, _write_scored_part,
+                  score_groups)
+from .reader import BadLine, detect_format, iter_chunks, open_parquet
 from .store import OutputDir
 
 FINGERPRINT_VERSION = 2  # 2: rows of groups with rejected candidates, errors, extra, candidate_extra
-
-
-@dataclass
-class RerankSummary:
-    """Totals of one ``rerank`` run (``resumed_groups`` were already in the output directory)."""
-
-    groups: int = 0
-    candidates: int = 0
-    tokens: int = 0
-    parts_written: int = 0
-    resumed_groups: int = 0
-    resumed_parts: int = 0
-    bad_lines: int = 0
-    invalid_candidates: int = 0  # candidates the engine rejected (not scored; their row says why)
-    unscored_groups: int = 0  # groups with no valid candidate (written with best = None)
-    seconds: float = 0.0
-    output: str = ""
-    bad: list = field(default_factory=list)  # [(line, message)] of this run (capped at 1000)
-
-    @property
-    def rows_per_s(self) -> float:
-        return self.candidates / self.seconds if self.seconds > 0 else 0.0
-
-    @property
-    def tokens_per_s(self) -> float:
-        return self.tokens / self.seconds if self.seconds > 0 else 0.0
-
-    def line(self) -> str:
-        return (f"{self.groups} groups, {self.candidates} candidates, {self.tokens} tokens scored in "
-                f"{self.seconds:.1f} s ({self.rows_per_s:.1f} candidates/s, {self.tokens_per_s:.0f} tokens/s); "
-                f"{self.parts_written} parts written, {self.resumed_groups} groups already done "
-                f"({self.resumed_parts} parts), {self.bad_lines} bad lines skipped, {self.invalid_candidates} invalid "
-                f"candidates not scored ({self.unscored_groups} groups without a valid one) -> {self.output}")
 
 
 # ---------------------------------------------------------------------- fingerprint
@@ -108,135 +75,7 @@ def make_fingerprint(*, policy, reference, beta, step_delimiter, step_pattern, a
             "max_length": max_length, "rows_per_part": int(rows_per_part), "format": fmt}
 
 
-# ---------------------------------------------------------------------- scoring one chunk
-def _aggregates(r) -> dict[str, float]:
-    """``r.aggregate(a)`` for every aggregation, in float32 numpy (~30x cheaper than 8 torch calls)."""
-    out = {}
-    for prefix, t in (("", r.step_rewards), ("q_", r.q_values)):
-        v = t.numpy()
-        if v.size == 0:
-            out.update({f"{prefix}{op}": float("nan") for op in ("min", "last", "mean", "sum")})
-            continue
-        out.update({f"{prefix}min": float(v.min()), f"{prefix}last": float(v[-1]),
-                    f"{prefix}mean": float(v.mean(dtype=np.float32)), f"{prefix}sum": float(v.sum(dtype=np.float32))})
-    return out
-
-
-def _prepare(scorer: Scorer, prompt: str, cand: dict, k: int, pattern_timeout: float | None):
-    """``(PreparedItem, None)``, or ``(None, why)`` for a candidate the engine rejects or that was malformed."""
-    if cand.get("error") is not None:  # malformed in the input (reader.py)
-        return None, cand["error"]
-    try:
-        with _time_limit(pattern_timeout if scorer.step_pattern is not None else None):
-            p = scorer.prepare({"prompt": prompt, **cand}, k)
-    except ValueError as e:
-        return None, str(e).removeprefix(f"item {k}: ")
-    except _PatternTimeout:
-        return None, (f"--step-pattern took over {pattern_timeout:g} s (catastrophic backtracking?); "
-                      "simplify the pattern or raise --pattern-timeout")
-    if not p.spans:
-        return None, "the response splits into zero steps (it is empty or blank)"
-    return p, None
-
-
-def _pick_best(scores: list) -> int | None:
-    """Index of the highest score among the scored (non-None) candidates; ties: the lowest index; NaN never
-    wins over a number (an all-NaN group picks its first scored candidate); None when nothing was scored."""
-    ok = [i for i, s in enumerate(scores) if s is not None]
-    if not ok:
-        return None
-    return max(ok, key=lambda i: (scores[i] == scores[i], scores[i], -i))
-
-
-def score_groups(scorer: Scorer, groups: list[Group], aggregate: str,
-                 pattern_timeout: float | None = None) -> tuple[list[dict], list[list], int, int]:
-    """Score every valid candidate of ``groups`` in one ``score_prepared`` call; one output row per group.
-
-    A candidate the engine rejects (``Scorer.prepare`` raises: empty response, zero steps, over
-    ``max_length``, steps that are not the response; or its ``step_pattern`` split takes over
-    ``pattern_timeout`` seconds, SIGALRM: main thread on Unix only, elsewhere unbounded) is not
-    scored: its entries in the per-candidate columns are None and ``errors[k]`` says why (naming the
-    group id and the candidate index); the group's other candidates are scored and ``best`` is
-    chosen among them. A group with no valid candidate gets a row with ``best`` None.
-
-    Returns ``(rows, invalid, candidates, tokens)``: one output row per group (input order),
-    ``[line, message]`` per rejected candidate, and the numbers of candidates and tokens scored.
-    """
-    prepared, spans, invalid = [], [], []
-    for g in groups:
-        start, errors, where = len(prepared), [None] * len(g.candidates), []
-        for k, cand in enumerate(g.candidates):
-            p, bad = _prepare(scorer, g.prompt, cand, k, pattern_timeout)
-            if bad is not None:
-                errors[k] = f"group {g.id!r}: candidate {k}: {bad}"
-                invalid.append([g.lines[k] if len(g.lines) > k else g.line, errors[k]])
-                continue
-            prepared.append(p)
-            where.append(k)
-        spans.append((g, start, where, errors))
-    results = scorer.score_prepared(prepared, aggregate=aggregate) if prepared else []
-    rows = []
-    for g, start, where, errors in spans:
-        n = len(g.candidates)
-        res = [None] * n
-        for j, k in enumerate(where):
-            res[k] = results[start + j]
-        scores = [None if r is None else r.score for r in res]
-        best = _pick_best(scores)
-        row = {"id": g.id, "line": g.line, "num_candidates": n, "best": best,
-               "best_score": None if best is None else scores[best], "aggregation": aggregate, "scores": scores}
-        per_cand = [None if r is None else _aggregates(r) for r in res]
-        for agg in AGGREGATIONS:
-            row[f"score_{agg}"] = scores if agg == aggregate else [None if c is None else c[agg] for c in per_cand]
-        row["step_rewards"] = [None if r is None else r.step_rewards.tolist() for r in res]
-        row["num_tokens"] = [None if r is None else len(r.input_ids) for r in res]
-        row["errors"] = errors
-        row["extra"] = g.extra
-        row["candidate_extra"] = [g.cand_extra[k] if k < len(g.cand_extra) else None for k in range(n)]
-        rows.append(row)
-    return rows, invalid, len(prepared), sum(len(p.input_ids) for p in prepared)
-
-
 # ---------------------------------------------------------------------- the job
-def _report(summary: RerankSummary, where: str, line: int, msg: str, strict: bool, quiet: bool) -> None:
-    if strict:
-        raise ValueError(f"{where}:{line}: {msg} (--strict: stopping; finished parts are kept, rerun to resume)")
-    if len(summary.bad) < 1000:
-        summary.bad.append((line, msg))
-    if not quiet:
-        print(f"freeprm rerank: skipping {where}:{line}: {msg}", file=sys.stderr)
-
-
-def _resume_part(index: int, ids_digest: str, out: OutputDir, summary: RerankSummary) -> None:
-    """Count part ``index``, already written, after checking it holds the same groups as this chunk."""
-    entry = out.done[index]
-    if entry.get("ids_sha256") != ids_digest:
-        raise ValueError(
-            f"{out.part_path(index)} was written from other input rows than chunk {index} of this input "
-            f"(ids differ: the input file changed). Rerun with the original input, or delete {out.path} to start over")
-    summary.resumed_parts += 1
-    summary.resumed_groups += entry["rows"]
-    summary.invalid_candidates += len(entry.get("invalid", []))
-    summary.unscored_groups += entry.get("unscored", 0)
-
-
-def _write_scored_part(index: int, ids_digest: str, rows: list[dict], invalid: list, n_cand: int, n_tok: int,
-                       out: OutputDir, summary: RerankSummary, where: str, strict: bool, quiet: bool, bar) -> None:
-    """Report the rejected candidates of a scored chunk, write its part, count it (local and Ray engines)."""
-    for line, msg in invalid:
-        summary.invalid_candidates += 1
-        _report(summary, where, line, msg, strict, quiet)
-    unscored = sum(1 for r in rows if r["best"] is None)
-    out.write_part(index, rows, {"ids_sha256": ids_digest, "invalid": invalid, "unscored": unscored,
-                                 "candidates": n_cand, "tokens": n_tok})
-    summary.parts_written += 1
-    summary.groups += len(rows)
-    summary.unscored_groups += unscored
-    summary.candidates += n_cand
-    summary.tokens += n_tok
-    bar.update(len(rows), n_cand, n_tok)
-
-
 def rerank(
     input: str | os.PathLike,
     output_dir: str | os.PathLike,
@@ -297,11 +136,11 @@ def rerank(
     if rows_per_part < 1:
         raise ValueError(f"rows_per_part must be >= 1, got {rows_per_part}")
     input = str(input)
-    if not os.path.isfile(input):
-        raise ValueError(f"input file not found: {input}")
+    check_input(input)
     in_fmt = detect_format(input, input_format)
     if in_fmt == "parquet" or format == "parquet":
         _require_pyarrow()
+    _check_input_format(input, in_fmt)
     if Path(output_dir).resolve() == Path(input).resolve():
         raise ValueError("the output directory is the input file; pass another --output")
     if scorer is not None:
@@ -317,16 +156,21 @@ def rerank(
         r = resolve_scoring(policy, beta=beta, reference=reference, prompt_format=prompt_format,
                             step_delimiter=step_delimiter, step_pattern=step_pattern, force_reference=force_reference)
         beta, prompt_format, step_delimiter, step_pattern = r.beta, r.prompt_format, r.step_delimiter, r.step_pattern
+        beta = check_beta(beta)  # before anything is written: a NaN must never reach fingerprint.json
         fp = make_fingerprint(
             policy=model_identity(policy), reference=model_identity(r.reference), beta=beta,
             step_delimiter=step_delimiter, step_pattern=step_pattern, aggregate=aggregate, prompt_format=prompt_format,
             dtype=effective_dtype(dtype, device, (num_gpus_per_worker > 0) if engine == "ray" else None),
             max_length=max_length, rows_per_part=rows_per_part, fmt=format)
+        OutputDir.check(output_dir, fp, format)  # another configuration is refused before the models load
         reference = NO_REFERENCE if r.reference is None else r.reference  # resolved: None would mean "unset"
         scorer_kwargs["force_reference"] = force_reference
     scorer_opts = dict(beta=beta, step_delimiter=step_delimiter, step_pattern=step_pattern, aggregate=aggregate,
                        prompt_format=prompt_format, dtype=dtype, device=device, max_length=max_length,
                        max_batch_tokens=max_batch_tokens, **scorer_kwargs)
+    if scorer is None and engine == "local":
+        scorer = Scorer(policy, reference, **scorer_opts)  # validates the options, loads the models
+    # nothing is written before this point; the directory is created here, fingerprint.json with the first part
     t0 = time.perf_counter()
     with OutputDir(output_dir, fp, format) as out:
         summary = RerankSummary(output=str(out.path))
@@ -338,8 +182,6 @@ def rerank(
                     workers=workers, num_cpus=num_cpus_per_worker, num_gpus=num_gpus_per_worker, t0=t0,
                     torch_threads=torch_threads, address=ray_address, pattern_timeout=pattern_timeout)
         else:
-            if scorer is None:
-                scorer = Scorer(policy, reference, **scorer_opts)
             _run_local(input, in_fmt, out, summary, scorer, aggregate, rows_per_part, strict, progress, quiet, t0,
                        pattern_timeout)
         summary.seconds = time.perf_counter() - t0
@@ -350,34 +192,21 @@ def rerank(
     return summary
 
 
+def _check_input_format(path: str, fmt: str) -> None:
+    """``ValueError`` when ``path`` is plainly not ``fmt`` (the Parquet magic bytes decide), before any work."""
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if fmt == "parquet":
+        open_parquet(path)  # reads the footer: a ValueError naming the file if it is not Parquet
+    elif magic == b"PAR1":
+        raise ValueError(f"input {path} is a Parquet file; pass --input-format parquet (or name it *.parquet)")
+
+
 def _require_pyarrow() -> None:
     try:
         import pyarrow  # noqa: F401
     except ImportError:
         raise ValueError("Parquet needs pyarrow: pip install 'freeprm[batch]' (or use --format jsonl and JSONL input)") from None
-
-
-class Progress:
-    """tqdm bar over candidates, with groups and tokens/s in the postfix (a no-op when disabled)."""
-
-    def __init__(self, enabled: bool, t0: float) -> None:
-        self.bar, self.t0, self.tokens, self.groups = None, t0, 0, 0
-        if enabled:
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(desc="rerank", unit="cand", dynamic_ncols=True)
-
-    def update(self, groups: int, candidates: int, tokens: int) -> None:
-        self.groups += groups
-        self.tokens += tokens
-        if self.bar is not None:
-            self.bar.update(candidates)
-            dt = max(time.perf_counter() - self.t0, 1e-9)
-            self.bar.set_postfix(groups=self.groups, tok_s=f"{self.tokens / dt:.0f}", refresh=False)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
 
 
 def _run_local(input, in_fmt, out, summary, scorer, aggregate, rows_per_part, strict, progress, quiet, t0,
@@ -392,18 +221,13 @@ def _run_local(input, in_fmt, out, summary, scorer, aggregate, rows_per_part, st
                 continue
             last = item.index
             if item.index in out.done:
-                _resume_part(item.index, item.ids_digest, out, summary)
+                _resume_part(item.index, item.ids_digest, item.content_digest, item.where(), out, summary)
                 continue
             rows, invalid, n_cand, n_tok = score_groups(scorer, item.groups, aggregate, pattern_timeout)
-            _write_scored_part(item.index, item.ids_digest, rows, invalid, n_cand, n_tok, out, summary, input,
-                               strict, quiet, bar)
+            _write_scored_part(item.index, item.ids_digest, item.content_digest, rows, invalid, n_cand, n_tok, out,
+                               summary, input, strict, quiet, bar)
     finally:
         bar.close()
     _warn_extra_parts(out, last, quiet)
 
 
-def _warn_extra_parts(out: OutputDir, last: int, quiet: bool) -> None:
-    extra = sorted(k for k in out.done if k > last)
-    if extra and not quiet:
-        print(f"freeprm rerank: warning: {out.path} holds parts {extra[0]}..{extra[-1]} beyond the end of this input "
-              "(the input got shorter?); they are left as they are", file=sys.stderr)

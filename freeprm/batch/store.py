@@ -4,18 +4,25 @@ fingerprint.
 Layout::
 
     DIR/fingerprint.json      what produced the parts (models, beta, steps, aggregation, ...)
-    DIR/manifest.jsonl        one line per finished part: {"part", "rows", "ids_sha256", "invalid", ...}
+    DIR/manifest.jsonl        exactly one line per finished part: {"part", "rows", "ids_sha256", "content", ...}
     DIR/part-000000.parquet   (or .jsonl) the output rows of chunk 0, in input order
     DIR/summary.json          totals of the last run that reached the end of the input
     DIR/.lock                 held (flock) while a run writes
 
-Writing part ``k``: the rows go to ``.part-00000k.<ext>.tmp``, fsync; the manifest line is
-appended, fsync; the temp file is renamed to ``part-00000k.<ext>`` and the directory fsynced.
-A part file therefore exists only complete and only with its manifest line; a manifest line
-without its part (a kill between the two) just means the part is redone. A kill at any point
-leaves at most one temp file and at most a torn last manifest line: both are removed on the
-next start. Rows of a part are the same on every run (chunk boundaries depend only on the
-input), so a resumed run yields exactly the rows of an uninterrupted one.
+Nothing is written before the first part is: ``OutputDir.check`` (read-only) runs before the models
+load, so a refused or failing command leaves no directory, fingerprint or lock behind, and
+``fingerprint.json`` is written just before part 0 (or the first part of a resumed run that has
+none yet). Writing part ``k``: the rows go to ``.part-00000k.<ext>.tmp``, fsync; the manifest line is
+appended, fsync; the temp file is renamed to ``part-00000k.<ext>`` (``io.replace_file``) and the
+directory fsynced. A part file therefore exists only complete and only with its manifest line; a
+manifest line without its part (a kill between the two) just means the part is redone. Opening
+rewrites the manifest (atomically) when it holds a line without its part, two lines for one part or
+a torn last line, so that it again holds exactly one line per part on disk. Temporary files are
+removed on the next start, but only the names this writer makes (``.part-*.tmp``,
+``.fingerprint.json.tmp``, ``.summary.json.tmp``, ``.manifest.jsonl.tmp``) and only in a directory
+that holds a manifest or a fingerprint. Rows of a part are the same on every run (chunk boundaries
+depend only on the input), so a resumed run yields exactly the rows of an uninterrupted one. All
+JSON files are standard JSON (no ``NaN``).
 """
 
 from __future__ import annotations
@@ -24,23 +31,25 @@ import fcntl
 import json
 import os
 import re
-import signal
 from pathlib import Path
 
 from ..engine.scorer import AGGREGATIONS
-from ..io import dumps_line, fsync_dir
+from ..faults import fault_point
+from ..io import OutputError, check_output_dir, dumps_line, fsync_dir, os_error_message, replace_file
 
 MANIFEST = "manifest.jsonl"
 FINGERPRINT = "fingerprint.json"
 SUMMARY = "summary.json"
 _PART_RE = re.compile(r"^part-(\d{6,})\.(parquet|jsonl)$")
+_TEMP_RE = re.compile(r"^\.(part-\d{6,}\.(parquet|jsonl)|fingerprint\.json|summary\.json|manifest\.jsonl)\.tmp$")
 
 
-def _crash_point(stage: str, part: int) -> None:
-    """Test hook: ``FREEPRM_BATCH_KILL=stage:part`` SIGKILLs this process at that point."""
-    want = os.environ.get("FREEPRM_BATCH_KILL")
-    if want and want == f"{stage}:{part}":
-        os.kill(os.getpid(), signal.SIGKILL)
+def _strict_json(obj, **kw) -> str:
+    """``json.dumps`` that refuses NaN/Infinity (a ValueError naming the problem) instead of writing ``NaN``."""
+    try:
+        return json.dumps(obj, allow_nan=False, **kw)
+    except ValueError:
+        raise ValueError(f"refusing to write non-standard JSON (NaN or Infinity) in {obj!r}") from None
 
 
 def output_schema():
@@ -86,25 +95,51 @@ def from_arrow_row(r: dict) -> dict:
 class OutputDir:
     """Opens (creating or resuming) a rerank output directory; see the module docstring.
 
-    ``tool``: the command that writes it, named in messages (``"search"`` writes JSONL parts of its own rows).
+    ``OutputDir.check(path, fingerprint, fmt)`` first (read-only, before the models load); the
+    constructor then creates the directory, takes the lock, cleans its own temporary files and
+    repairs the manifest; the fingerprint is written by the first ``write_part``. ``tool``: the
+    command that writes it, named in messages (``"search"`` writes JSONL parts of its own rows).
     """
 
     def __init__(self, path: str | os.PathLike, fingerprint: dict, fmt: str, *, tool: str = "rerank") -> None:
-        if fmt not in ("parquet", "jsonl"):
-            raise ValueError(f"format must be 'parquet' or 'jsonl', got {fmt!r}")
+        self.check(path, fingerprint, fmt, tool=tool)
         self.path, self.fmt, self.tool = Path(path), fmt, tool
-        if self.path.exists() and not self.path.is_dir():
-            raise ValueError(f"--output {self.path} is a file; {tool} writes a directory of parts")
-        self.path.mkdir(parents=True, exist_ok=True)
-        self._lock = open(self.path / ".lock", "a")
+        self._fingerprint = json.loads(_strict_json(fingerprint))
+        check_output_dir(self.path, create=True)
+        try:
+            self._lock = open(self.path / ".lock", "a")
+        except OSError as e:
+            raise OutputError(os_error_message(e, self.path)) from None
         try:
             fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             self._lock.close()
             raise ValueError(f"another {tool} run is writing to {self.path}; wait for it or use another --output") from None
-        self._clean_temps()
-        self._check_fingerprint(fingerprint)
-        self.done = self._load_manifest()  # part index -> manifest entry, for parts on disk
+        try:
+            self._clean_temps()
+            self._has_fingerprint = self._check_fingerprint(self.path, self._fingerprint, tool)
+            self.done = self._load_manifest()  # part index -> manifest entry, for parts on disk
+        except BaseException:
+            self.close()
+            raise
+
+    @classmethod
+    def check(cls, path: str | os.PathLike, fingerprint: dict, fmt: str, *, tool: str = "rerank") -> None:
+        """Everything that can be checked without writing: the path can be a directory, and what it holds
+        (fingerprint, part format) can be resumed with this configuration. ``ValueError`` if not."""
+        if fmt not in ("parquet", "jsonl"):
+            raise ValueError(f"format must be 'parquet' or 'jsonl', got {fmt!r}")
+        path = Path(path)
+        check_output_dir(path)
+        fp = json.loads(_strict_json(fingerprint))  # normalise (tuples -> lists) before comparing
+        if not path.is_dir():
+            return
+        cls._check_fingerprint(path, fp, tool)
+        for p in path.iterdir():
+            m = _PART_RE.match(p.name)
+            if m and m.group(2) != fmt:
+                raise ValueError(f"{path} holds {m.group(2)} parts; this run writes {fmt}. "
+                                 "Pass the same --format to resume, or another --output directory")
 
     def close(self) -> None:
         if not self._lock.closed:
@@ -118,69 +153,74 @@ class OutputDir:
 
     # ------------------------------------------------------------------ state on disk
     def _clean_temps(self) -> None:
+        """Remove this writer's temporary files (a killed run's), only in a directory that is a rerank output."""
+        if not ((self.path / MANIFEST).exists() or (self.path / FINGERPRINT).exists()):
+            return
         for p in self.path.iterdir():
-            if p.name.startswith(".") and p.name.endswith(".tmp"):
+            if _TEMP_RE.match(p.name) and p.is_file() and not p.is_symlink():
                 p.unlink()
 
-    def _check_fingerprint(self, fp: dict) -> None:
-        fpath = self.path / FINGERPRINT
-        fp = json.loads(json.dumps(fp))  # normalise (tuples -> lists) before comparing
+    @staticmethod
+    def _check_fingerprint(path: Path, fp: dict, tool: str = "rerank") -> bool:
+        """True when ``path`` holds ``fp``; False when it holds no fingerprint (and no parts); ValueError otherwise."""
+        fpath = path / FINGERPRINT
         if fpath.exists():
             try:
                 old = json.loads(fpath.read_text(encoding="utf-8"))
             except (ValueError, UnicodeDecodeError):
                 old = None
             if not isinstance(old, dict):
-                raise ValueError(f"{fpath} is damaged (not a JSON object), so the parts in {self.path} cannot be "
-                                 f"checked against this configuration. Delete {self.path} (or pass another --output) "
+                raise ValueError(f"{fpath} is damaged (not a JSON object), so the parts in {path} cannot be "
+                                 f"checked against this configuration. Delete {path} (or pass another --output) "
                                  "to start over")
             if old.get("version") != fp.get("version"):
                 raise ValueError(
-                    f"{self.path} was written by another version of freeprm {self.tool} (output format "
+                    f"{path} was written by another version of freeprm {tool} (output format "
                     f"{old.get('version')!r}; this version writes format {fp.get('version')!r}, whose rows have other "
-                    f"columns), so its parts cannot be resumed. Read them as they are, or delete {self.path} (or pass "
+                    f"columns), so its parts cannot be resumed. Read them as they are, or delete {path} (or pass "
                     "another --output) to start over")
             if old != fp:
                 diff = sorted(k for k in set(old) | set(fp) if old.get(k) != fp.get(k))
                 details = "; ".join(f"{k}: written with {old.get(k)!r}, now {fp.get(k)!r}" for k in diff)
                 raise ValueError(
-                    f"{self.path} holds output of another configuration ({details}). Resume only with the same "
-                    f"models and options; to start over, delete {self.path} or pass another --output directory")
-            return
-        if any(_PART_RE.match(p.name) for p in self.path.iterdir()) or (self.path / MANIFEST).exists():
-            raise ValueError(f"{self.path} holds parts but no {FINGERPRINT}; it was not written by this version of "
-                             f"freeprm {self.tool}. Use an empty or new --output directory")
-        self._write_atomic(fpath, json.dumps(fp, indent=1, sort_keys=True) + "\n")
+                    f"{path} holds output of another configuration ({details}). Resume only with the same "
+                    f"models and options; to start over, delete {path} or pass another --output directory")
+            return True
+        if any(_PART_RE.match(p.name) for p in path.iterdir()) or (path / MANIFEST).exists():
+            raise ValueError(f"{path} holds parts but no {FINGERPRINT}; it was not written by this version of "
+                             f"freeprm {tool}. Use an empty or new --output directory")
+        return False
 
     def _write_atomic(self, path: Path, text: str) -> None:
         tmp = path.parent / f".{path.name}.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fsync_dir(self.path)
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            replace_file(tmp, path)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise OutputError(os_error_message(e, path)) from None
 
     def _load_manifest(self) -> dict[int, dict]:
+        """The manifest entry of each part on disk; rewrites the manifest when it is not one line per such part."""
         mpath = self.path / MANIFEST
         entries: dict[int, dict] = {}
+        lines, good, size = 0, 0, 0
         if mpath.exists():
             data = mpath.read_bytes()
-            good = 0  # byte length of the complete, valid lines
+            size = len(data)
             for raw in data.splitlines(keepends=True):
                 if not raw.endswith(b"\n"):
-                    break
+                    break  # a torn last line (killed while appending)
                 try:
                     e = json.loads(raw)
                     entries[int(e["part"])] = e
                 except (ValueError, KeyError, TypeError):
                     break
+                lines += 1
                 good += len(raw)
-            if good < len(data):  # a torn last line (killed while appending): drop it
-                with open(mpath, "r+b") as f:
-                    f.truncate(good)
-                    f.flush()
-                    os.fsync(f.fileno())
         on_disk = {}
         for p in self.path.iterdir():
             m = _PART_RE.match(p.name)
@@ -193,45 +233,65 @@ class OutputDir:
         if missing:
             raise ValueError(f"{self.path}: part {missing[0]} has no manifest line; the directory was modified by hand. "
                              "Delete the directory (or that part) to recompute it")
-        return {k: e for k, e in entries.items() if k in on_disk}
+        done = {k: entries[k] for k in sorted(on_disk)}
+        if mpath.exists() and (lines != len(done) or good != size):
+            # a line without its part (killed between append and rename), a part's second line, a torn tail
+            self._write_atomic(mpath, "".join(self._manifest_line(e) for e in done.values()))
+        return done
+
+    @staticmethod
+    def _manifest_line(entry: dict) -> str:
+        return _strict_json(entry, ensure_ascii=False) + "\n"
 
     def part_path(self, index: int) -> Path:
         return self.path / f"part-{index:06d}.{self.fmt}"
 
     # ------------------------------------------------------------------ writing
     def write_part(self, index: int, rows: list[dict], entry: dict) -> None:
-        """Write part ``index`` atomically (temp + fsync + manifest line + rename + dir fsync)."""
+        """Write part ``index`` atomically (temp + fsync + manifest line + rename + dir fsync).
+
+        The first part written also writes ``fingerprint.json``. An ``OSError`` (a full disk, ...)
+        becomes an ``OutputError`` naming the part; finished parts stay (rerun to resume).
+        """
+        if index in self.done:
+            raise ValueError(f"part {index} of {self.path} is already written")
         final = self.part_path(index)
         tmp = self.path / f".{final.name}.tmp"
-        if self.fmt == "parquet":
-            import pyarrow as pa
-            import pyarrow.parquet as pq
+        line = self._manifest_line(dict(entry, part=index, rows=len(rows)))
+        try:
+            if not self._has_fingerprint:
+                self._write_atomic(self.path / FINGERPRINT, _strict_json(self._fingerprint, indent=1, sort_keys=True) + "\n")
+                self._has_fingerprint = True
+            if self.fmt == "parquet":
+                import pyarrow as pa
+                import pyarrow.parquet as pq
 
-            table = pa.Table.from_pylist(to_arrow_rows(rows), schema=output_schema())
-            with open(tmp, "wb") as f:
-                pq.write_table(table, f)
+                table = pa.Table.from_pylist(to_arrow_rows(rows), schema=output_schema())
+                with open(tmp, "wb") as f:
+                    pq.write_table(table, f)
+                    f.flush()
+                    os.fsync(f.fileno())
+            else:
+                with open(tmp, "w", encoding="utf-8") as f:
+                    for row in rows:  # standard JSON: NaN/Infinity -> null (Parquet keeps them)
+                        f.write(dumps_line(row))
+                    f.flush()
+                    os.fsync(f.fileno())
+            fault_point("rerank.tmp", index)
+            with open(self.path / MANIFEST, "a", encoding="utf-8") as f:
+                f.write(line)
                 f.flush()
                 os.fsync(f.fileno())
-        else:
-            with open(tmp, "w", encoding="utf-8") as f:
-                for row in rows:  # standard JSON: NaN/Infinity -> null (Parquet keeps them)
-                    f.write(dumps_line(row))
-                f.flush()
-                os.fsync(f.fileno())
-        _crash_point("tmp", index)
-        entry = dict(entry, part=index, rows=len(rows))
-        with open(self.path / MANIFEST, "a", encoding="utf-8") as f:
-            f.write(json.dumps(entry, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        _crash_point("manifest", index)
-        os.replace(tmp, final)
-        fsync_dir(self.path)
-        _crash_point("rename", index)
-        self.done[index] = entry
+            fault_point("rerank.manifest", index)
+            replace_file(tmp, final)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise OutputError(os_error_message(e, final) + "; the parts before it are kept, rerun to resume") from None
+        fault_point("rerank.rename", index)
+        self.done[index] = json.loads(line)
 
     def write_summary(self, summary: dict) -> None:
-        self._write_atomic(self.path / SUMMARY, json.dumps(summary, indent=1, sort_keys=True) + "\n")
+        self._write_atomic(self.path / SUMMARY, _strict_json(summary, indent=1, sort_keys=True) + "\n")
 
 
 def read_output(path: str | os.PathLike) -> list[dict]:
