@@ -25,27 +25,28 @@ object (``NaN`` literals, raw control characters in strings, a lone ``\\ud800`` 
 deeper than 200), longer than ``--max-line-bytes``, missing or mistyped fields, over
 ``--max-length`` tokens, steps that are not the response, no step, a ``--step-pattern`` split
 slower than ``--pattern-timeout``. Blank lines are skipped silently; a UTF-8 BOM is ignored;
-lines are split on ``\n`` only. Options are checked before any model is loaded: the device
+lines are split on ``\\n`` only. Options are checked before any model is loaded: the device
 exists, the pattern compiles, ``-o`` is not ``-i`` (nor a link to it), not a directory, and its
 folder is writable. ``-i -`` / ``-o -`` read stdin / write stdout. The output file is written
 atomically (a temporary file beside it, renamed into place when all lines are scored; new
-files get mode ``0666 & ~umask``, a replaced file keeps its mode). See ``freeprm/io.py``.
+files get mode ``0666 & ~umask``, a replaced file keeps its mode); a FIFO or a character device
+(``-o /dev/null``) is written directly, like ``-o -``, and never replaced; other special files are
+refused. A full disk or a file too large is one message (exit 2), nothing is left behind. See
+``freeprm/io.py``.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import re
-import signal
 import sys
-import threading
 from pathlib import Path
 
 from ..cliargs import HelpFormatter, error, check_device, escapes_arg, positive_float, positive_int
-from ..io import STDIO, AtomicJsonlWriter, LineError, check_input, iter_jsonl, load_jsonl
+from ..io import STDIO, AtomicJsonlWriter, LineError, OutputError, check_input, iter_jsonl, load_jsonl
 from .loading import DEFAULT_POLICY
+from .timeouts import PatternTimeout, time_limit
 
 DEMO_SET = Path(__file__).resolve().parents[1] / "data" / "demo_gsm8k.jsonl"
 
@@ -78,12 +79,17 @@ def _scorer_args(p: argparse.ArgumentParser) -> None:
 
 
 def _check_scorer_args(args) -> None:
-    """Checks that need no model (device, step pattern), so a bad option fails before loading."""
+    """Checks that need no model (device, step pattern, max length), so a bad option fails before loading."""
+    from .scorer import MAX_LENGTH_LIMIT
+
     check_device(args.device)
+    if args.max_length is not None and args.max_length > MAX_LENGTH_LIMIT:
+        raise ValueError(f"--max-length {args.max_length}: must be at most {MAX_LENGTH_LIMIT} tokens; "
+                         "omit it to score whole lines")
     if args.step_pattern is not None:
         try:
             pattern = re.compile(args.step_pattern)
-        except re.error as e:
+        except (re.error, OverflowError, RecursionError) as e:  # OverflowError: a repeat count like a{99999999999}
             raise ValueError(f"--step-pattern {args.step_pattern!r} is not a valid regex: {e}") from None
         if pattern.search("") is not None:
             print(f"freeprm: warning: --step-pattern {args.step_pattern!r} matches the empty string; zero-width "
@@ -101,35 +107,9 @@ def _make_scorer(args):
                   allow_pickle=args.allow_pickle, force_reference=args.force_reference)
 
 
-class _PatternTimeout(Exception):
-    pass
-
-
-@contextlib.contextmanager
-def _time_limit(seconds: float | None):
-    """Raise ``_PatternTimeout`` in the block after ``seconds`` (SIGALRM; interrupts ``re`` too).
-
-    Only in the main thread of a Unix process; elsewhere the block runs unbounded.
-    """
-    if not seconds or not hasattr(signal, "setitimer") or threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def _raise(signum, frame):
-        raise _PatternTimeout
-
-    old = signal.signal(signal.SIGALRM, _raise)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
-
-
 def default_max_line_bytes(max_length: int) -> int:
     """The default raw line limit: 32 bytes per token of ``max_length``, at least 1 MiB."""
-    return max(1 << 20, 32 * int(max_length))
+    return min(max(1 << 20, 32 * int(max_length)), sys.maxsize - 1)
 
 
 def read_items(path: str, scorer, strict: bool, *, max_line_bytes: int | None = None,
@@ -154,9 +134,9 @@ def read_items(path: str, scorer, strict: bool, *, max_line_bytes: int | None = 
                 raise ValueError(item.message)
             if pattern is not None and isinstance(item.get("response"), str) and item.get("steps") is None:
                 try:
-                    with _time_limit(pattern_timeout):
+                    with time_limit(pattern_timeout):
                         widths = [m.end() - m.start() for m in pattern.finditer(item["response"])]
-                except _PatternTimeout:
+                except PatternTimeout:
                     raise ValueError(f"--step-pattern took over {pattern_timeout:g} s on this line (catastrophic "
                                      "backtracking?); simplify the pattern or raise --pattern-timeout") from None
                 if widths and not any(widths):
@@ -227,10 +207,13 @@ def cmd_score(args) -> int:
             if clash and first_clash is None:
                 first_clash = (lineno, clash)
             writer.write(row)
+        writer.commit()
+    except OutputError as e:  # a full disk, a file too large, ...: the temporary file is already removed
+        print(f"freeprm score: {e}", file=sys.stderr)
+        return 2
     except BaseException:
         writer.abort()
         raise
-    writer.commit()
     if first_clash:
         print(f"freeprm score: note: input keys {first_clash[1]} (first on line {first_clash[0]}) clash with output "
               "keys; they are written under \"meta\"", file=sys.stderr)

@@ -19,6 +19,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import pickle
 import shutil
 import tempfile
 from pathlib import Path
@@ -155,6 +156,27 @@ def check_finite(model: torch.nn.Module, name: str = "model") -> None:
             raise ValueError(f"{name} parameter {pname!r} holds NaN or Inf values; the checkpoint is corrupt")
 
 
+def _first_line(e: BaseException) -> str:
+    lines = [x for x in str(e).strip().splitlines() if x.strip()]
+    return lines[0] if lines else type(e).__name__
+
+
+def _load_error(spec, local: Path, e: BaseException) -> str:
+    """One line for a model that failed to load: which file, what is wrong, what to do."""
+    if type(e).__name__ == "SafetensorError":
+        files = sorted(local.glob("*.safetensors")) if local.is_dir() else []
+        where = str(files[0]) if len(files) == 1 else f"the *.safetensors files of {spec}"
+        return (f"{where} is damaged ({_first_line(e)}): a truncated, empty or garbled safetensors file; "
+                "download or save the model again")
+    if isinstance(e, pickle.UnpicklingError) or isinstance(e, EOFError):
+        return (f"the pickle checkpoint of {spec!r} could not be read safely (torch.load with weights_only refused it: "
+                f"{_first_line(e)[:200]}); convert it to safetensors")
+    if isinstance(e, RuntimeError) and ("mismatch" in str(e).lower() or "size" in str(e).lower()):
+        return (f"the weights of {spec!r} do not fit its config.json (a size mismatch, e.g. vocab_size or "
+                "hidden_size); fix config.json or save the model again")
+    return f"could not load model {spec!r}: {_first_line(e)}"
+
+
 def load_model(
     spec,
     *,
@@ -197,10 +219,18 @@ def load_model(
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=torch_dtype, trust_remote_code=trust_remote_code, use_safetensors=None if allow_pickle else True)
-    except OSError as e:
-        raise ValueError(f"could not load model {spec!r}: {e}") from e
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
+        raise ValueError(_load_error(spec, local, e)) from e
+    except Exception as e:  # safetensors' SafetensorError (a damaged file) derives from Exception only
+        if type(e).__name__ != "SafetensorError":
+            raise
+        raise ValueError(_load_error(spec, local, e)) from e
     if tokenizer is None:
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        except (OSError, RuntimeError, EOFError) as e:
+            raise ValueError(f"could not load the tokenizer of {spec!r}: {_first_line(e)}; check its tokenizer files") \
+                from e
     model.to(device).eval()
     if check_weights:
         check_finite(model, str(spec))

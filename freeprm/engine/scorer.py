@@ -71,6 +71,9 @@ def _check_unknown(where: str, unknown: Mapping, known: Iterable[str]) -> None:
                          f"valid options are {', '.join(sorted(known))}")
 
 
+# the longest max_length accepted (2**31 - 1 tokens: beyond any model; larger values overflow C integers)
+MAX_LENGTH_LIMIT = 2**31 - 1
+
 class Scorer:
     """Keeps a policy (and optional reference) loaded and scores responses with them.
 
@@ -168,10 +171,13 @@ class Scorer:
             raise ValueError(f"pack must be True, False or 'auto', got {pack!r}")
         if max_length is not None and max_length < 2:
             raise ValueError(f"max_length must be >= 2 tokens, got {max_length}")
+        if max_length is not None and max_length > MAX_LENGTH_LIMIT:
+            raise ValueError(f"max_length must be at most {MAX_LENGTH_LIMIT} tokens, got {max_length}; no model "
+                             "takes longer sequences (omit it to score whole lines)")
         if step_pattern is not None:
             try:
                 step_pattern = re.compile(step_pattern) if isinstance(step_pattern, str) else step_pattern
-            except re.error as e:
+            except (re.error, OverflowError, RecursionError) as e:  # OverflowError: a{99999999999}
                 raise ValueError(f"step_pattern is not a valid regex: {e}") from e
         obj = _model_object(policy)
         if device is not None:

@@ -10,9 +10,16 @@ layer (``read_items`` with a loaded tiny ``Scorer``: everything the CLI does bef
 ``N_WHOLE`` cases through ``freeprm.cli.main(["score", ...])`` end to end (model run, output file).
 Asserted: no exception escapes, every good line is scored exactly once and in input order,
 every bad line is reported once with its own line number (and the reason for its kind).
+
+Then hostile command lines (issue 19), for ``score``, ``rerank`` and ``serve``: damaged model
+directories (truncated, garbage and empty safetensors, a ``vocab_size`` that does not fit the
+weights, a pickle ``torch.load`` refuses), a regex repeat count that overflows, a ``--max-length``
+beyond any integer, ``serve --port`` out of range (checked by the server's option check), outputs below a file or in ``/proc`` / ``/sys``: each
+is one line naming the file or option, exit 2, no traceback, nothing written.
 """
 
 import json
+import os
 import random
 
 import pytest
@@ -179,3 +186,104 @@ def test_fuzz_whole_files(tiny_model_dir, tmp_path, capsys):
         for n in good:  # the passed-through id is the line's own
             assert by_line[n]["id"] == n
         assert f"scored {len(rows)} responses, skipped {len(reported)} malformed lines" in err
+
+
+# ---------------------------------------------------------------------- hostile options and damaged files (issue 19)
+def _damaged_models(base: str, root) -> dict:
+    """Copies of the tiny model, each damaged one way."""
+    import shutil
+    from pathlib import Path
+
+    def variant(name, damage):
+        d = Path(root) / name
+        shutil.copytree(base, d)
+        damage(d)
+        return str(d)
+
+    st = "model.safetensors"
+
+    def vocab(d):
+        cfg = json.loads((d / "config.json").read_text())
+        (d / "config.json").write_text(json.dumps(cfg | {"vocab_size": cfg["vocab_size"] + 7}))
+
+    def pickle_only(d):
+        (d / st).unlink()
+        (d / "pytorch_model.bin").write_bytes(b"\x80\x04not a pickle torch.load accepts")
+
+    return {
+        "truncated": variant("truncated", lambda d: (d / st).write_bytes((d / st).read_bytes()[:5000])),
+        "garbage": variant("garbage", lambda d: (d / st).write_bytes(b"\xff" * 8 + b"garbage" * 50)),
+        "empty": variant("empty", lambda d: (d / st).write_bytes(b"")),
+        "vocab": variant("vocab", vocab),
+        "pickle": variant("pickle", pickle_only),
+    }
+
+
+HOSTILE = {  # name -> (argv after the command's own -i/-o, words the one message must contain)
+    "safetensors_truncated": ("{truncated}", "model.safetensors is damaged"),
+    "safetensors_garbage": ("{garbage}", "model.safetensors is damaged"),
+    "safetensors_empty": ("{empty}", "model.safetensors is damaged"),
+    "vocab_size": ("{vocab}", "do not fit its config.json"),
+    "pickle_refused": ("{pickle} --allow-pickle", "pickle checkpoint"),
+    "regex_repeat": ("{ok} --step-pattern a{{99999999999}}", "step"),
+    "max_length": ("{ok} --max-length 99999999999999999999", "at most 2147483647"),
+}
+
+
+@pytest.fixture(scope="module")
+def damaged(tiny_model_dir, tmp_path_factory):
+    return _damaged_models(tiny_model_dir, tmp_path_factory.mktemp("damaged")) | {"ok": tiny_model_dir}
+
+
+def _one_message(err: str, prefixes=("freeprm ", "error: ")) -> list[str]:
+    """The lines of stderr that are freeprm's own (not a library's progress bar or load report)."""
+    return [x for x in err.splitlines() if x.startswith(prefixes)]
+
+
+@pytest.mark.parametrize("cmd", ["score", "rerank", "serve"])
+@pytest.mark.parametrize("case", sorted(HOSTILE))
+def test_hostile_options_and_damaged_models_are_one_message(cmd, case, damaged, tmp_path, capsys):
+    inp = tmp_path / "in.jsonl"
+    inp.write_text(json.dumps({"id": 1, "prompt": "p", "response": "a\n\nb", "candidates": ["a\n\nb"]}) + "\n")
+    out = tmp_path / "out"
+    args, words = HOSTILE[case]
+    model_and_opts = args.format(**damaged).split(" ")
+    io_args = {"score": ["-i", str(inp), "-o", str(out)], "rerank": ["-i", str(inp), "-o", str(out)],
+               "serve": ["--port", "0"]}[cmd]
+    rc = main([cmd, "--policy", *model_and_opts, *io_args, *(["--no-progress"] if cmd != "serve" else [])])
+    err = capsys.readouterr().err
+    said = _one_message(err)
+    assert rc == 2 and "Traceback" not in err and len(said) == 1, err[-3000:]
+    assert words in said[0], said[0]
+    assert not out.exists()  # nothing written
+
+
+@pytest.mark.parametrize("port", ["70000", "-1"])
+def test_serve_port_out_of_range_is_refused_before_loading(port, capsys):
+    rc = main(["serve", "--policy", "/no/such/model", "--port", port])  # the port is named, not the model
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err and "port" in err and "/no/such/model" not in err, err
+
+
+@pytest.mark.parametrize("cmd", ["score", "rerank"])
+@pytest.mark.parametrize("where", ["below_a_file", "proc", "sys"])
+def test_impossible_output_paths_are_one_message(cmd, where, tiny_model_dir, tmp_path, capsys):
+    inp = tmp_path / "in.jsonl"
+    inp.write_text(json.dumps({"id": 1, "prompt": "p", "response": "a\n\nb", "candidates": ["a\n\nb"]}) + "\n")
+    (tmp_path / "afile").write_text("keep")
+    out = {"below_a_file": str(tmp_path / "afile" / "sub"), "proc": "/proc/freeprm-fuzz", "sys": "/sys/freeprm-fuzz"}[where]
+    rc = main([cmd, "--policy", tiny_model_dir, "-i", str(inp), "-o", out, "--no-progress"])
+    err = capsys.readouterr().err
+    said = _one_message(err)
+    assert rc == 2 and "Traceback" not in err and len(said) == 1 and out in said[0], err[-3000:]
+    assert (tmp_path / "afile").read_text() == "keep" and not os.path.exists(out)
+
+
+def test_help_and_directory_input_messages(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["score", "--help"])
+    assert "split on ``\\n`` only" in capsys.readouterr().out  # the two characters, not a line break
+    for cmd in ("score", "rerank"):
+        rc = main([cmd, "-i", str(tmp_path), "-o", str(tmp_path / "o"), "--no-progress"])
+        err = capsys.readouterr().err
+        assert rc == 2 and f"input {tmp_path} is a directory" in err and "not found" not in err

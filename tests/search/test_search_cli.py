@@ -34,7 +34,7 @@ def _env(**extra):
     # subprocess waits on another process building the optional C++ kernel)
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
                PYTHONWARNINGS="ignore", FREEPRM_CPU_EXT="0")
-    env.pop("FREEPRM_BATCH_KILL", None)
+    env.pop("FREEPRM_FAULT", None)
     env.update(extra)
     return env
 
@@ -62,7 +62,7 @@ def test_kill9_then_resume_equals_uninterrupted(tmp_path, tiny_model_dir, tiny_r
     k = _parts(out)  # parts 0 .. k-1 are on disk
     assert 1 <= k <= N_PROMPTS // PER_PART - 3
     for stage, part in [("tmp", k), ("manifest", k + 1), ("rename", k + 2)]:  # inside a part's write sequence
-        r = subprocess.run(cmd, env=_env(FREEPRM_BATCH_KILL=f"{stage}:{part}"), capture_output=True, timeout=300)
+        r = subprocess.run(cmd, env=_env(FREEPRM_FAULT=f"rerank.{stage}:{part}"), capture_output=True, timeout=300)
         assert r.returncode == -signal.SIGKILL, r.stderr.decode()[-2000:]
     # on disk: 0 .. k + 2 (part k + 1 was redone by the third run: its manifest line was there, its file was not)
     assert _parts(out) == k + 3
