@@ -376,7 +376,7 @@ def check_output_dir(path: str | os.PathLike, *, create: bool = False) -> Path:
     except OSError as e:
         raise OutputError(os_error_message(e, path)) from None
     if st is not None and not stat.S_ISDIR(st.st_mode):
-        what = "regular file" if stat.S_ISREG(st.st_mode) else _file_type(st.st_mode)
+        what = "file" if stat.S_ISREG(st.st_mode) else _file_type(st.st_mode)
         raise OutputError(f"output {path} is a {what}, not a directory; give a directory path (created if missing)")
     if st is None:
         _check_folder(path, p)
