@@ -35,7 +35,7 @@ from pathlib import Path
 
 from ..engine.scorer import AGGREGATIONS
 from ..faults import fault_point
-from ..io import OutputError, check_output_dir, dumps_line, fsync_dir, os_error_message, replace_file
+from ..io import OutputError, check_output_dir, dumps_line, os_error_message, replace_file
 
 MANIFEST = "manifest.jsonl"
 FINGERPRINT = "fingerprint.json"
