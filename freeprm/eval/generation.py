@@ -77,24 +77,38 @@ class TransformersGenerator:
 
     @torch.inference_mode()
     def sample_many(self, prompts: Sequence[str], *, seed: int, temperature: float = 0.7, top_p: float = 0.95,
-                    max_new_tokens: int = 256, stop: Sequence[str] | None = None) -> list[tuple[str, int]]:
+                    max_new_tokens: int = 256, stop: Sequence[str] | None = None,
+                    share_prefill: bool = True) -> list[tuple[str, int]]:
         """One sampled continuation per prompt, in one left-padded ``generate`` call.
 
         ``stop``: strings that end a continuation (cut before them); the token count is then
         that of the generated tokens up to the stop, as generated.
+        ``share_prefill``: run the forward pass over each *distinct* prompt once (all but its last
+        token), copy its KV cache to every row that samples from it, and let ``generate`` go on
+        from there. Best-of-N sends N copies of a prompt, so this does 1/N of the prompt work;
+        the rows' distributions are the same (the cache holds the same keys and values), only the
+        random draws differ from ``share_prefill=False``. See bench/bench_generate.py.
         """
-        batch = pad_batch([self.prompt_ids(p) for p in prompts], self.pad_id, side="left")  # [B, T]
-        t = batch.input_ids.shape[1]
-        torch.manual_seed(seed)
+        ids = [self.prompt_ids(p) for p in prompts]
+        row_of: dict[tuple[int, ...], int] = {}
+        src = [row_of.setdefault(tuple(x), len(row_of)) for x in ids]  # row -> distinct prompt
+        share = share_prefill and len(row_of) < len(ids) and min(len(x) for x in ids) > 1
+        batch = pad_batch([list(k) for k in row_of] if share else ids, self.pad_id, side="left")  # [U or B, T]
+        input_ids, attention_mask = batch.input_ids.to(self.device), batch.attention_mask.to(self.device)
+        t = input_ids.shape[1]
         kwargs = dict(max_new_tokens=max_new_tokens, pad_token_id=self.pad_id, eos_token_id=self.eos_ids or None)
+        if share:
+            kwargs["past_key_values"] = self._prefill(input_ids[:, :-1], attention_mask[:, :-1], src)
+            idx = torch.tensor(src, device=self.device)
+            input_ids, attention_mask = input_ids[idx], attention_mask[idx]  # [B, T]
+        torch.manual_seed(seed)
         if temperature > 0:
             kwargs.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
         else:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         if stop:
             kwargs.update(stop_strings=list(stop), tokenizer=self.tokenizer)
-        out = self.model.generate(input_ids=batch.input_ids.to(self.device),
-                                  attention_mask=batch.attention_mask.to(self.device), **kwargs)
+        out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         texts = []
         for row in out[:, t:].tolist():
             n_tok = len(row)
@@ -104,6 +118,21 @@ class TransformersGenerator:
                     break
             texts.append((truncate_at_stop(self.tokenizer.decode(row[:n_tok], skip_special_tokens=True), stop), n_tok))
         return texts
+
+    def _prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, rows: Sequence[int]):
+        """KV cache of ``input_ids`` ``[U, T-1]`` (left padded), its batch rows then gathered by ``rows`` ``[B]``.
+
+        Positions are those ``generate`` gives left-padded rows (``cumsum(mask) - 1``, 0 at pads), so
+        the cached keys are the ones ``generate`` would have computed itself.
+        """
+        from transformers import DynamicCache
+
+        position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+        cache = DynamicCache(config=self.model.config)
+        self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                   past_key_values=cache, use_cache=True, logits_to_keep=1)
+        cache.batch_select_indices(torch.tensor(rows, device=input_ids.device))
+        return cache
 
 
 def vllm_generate(problems: Sequence[Problem], todo: dict[str, list[int]], model: str, *, prompts: dict[str, str],
