@@ -20,6 +20,7 @@ _COMMAND_MODULES = (
     "freeprm.integrations.cli",  # serve
     "freeprm.batch.cli",    # rerank
     "freeprm.search.cli",   # search
+    "freeprm.eval.data_cli",  # data rollouts | steps, eval steps
 )
 
 

@@ -55,6 +55,8 @@ def _add_task(p: argparse.ArgumentParser) -> None:
                    "(default: $FREEPRM_DATA or ../shared/data)")
     g.add_argument("--task-seed", type=int, default=0, help="seed of the generated arith problems")
     g.add_argument("--levels", type=_ints, default=[1, 2, 3, 4], help="arith difficulty levels, e.g. 1,2,3")
+    g.add_argument("--small-numbers", action="store_true",
+                   help="arith: every step adds or subtracts a single-digit number (multi-step, level-1 sized steps)")
 
 
 def _add_generate(p: argparse.ArgumentParser) -> None:
@@ -159,7 +161,8 @@ def stage_generate(args) -> None:
     from .tasks import load_task
 
     problems = load_task(args.task, limit=args.limit, offset=args.offset, shuffle_seed=args.shuffle_seed,
-                         data_dir=args.data_dir, seed=args.task_seed, levels=tuple(args.levels))
+                         data_dir=args.data_dir, seed=args.task_seed, levels=tuple(args.levels),
+                         small=args.small_numbers)
     st = generate_candidates(problems, _candidates_path(args), model=args.generator, n=args.n,
                              temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
                              seed=args.seed, batch_size=args.batch_size, backend=args.backend, dtype=args.gen_dtype,

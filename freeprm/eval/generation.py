@@ -98,7 +98,7 @@ class TransformersGenerator:
         t = input_ids.shape[1]
         kwargs = dict(max_new_tokens=max_new_tokens, pad_token_id=self.pad_id, eos_token_id=self.eos_ids or None)
         if share:
-            kwargs["past_key_values"] = self._prefill(input_ids[:, :-1], attention_mask[:, :-1], src)
+            kwargs["cache"] = self._prefill(input_ids[:, :-1], attention_mask[:, :-1], src)
             idx = torch.tensor(src, device=self.device)
             input_ids, attention_mask = input_ids[idx], attention_mask[idx]  # [B, T]
         torch.manual_seed(seed)
@@ -130,35 +130,53 @@ class TransformersGenerator:
         position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
         cache = DynamicCache(config=self.model.config)
         self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                   past_key_values=cache, use_cache=True, logits_to_keep=1)
+                   cache=cache, use_cache=True, logits_to_keep=1)
         cache.batch_select_indices(torch.tensor(rows, device=input_ids.device))
         return cache
 
 
 def vllm_generate(problems: Sequence[Problem], todo: dict[str, list[int]], model: str, *, prompts: dict[str, str],
                   seed: int, temperature: float, top_p: float, max_new_tokens: int, stop=None,
-                  prompt_format: str = "auto"):
+                  prompt_format: str = "auto", problems_per_call: int = 512, llm=None):
     """vLLM backend (GPU only): yields ``(problem, candidate_id, text, n_tokens)``.
 
     Prompts go to vLLM as token ids from ``prompt_ids`` (as the transformers backend and the
-    scorer format them), never as text for vLLM to template or tokenize again.
+    scorer format them), never as text for vLLM to template or tokenize again. Up to
+    ``problems_per_call`` problems go to one ``llm.generate`` call (a list of prompts, one
+    ``SamplingParams(n=#missing candidates, seed=...)`` each), so vLLM batches them all; results
+    come back problem by problem in input order. ``llm``: an ``LLM`` already built (else one is
+    built from ``model``).
     """
     from vllm import LLM, SamplingParams  # noqa: PLC0415
 
     from ..engine.loading import resolve_spec
 
-    llm = LLM(model=resolve_spec(model), seed=seed)
+    if problems_per_call < 1:
+        raise ValueError(f"problems_per_call must be >= 1, got {problems_per_call}")
+    work = [p for p in problems if todo.get(p.problem_id)]
+    if not work:
+        return
+    llm = llm if llm is not None else LLM(model=resolve_spec(model), seed=seed)
     tok = llm.get_tokenizer()
-    for p in problems:
-        cids = todo.get(p.problem_id)
-        if not cids:
-            continue
-        ids = prompt_ids(tok, prompts[p.problem_id], prompt_format)
-        params = SamplingParams(n=len(cids), temperature=temperature, top_p=top_p, max_tokens=max_new_tokens,
-                                seed=derive_seed(seed, p.problem_id, cids[0]) % (2**31), stop=list(stop) if stop else None)
-        outs = llm.generate([{"prompt_token_ids": ids}], params, use_tqdm=False)[0].outputs
-        for cid, o in zip(cids, outs):
-            yield p, cid, o.text, len(o.token_ids)
+    for i in range(0, len(work), problems_per_call):
+        chunk = work[i:i + problems_per_call]
+        inputs, params = [], []
+        for p in chunk:
+            cids = todo[p.problem_id]
+            inputs.append({"prompt_token_ids": prompt_ids(tok, prompts[p.problem_id], prompt_format)})
+            params.append(SamplingParams(n=len(cids), temperature=temperature, top_p=top_p, max_tokens=max_new_tokens,
+                                         seed=derive_seed(seed, p.problem_id, cids[0]) % (2**31),
+                                         stop=list(stop) if stop else None))
+        results = llm.generate(inputs, params, use_tqdm=False)
+        if len(results) != len(chunk):
+            raise RuntimeError(f"vLLM returned {len(results)} results for {len(chunk)} prompts")
+        for p, res in zip(chunk, results):
+            cids = todo[p.problem_id]
+            if len(res.outputs) != len(cids):
+                raise RuntimeError(f"vLLM returned {len(res.outputs)} samples for problem {p.problem_id}, "
+                                   f"asked for {len(cids)}")
+            for cid, o in zip(cids, res.outputs):
+                yield p, cid, o.text, len(o.token_ids)
 
 
 def pack_batches(problems: Sequence[Problem], todo: dict[str, list[int]], batch_size: int):

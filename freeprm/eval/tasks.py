@@ -105,10 +105,11 @@ _NAMES = ["Ava", "Ben", "Chloe", "Dan", "Emma", "Finn", "Grace", "Hugo", "Isla",
 _ITEMS = ["apples", "marbles", "stickers", "pencils", "cookies", "stamps", "shells", "cards", "books", "coins"]
 
 
-def _events(rng: random.Random, level: int, start: int, item: str, name: str) -> tuple[list[str], int]:
-    x, sentences = start, []
-    hi = 10 * level - 1  # level 1: single-digit numbers
-    kinds = ["add", "sub"] if level == 1 else ["add", "sub", "packs", "share", "double"]
+def _events(rng: random.Random, level: int, start: int, item: str, name: str,
+            small: bool = False) -> tuple[list[str], int, list]:
+    x, sentences, ops = start, [], []  # ops: [kind, operand, operand] per event (the gold solution's input)
+    hi = 9 if small else 10 * level - 1  # level 1 (or small): single-digit numbers
+    kinds = ["add", "sub"] if level == 1 or small else ["add", "sub", "packs", "share", "double"]
     for _ in range(level):
         kind = rng.choice(kinds)
         if kind == "share":
@@ -120,27 +121,37 @@ def _events(rng: random.Random, level: int, start: int, item: str, name: str) ->
         if kind == "add":
             k = rng.randint(1, hi)
             x += k
+            ops.append(["add", k, 0])
             sentences.append(rng.choice([f"Then {name} gets {k} more {item}.", f"A friend gives {name} {k} more {item}."]))
         elif kind == "sub":
             k = rng.randint(1, min(x - 1, hi))
             x -= k
+            ops.append(["sub", k, 0])
             sentences.append(rng.choice([f"Then {name} gives away {k} {item}.", f"{name} loses {k} {item}."]))
         elif kind == "packs":
             packs, per = rng.randint(2, 2 + level), rng.randint(2, 3 + 2 * level)
             x += packs * per
+            ops.append(["packs", packs, per])
             sentences.append(f"Then {name} buys {packs} packs of {item} with {per} {item} in each pack.")
         elif kind == "share":
             d = rng.choice(divisors)
             x //= d
+            ops.append(["share", d, 0])
             sentences.append(f"Then {name} splits the {item} into {d} equal groups and keeps only one group.")
         else:
             x *= 2
+            ops.append(["double", 2, 0])
             sentences.append(f"Then the number of {item} {name} has doubles.")
-    return sentences, x
+    return sentences, x, ops
 
 
-def make_arith(n: int = 40, *, seed: int = 0, levels: tuple[int, ...] = (1, 2, 3, 4)) -> list[Problem]:
-    """``n`` generated word problems, levels cycling through ``levels`` (graded difficulty), seeded."""
+def make_arith(n: int = 40, *, seed: int = 0, levels: tuple[int, ...] = (1, 2, 3, 4),
+               small: bool = False) -> list[Problem]:
+    """``n`` generated word problems, levels cycling through ``levels`` (graded difficulty), seeded.
+
+    ``small``: every event adds or subtracts a single-digit number (``level`` events, start below 10):
+    multi-step problems as easy per step as level 1; ids ``arith-small-s<seed>-<i>``.
+    """
     if n < 0 or not levels or any(lv < 1 for lv in levels):
         raise ValueError("n must be >= 0 and levels a non-empty tuple of integers >= 1")
     rng = random.Random(seed)
@@ -148,22 +159,102 @@ def make_arith(n: int = 40, *, seed: int = 0, levels: tuple[int, ...] = (1, 2, 3
     for i in range(n):
         level = levels[i % len(levels)]
         name, item = rng.choice(_NAMES), rng.choice(_ITEMS)
-        start = rng.randint(2, 10 * level - 1)
-        sentences, answer = _events(rng, level, start, item, name)
+        start = rng.randint(2, 9 if small else 10 * level - 1)
+        sentences, answer, ops = _events(rng, level, start, item, name, small)
         question = f"{name} has {start} {item}. " + " ".join(sentences) + f" How many {item} does {name} have now?"
-        out.append(Problem(f"arith-s{seed}-{i}", "arith", question, str(answer), {"level": level}))
+        out.append(Problem(f"arith-{'small-' if small else ''}s{seed}-{i}", "arith", question, str(answer),
+                           {"level": level, "name": name, "item": item, "start": start, "ops": ops, "small": small}))
+    return out
+
+
+def arith_steps(problem: Problem, corrupt: tuple[int, int] | None = None) -> list[str] | None:
+    """The worked solution of a generated arith problem, one calculation per step, then ``The answer is X.``
+
+    Written like the prompt's example (``Mia buys 3 * 2 = 6 pens.``). ``corrupt=(j, delta)`` adds
+    ``delta`` to the result written in step ``j`` and carries the wrong value on: later steps do correct
+    arithmetic on it, so step ``j`` is the first wrong one and the final answer changes. Returns None
+    when that cannot be done (``j`` is not a calculation step, or a later step would divide unevenly or
+    reach a count <= 0).
+    """
+    m = problem.meta
+    if "ops" not in m:
+        raise ValueError(f"problem {problem.problem_id} has no recorded operations (not a generated arith problem)")
+    name, item, x = m["name"], m["item"], m["start"]
+    steps: list[str] = []
+
+    def emit(text, result: int) -> int:
+        if corrupt is not None and corrupt[0] == len(steps):
+            result += corrupt[1]
+        steps.append(text(result))
+        return result
+
+    for kind, a, b in m["ops"]:
+        if kind == "add":
+            y = emit(lambda r: f"{name} has {x} + {a} = {r} {item}.", x + a)
+        elif kind == "sub":
+            y = emit(lambda r: f"{name} has {x} - {a} = {r} {item}.", x - a)
+        elif kind == "packs":
+            got = emit(lambda r: f"{name} buys {a} * {b} = {r} {item}.", a * b)
+            y = emit(lambda r: f"{name} has {x} + {got} = {r} {item}.", x + got)
+        elif kind == "share":
+            if x % a:
+                return None
+            y = emit(lambda r: f"{name} keeps {x} / {a} = {r} {item}.", x // a)
+        else:  # double
+            y = emit(lambda r: f"{name} has {x} * 2 = {r} {item}.", x * 2)
+        if y <= 0:
+            return None
+        x = y
+    if corrupt is not None and not 0 <= corrupt[0] < len(steps):
+        return None
+    return steps + [f"The answer is {x}."]
+
+
+def load_task_file(path: str | os.PathLike, *, task: str = "gsm8k") -> list[Problem]:
+    """Problems of a JSONL file: ``{"question", "gold"[, "problem_id", "task", "meta"]}`` per line.
+
+    ``task`` (a name of ``TASK_NAMES``, selecting the grader) applies to rows without their own;
+    ``problem_id`` defaults to ``<file stem>-<line>``. A bad line (unknown field, missing or non-string
+    question/gold, unknown task, repeated id) raises ``ValueError("PATH:LINE: ...")``.
+    """
+    allowed = {"problem_id", "question", "gold", "task", "meta"}
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"task file not found: {path}")
+    out, seen = [], {}
+    for line, r in load_jsonl(path, on_error="raise"):
+        unknown = sorted(set(r) - allowed)
+        if unknown:
+            raise ValueError(f"{path}:{line}: unknown field(s) {unknown}; a task row has {sorted(allowed)} "
+                             "(rename or drop the others)")
+        for k in ("question", "gold"):
+            if not isinstance(r.get(k), (str, int, float)) or isinstance(r.get(k), bool):
+                raise ValueError(f"{path}:{line}: {k!r} is missing or not a string")
+        t = r.get("task", task)
+        if t not in TASK_NAMES:
+            raise ValueError(f"{path}:{line}: task must be one of {TASK_NAMES}, got {t!r}")
+        pid = str(r.get("problem_id", f"{path.stem}-{line}"))
+        if pid in seen:
+            raise ValueError(f"{path}:{line}: problem_id {pid!r} repeats line {seen[pid]}")
+        seen[pid] = line
+        meta = r.get("meta") or {}
+        if not isinstance(meta, dict):
+            raise ValueError(f"{path}:{line}: 'meta' must be an object")
+        out.append(Problem(pid, t, str(r["question"]), str(r["gold"]), meta))
+    if not out:
+        raise ValueError(f"{path}: no problems")
     return out
 
 
 def load_task(name: str, *, limit: int | None = None, offset: int = 0, shuffle_seed: int | None = None,
               data_dir: str | os.PathLike | None = None, seed: int = 0,
-              levels: tuple[int, ...] = (1, 2, 3, 4)) -> list[Problem]:
+              levels: tuple[int, ...] = (1, 2, 3, 4), small: bool = False) -> list[Problem]:
     """Problems of task ``name`` (``gsm8k`` = GSM8K test, ``math500``, ``arith`` with ``limit`` problems, default 40)."""
     if name == "gsm8k":
         return load_gsm8k("test", limit=limit, offset=offset, shuffle_seed=shuffle_seed, data_dir=data_dir)
     if name == "math500":
         return load_math500(limit=limit, offset=offset, shuffle_seed=shuffle_seed, data_dir=data_dir)
     if name == "arith":
-        probs = make_arith((limit or 40) + offset, seed=seed, levels=levels)
+        probs = make_arith((limit or 40) + offset, seed=seed, levels=levels, small=small)
         return probs[offset:]
     raise ValueError(f"task must be one of {TASK_NAMES}, got {name!r}")

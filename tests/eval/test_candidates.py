@@ -101,7 +101,11 @@ def test_generate_is_seeded_and_honours_stop(tiny_model_dir, tmp_path):
 
 
 class _FakeVLLM:
-    """Stands in for the ``vllm`` module: records what the backend hands to ``LLM.generate``."""
+    """Stands in for the ``vllm`` module: records what the backend hands to ``LLM.generate``.
+
+    Sample ``j`` of prompt ``i`` of a call reads ``"<seed> <j>"`` (the prompt's SamplingParams seed), so a
+    test can tell which prompt each output was sampled for.
+    """
 
     def __init__(self, tokenizer):
         import types
@@ -117,14 +121,43 @@ class _FakeVLLM:
                 return tokenizer
 
             def generate(self, prompts, params, use_tqdm=False):
-                fake.calls.append(prompts)
-                out = types.SimpleNamespace(text="2 + 2 = 4.\n\nThe answer is 4.", token_ids=[1, 2, 3])
-                return [types.SimpleNamespace(outputs=[out] * params.n)]
+                fake.calls.append((prompts, params))
+                params = params if isinstance(params, list) else [params] * len(prompts)
+                return [types.SimpleNamespace(outputs=[types.SimpleNamespace(text=f"{sp.seed} {j}\n\nThe answer is 4.",
+                                                                             token_ids=[1, 2, 3])
+                                                       for j in range(sp.n)]) for sp in params]
 
         def sampling_params(**kw):
             return types.SimpleNamespace(**kw)
 
         self.module = types.SimpleNamespace(LLM=LLM, SamplingParams=sampling_params)
+
+
+def test_vllm_sends_many_problems_per_call(tiny_model_dir, tmp_path, monkeypatch):
+    """One ``llm.generate`` call for many problems (not one per problem), outputs mapped back to their problem."""
+    import sys
+
+    from transformers import AutoTokenizer
+
+    from freeprm.eval.generation import derive_seed, vllm_generate
+
+    fake = _FakeVLLM(AutoTokenizer.from_pretrained(tiny_model_dir))
+    monkeypatch.setitem(sys.modules, "vllm", fake.module)
+    probs = [Problem(f"p{i}", "arith", f"What is {i} + 2?", str(i + 2)) for i in range(5)]
+    todo = {"p0": [0, 1, 2], "p1": [], "p2": [1], "p3": [0, 2], "p4": [0, 1, 2]}  # p1 is complete already
+    prompts = {p.problem_id: p.prompt() for p in probs}
+    out = list(vllm_generate(probs, todo, tiny_model_dir, prompts=prompts, seed=7, temperature=0.5, top_p=1.0,
+                             max_new_tokens=8, problems_per_call=3))
+    assert [len(c[0]) for c in fake.calls] == [3, 1]  # p0, p2, p3 in one call, then p4
+    assert [sp.n for sp in fake.calls[0][1]] == [3, 1, 2]
+    assert [(p.problem_id, cid) for p, cid, _, _ in out] == [(pid, c) for pid, cs in todo.items() for c in cs]
+    for p, cid, text, ntok in out:
+        seed = derive_seed(7, p.problem_id, todo[p.problem_id][0]) % (2**31)
+        assert text.startswith(f"{seed} {todo[p.problem_id].index(cid)}") and ntok == 3
+    st = generate_candidates(probs, tmp_path / "v.jsonl", model=tiny_model_dir, n=2, backend="vllm", progress=False)
+    assert st["generated"] == 10 and len(fake.calls) == 3  # the whole run: one more call
+    assert sorted((r["problem_id"], r["candidate_id"]) for r in read_jsonl(tmp_path / "v.jsonl")) == \
+        [(f"p{i}", c) for i in range(5) for c in range(2)]
 
 
 @pytest.mark.parametrize("prompt_format", ["chat", "raw"])
@@ -139,10 +172,29 @@ def test_vllm_and_transformers_format_the_same_prompt(tiny_model_dir, tmp_path, 
     st = generate_candidates(probs, tmp_path / "v.jsonl", model=tiny_model_dir, n=2, backend="vllm", prompt_format=prompt_format,
                              progress=False)
     assert st["generated"] == 2
-    (sent,) = fake.calls
+    ((sent, _),) = fake.calls
     hf = TransformersGenerator(tiny_model_dir, prompt_format=prompt_format)
     assert sent == [{"prompt_token_ids": hf.prompt_ids(probs[0].prompt())}]
     other = "raw" if prompt_format == "chat" else "chat"
     assert sent[0]["prompt_token_ids"] != TransformersGenerator(tiny_model_dir, prompt_format=other).prompt_ids(probs[0].prompt())
     recs = read_jsonl(tmp_path / "v.jsonl")
     assert [r["gen"]["backend"] for r in recs] == ["vllm", "vllm"] and recs[0]["gen"]["prompt_format"] == prompt_format
+
+
+def test_shared_prefill_samples_the_same_continuations(tiny_model_dir):
+    """Prefilling each distinct prompt once and copying its cache to its rows gives what a full-batch prefill gives
+    (greedy, so exactly the same tokens), with prompts of different lengths (left padding) and unsorted rows."""
+    from freeprm.eval.tasks import make_arith
+
+    gen = TransformersGenerator(tiny_model_dir)
+    ps = [p.prompt() for p in make_arith(3, seed=0, levels=(1, 3))]
+    assert len({len(gen.prompt_ids(p)) for p in ps}) > 1
+    prompts = [ps[0], ps[1], ps[0], ps[2], ps[1], ps[0]]
+    shared = gen.sample_many(prompts, seed=0, temperature=0, max_new_tokens=10, share_prefill=True)
+    full = gen.sample_many(prompts, seed=0, temperature=0, max_new_tokens=10, share_prefill=False)
+    assert shared == full
+    calls = []
+    orig = gen._prefill
+    gen._prefill = lambda ids, mask, rows: calls.append((ids.shape, list(rows))) or orig(ids, mask, rows)
+    gen.sample_many(prompts, seed=0, temperature=0, max_new_tokens=2)
+    assert calls[0][0][0] == 3 and calls[0][1] == [0, 1, 0, 2, 1, 0]  # three distinct prompts, one pass each
