@@ -130,11 +130,15 @@ def gen_kwargs(plan: Plan, policy) -> dict:
                 progress=False)
 
 
-def scorer_specs(plan: Plan, out: Path, policy) -> dict:
-    """name -> (policy, reference, beta) for every scorer, in report order."""
-    return {"untrained": (policy, None, 1.0),
+ONLY: set | None = None  # --scorers
+
+
+def scorer_specs(plan: Plan, out: Path, policy, *, all_: bool = False) -> dict:
+    """name -> (policy, reference, beta) for every scorer (``--scorers`` only, unless ``all_``), in report order."""
+    specs = {"untrained": (policy, None, 1.0),
             "ce": (str(out / "ce" / "final"), policy, plan.beta),
             "dpo": (str(out / "dpo" / "final"), policy, plan.beta)}
+    return {k: v for k, v in specs.items() if all_ or ONLY is None or k in ONLY}
 
 
 # ------------------------------------------------------------------------------------------------ stages
@@ -255,7 +259,7 @@ def bon_report(plan, out, policy) -> dict | None:
     td = out / "test"
     if not (td / "candidates.jsonl").exists():
         return None
-    specs = [n for n in scorer_specs(plan, out, policy) if (td / f"scores_{n}.jsonl").exists()]
+    specs = [n for n in scorer_specs(plan, out, policy, all_=True) if (td / f"scores_{n}.jsonl").exists()]
     scores = {n: {(s["problem_id"], s["candidate_id"]): s for s in read_jsonl(td / f"scores_{n}.jsonl")} for n in specs}
     by: dict = {}
     for c in read_jsonl(td / "candidates.jsonl"):
@@ -306,7 +310,7 @@ def steps_report(plan, out, policy) -> dict | None:
         return None
     rows = {k: [json.loads(x) for x in (sd / f"{k}.jsonl").read_text().splitlines() if x.strip()] for k in ("tune", "test")}
     res = {}
-    for name in scorer_specs(plan, out, policy):
+    for name in scorer_specs(plan, out, policy, all_=True):
         f = sd / f"{name}.json"
         if not f.exists():
             continue
@@ -474,11 +478,15 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--quick", action="store_true", help="smoke test: a tiny random model, a handful of problems")
     ap.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--scorers", default=None, help="comma-separated subset of untrained,ce,dpo for the steps and bon "
+                    "stages (default: every one whose model exists)")
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                     help="override a plan field (JSON value), e.g. --set n_test=100 --set lr=1e-5")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    global ONLY
+    ONLY = set(args.scorers.split(",")) if args.scorers else None
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     plan = Plan(**QUICK) if args.quick else Plan()
