@@ -30,7 +30,8 @@ def mentioned(doc: Path, section: str | None = None) -> set[str]:
 
 @pytest.mark.parametrize("doc, commands", [
     ("docs/trainer.md", [("train",), ("score",)]),
-    ("docs/eval.md", [("bon", s) for s in ("generate", "score", "report", "all")]),
+    ("docs/eval.md", [("bon", s) for s in ("generate", "score", "report", "all")]
+     + [("data", "rollouts"), ("data", "steps"), ("eval", "steps"), ("train",)]),
     ("docs/search.md", [("search",)]),
     ("docs/cli.md", None),
     ("docs/config.md", None),
