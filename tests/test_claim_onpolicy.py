@@ -1,0 +1,31 @@
+"""The on-policy claim pipeline (bench/claim_onpolicy.py) end to end in --quick mode, and its stage-by-stage resume."""
+
+import json
+
+from bench.claim_onpolicy import main
+
+
+def test_quick_pipeline_runs_and_resumes(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("FREEPRM_CPU_EXT", "0")  # the pure-torch path: no wait on a shared C++ build
+    out = tmp_path / "run"
+    # a run stopped after its data stage, then the same command for everything: it continues
+    main(["--quick", "--out", str(out), "--threads", "1", "--stages", "data"])
+    rollouts = (out / "data" / "rollouts.jsonl").read_text()
+    doc = main(["--quick", "--out", str(out), "--threads", "1"])
+    assert (out / "data" / "rollouts.jsonl").read_text() == rollouts  # reused, not sampled again
+    assert (out / "ce" / "final").is_dir()
+    bon = doc["bon"]
+    assert bon["problems"] == 4 and bon["ns"] == [1, 2, 4]
+    assert {"random", "majority", "bon:untrained_min", "bon:ce_min", "wmv:ce_min:sigmoid", "pass@N"} <= set(bon["methods"])
+    assert set(bon["paired_vs_majority"]["wmv:ce_min:sigmoid"]) == {1, 2, 4}
+    steps = doc["steps"]
+    assert steps["rows"]["test_erroneous"] == 3 and {"untrained", "ce", "chance"} <= set(steps)
+    assert 0 <= steps["ce"]["test"]["f1"] <= 1
+    md = (out / "claim.md").read_text()
+    assert "Best-of-N on held-apart problems" in md and "Step-error localisation" in md
+    assert (out / "claim_bon.png").stat().st_size > 0
+    assert json.loads((out / "claim.json").read_text())["plan"]["n_test"] == 4
+    capsys.readouterr()
+    main(["--quick", "--out", str(out), "--threads", "1", "--stages", "data,train,bon"])  # all done: nothing redone
+    log = capsys.readouterr().out
+    assert "0 new rollouts" in log and "train ce: done" in log and "0 generated" in log and "0 scored" in log
