@@ -430,6 +430,22 @@ def write_report(plan, out, policy, argv, env, dropped, data_summary) -> dict:
     return doc
 
 
+def copy_results(out: Path, dest: Path) -> None:
+    """The run's small files (no model weights) into ``dest`` (e.g. bench/results/claim_onpolicy)."""
+    import shutil
+
+    dest.mkdir(parents=True, exist_ok=True)
+    names = ["claim.md", "claim.json", "claim_bon.png", "plan.json", "data/summary.json", "data/rollouts.jsonl",
+             "ce/metrics.jsonl", "dpo/metrics.jsonl", "steps/tune.jsonl", "steps/test.jsonl", "steps/untrained.json",
+             "steps/ce.json", "steps/dpo.json", "test/candidates.jsonl", "test/scores_untrained.jsonl",
+             "test/scores_ce.jsonl", "test/scores_dpo.jsonl"]
+    for n in names:
+        if (out / n).exists():
+            (dest / n).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(out / n, dest / n)
+    log(f"results copied to {dest}")
+
+
 def _plot(bon: dict, path: Path, title: str) -> None:
     import matplotlib
 
@@ -480,6 +496,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--scorers", default=None, help="comma-separated subset of untrained,ce,dpo for the steps and bon "
                     "stages (default: every one whose model exists)")
+    ap.add_argument("--results", default=None, help="after the report, copy the small result files (tables, plot, "
+                    "plan, data summary, training metrics, step rows and rewards, test candidates and scores) here")
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                     help="override a plan field (JSON value), e.g. --set n_test=100 --set lr=1e-5")
     args = ap.parse_args(argv)
@@ -533,6 +551,8 @@ def main(argv: list[str] | None = None) -> dict:
             data_summary = {k: v for k, v in data_summary.items() if k != "accuracy_per_problem"}
         doc = write_report(plan, out, policy, argv, env, probs["dropped"], data_summary)
         log(f"report: {out / 'claim.md'}")
+        if args.results:
+            copy_results(out, Path(args.results))
     return doc or {}
 
 
