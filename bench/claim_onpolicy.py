@@ -47,6 +47,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from freeprm.config import DEFAULT_BETA, DEFAULT_TRAIN_BETA  # noqa: E402
+
 STAGES = ("data", "train", "steps", "bon", "report")
 
 
@@ -72,7 +74,7 @@ class Plan:
     test_seed: int = 202
     step_tune_seed: int = 303
     step_test_seed: int = 404
-    beta: float = 0.05
+    beta: float = DEFAULT_TRAIN_BETA  # the paper's training value
     lr: float = 2e-5
     epochs: int = 1
     batch_size: int = 4
@@ -135,7 +137,7 @@ ONLY: set | None = None  # --scorers
 
 def scorer_specs(plan: Plan, out: Path, policy, *, all_: bool = False) -> dict:
     """name -> (policy, reference, beta) for every scorer (``--scorers`` only, unless ``all_``), in report order."""
-    specs = {"untrained": (policy, None, 1.0),
+    specs = {"untrained": (policy, None, DEFAULT_BETA),
             "ce": (str(out / "ce" / "final"), policy, plan.beta),
             "dpo": (str(out / "dpo" / "final"), policy, plan.beta)}
     return {k: v for k, v in specs.items() if all_ or ONLY is None or k in ONLY}

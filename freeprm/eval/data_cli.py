@@ -15,6 +15,7 @@ import json
 import sys
 
 from ..cliargs import HelpFormatter, escapes_arg
+from ..config import DEFAULT_BETA
 from .cli import _add_task, _ints  # noqa: F401  (the task options are bon's own)
 
 
@@ -77,9 +78,12 @@ def register(subparsers) -> None:
     st.add_argument("--tune", required=True, help="rows to tune the threshold on")
     st.add_argument("--test", required=True, help="rows to report on (threshold applied unchanged)")
     st.add_argument("--policy", default="smollm2")
-    st.add_argument("--reference", default=None, type=lambda v: None if v.lower() == "none" else v,
-                    help="reference model or 'none' (reference-free, the default)")
-    st.add_argument("--beta", type=float, default=1.0)
+    st.add_argument("--reference", default=None,
+                    help="reference model, or 'none'; omitted: the one a trained PRM directory records, else none")
+    st.add_argument("--force-reference", action="store_true",
+                    help="use --reference even if its content differs from the reference the PRM was trained against")
+    st.add_argument("--beta", type=float, default=None,
+                    help=f"reward scale (default: a trained PRM's recorded beta, else {DEFAULT_BETA})")
     st.add_argument("--prompt-template", default=None, help="prompt with {question} (default: the problem text)")
     st.add_argument("--prompt-format", choices=("auto", "chat", "raw"), default="auto")
     st.add_argument("--dtype", default="float32")
@@ -150,7 +154,8 @@ def run_eval_steps(args) -> int:
     _threads(args)
     try:
         tune, test = load_step_rows(args.tune), load_step_rows(args.test)
-        scorer = Scorer(args.policy, args.reference, beta=args.beta, prompt_format=args.prompt_format, dtype=args.dtype)
+        scorer = Scorer(args.policy, args.reference, beta=args.beta, prompt_format=args.prompt_format, dtype=args.dtype,
+                        force_reference=args.force_reference)
         res = evaluate_steps(tune, test, scorer, prompt_template=args.prompt_template)
     except ValueError as e:
         _log(f"freeprm eval steps: error: {e}")
