@@ -68,12 +68,18 @@ def main() -> None:
     with torch.inference_mode():
         full = torch.tensor([ids[0]] * len(prompts))
         one = torch.tensor([ids[0]] * args.problems)
-        t0 = time.perf_counter(); out = g.model(input_ids=full, use_cache=True); t_full = time.perf_counter() - t0
-        t0 = time.perf_counter(); g.model(input_ids=one, use_cache=True); t_one = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        out = g.model(input_ids=full, use_cache=True)
+        t_full = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        g.model(input_ids=one, use_cache=True)
+        t_one = time.perf_counter() - t0
         pkv, nxt, steps = out.past_key_values, full[:, -1:], []
         for _ in range(5):
-            t0 = time.perf_counter(); o = g.model(input_ids=nxt, past_key_values=pkv, use_cache=True)
-            steps.append(time.perf_counter() - t0); pkv = o.past_key_values
+            t0 = time.perf_counter()
+            o = g.model(input_ids=nxt, cache=pkv, use_cache=True)
+            steps.append(time.perf_counter() - t0)
+            pkv = o.past_key_values
     base = variants[0][0]
     tps = {name: statistics.median(n / s for s, n in r) for name, r in runs.items()}
     res = {"env": env_info(args.threads), "argv": sys.argv[1:], "rows": len(prompts), "prompt_tokens": len(ids[0]),

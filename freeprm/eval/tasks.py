@@ -182,26 +182,26 @@ def arith_steps(problem: Problem, corrupt: tuple[int, int] | None = None) -> lis
     name, item, x = m["name"], m["item"], m["start"]
     steps: list[str] = []
 
-    def emit(text, result: int) -> int:
+    def emit(text: str, result: int) -> int:  # text holds "{r}" where the step's result goes
         if corrupt is not None and corrupt[0] == len(steps):
             result += corrupt[1]
-        steps.append(text(result))
+        steps.append(text.replace("{r}", str(result)))
         return result
 
     for kind, a, b in m["ops"]:
         if kind == "add":
-            y = emit(lambda r: f"{name} has {x} + {a} = {r} {item}.", x + a)
+            y = emit(f"{name} has {x} + {a} = {{r}} {item}.", x + a)
         elif kind == "sub":
-            y = emit(lambda r: f"{name} has {x} - {a} = {r} {item}.", x - a)
+            y = emit(f"{name} has {x} - {a} = {{r}} {item}.", x - a)
         elif kind == "packs":
-            got = emit(lambda r: f"{name} buys {a} * {b} = {r} {item}.", a * b)
-            y = emit(lambda r: f"{name} has {x} + {got} = {r} {item}.", x + got)
+            got = emit(f"{name} buys {a} * {b} = {{r}} {item}.", a * b)
+            y = emit(f"{name} has {x} + {got} = {{r}} {item}.", x + got)
         elif kind == "share":
             if x % a:
                 return None
-            y = emit(lambda r: f"{name} keeps {x} / {a} = {r} {item}.", x // a)
+            y = emit(f"{name} keeps {x} / {a} = {{r}} {item}.", x // a)
         else:  # double
-            y = emit(lambda r: f"{name} has {x} * 2 = {r} {item}.", x * 2)
+            y = emit(f"{name} has {x} * 2 = {{r}} {item}.", x * 2)
         if y <= 0:
             return None
         x = y
