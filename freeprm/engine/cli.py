@@ -43,7 +43,7 @@ import re
 import sys
 from pathlib import Path
 
-from ..cliargs import HelpFormatter, error, check_device, escapes_arg, positive_float, positive_int
+from ..cliargs import HelpFormatter, add_reference_args, check_device, error, escapes_arg, positive_float, positive_int
 from ..io import STDIO, AtomicJsonlWriter, LineError, OutputError, check_input, iter_jsonl, load_jsonl
 from .loading import DEFAULT_POLICY
 from .timeouts import PatternTimeout, time_limit
@@ -54,13 +54,7 @@ DEMO_SET = Path(__file__).resolve().parents[1] / "data" / "demo_gsm8k.jsonl"
 def _scorer_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--policy", default=DEFAULT_POLICY,
                    help="HF dir, hub id, .gguf file, or 'smollm2' (bundled default)")
-    p.add_argument("--reference", default=None,
-                   help="reference model (same kinds), or 'none'; omitted: the one a trained PRM directory records "
-                        "(freeprm_prm.json), else none")
-    p.add_argument("--force-reference", action="store_true",
-                   help="use --reference even if its content differs from the reference the PRM was trained against")
-    p.add_argument("--beta", type=positive_float, default=None,
-                   help="reward scale (default: the trained PRM directory's recorded beta, else 1.0)")
+    add_reference_args(p)
     p.add_argument("--step-delimiter", default="\n\n", type=escapes_arg,
                    help="step delimiter; \\n \\t \\r \\\\ \\uXXXX are understood, other text is taken as is")
     p.add_argument("--step-pattern", default=None, help="regex that splits steps (overrides --step-delimiter); "

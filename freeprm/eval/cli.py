@@ -17,7 +17,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from ..cliargs import DeprecatedAlias, HelpFormatter, error, escapes_arg, positive_float
+from ..cliargs import DeprecatedAlias, HelpFormatter, add_reference_args, error, escapes_arg
 
 STAGES = ("generate", "score", "report", "all")
 
@@ -79,13 +79,7 @@ def _add_generate(p: argparse.ArgumentParser) -> None:
 def _add_score(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("score")
     g.add_argument("--policy", default="smollm2", help="implicit PRM policy (HF dir, .gguf, smollm2)")
-    g.add_argument("--reference", default=None,
-                   help="reference model, or 'none'; omitted: the one a trained PRM directory records "
-                        "(freeprm_prm.json), else none")
-    g.add_argument("--force-reference", action="store_true",
-                   help="use --reference even if its content differs from the reference the PRM was trained against")
-    g.add_argument("--beta", type=positive_float, default=None,
-                   help="reward scale (default: the trained PRM directory's recorded beta, else 1.0)")
+    add_reference_args(g)
     g.add_argument("--step-delimiter", default="\n\n", type=escapes_arg,
                    help="step delimiter, backslash escapes allowed (\\n \\t \\r \\\\ \\uXXXX)")
     g.add_argument("--score-dtype", default="float32")

@@ -14,8 +14,7 @@ import argparse
 import json
 import sys
 
-from ..cliargs import HelpFormatter, escapes_arg
-from ..config import DEFAULT_BETA
+from ..cliargs import HelpFormatter, add_reference_args, escapes_arg
 from .cli import _add_task, _ints  # noqa: F401  (the task options are bon's own)
 
 
@@ -78,12 +77,7 @@ def register(subparsers) -> None:
     st.add_argument("--tune", required=True, help="rows to tune the threshold on")
     st.add_argument("--test", required=True, help="rows to report on (threshold applied unchanged)")
     st.add_argument("--policy", default="smollm2")
-    st.add_argument("--reference", default=None,
-                    help="reference model, or 'none'; omitted: the one a trained PRM directory records, else none")
-    st.add_argument("--force-reference", action="store_true",
-                    help="use --reference even if its content differs from the reference the PRM was trained against")
-    st.add_argument("--beta", type=float, default=None,
-                    help=f"reward scale (default: a trained PRM's recorded beta, else {DEFAULT_BETA})")
+    add_reference_args(st)
     st.add_argument("--prompt-template", default=None, help="prompt with {question} (default: the problem text)")
     st.add_argument("--prompt-format", choices=("auto", "chat", "raw"), default="auto")
     st.add_argument("--dtype", default="float32")
