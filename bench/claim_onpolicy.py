@@ -33,9 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import shlex
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -47,6 +45,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.common import env_info  # noqa: E402
 from freeprm.config import DEFAULT_BETA, DEFAULT_TRAIN_BETA  # noqa: E402
 
 STAGES = ("data", "train", "steps", "bon", "report")
@@ -364,7 +363,8 @@ def write_report(plan, out, policy, argv, env, dropped, data_summary) -> dict:
     (out / "claim.json").write_text(json.dumps(doc, indent=1, default=str) + "\n")
     md = [f"# Implicit PRM from on-policy outcome labels, in miniature ({Path(str(policy)).name})", "",
           f"- command: `python bench/claim_onpolicy.py {' '.join(shlex.quote(a) for a in argv)}`",
-          f"- device: {env['device']}; torch {env['torch']}, transformers {env['transformers']}; git {env['git']}; "
+          f"- device: {env['device']}, {env['threads']} threads; torch {env['torch']}, transformers {env['transformers']}; "
+          f"git {env['git_sha']}; "
           f"{env['date']}",
           f"- task: generated arithmetic, levels {list(plan.levels)}{', single-digit add/sub steps' if plan.small else ''}; "
           f"policy sampled at temperature {plan.temperature}, top-p {plan.top_p}, <= {plan.max_new_tokens} new tokens",
@@ -476,18 +476,6 @@ def _plot(bon: dict, path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def env_info() -> dict:
-    try:
-        git = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True).stdout.strip() or "unknown"
-    except OSError:
-        git = "unknown"
-    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")),
-               platform.processor())
-    return {"device": f"CPU: {cpu}, {torch.get_num_threads()} threads", "torch": torch.__version__,
-            "transformers": __import__("transformers").__version__, "python": platform.python_version(), "git": git,
-            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-
 
 def main(argv: list[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -535,7 +523,7 @@ def main(argv: list[str] | None = None) -> dict:
     if bad:
         ap.error(f"unknown stage(s) {bad}; choose from {STAGES}")
     probs = problems(plan)
-    env = env_info()
+    env = env_info(torch.get_num_threads())
     data_summary = None
     if "data" in stages:
         data_summary = stage_data(plan, out, policy, probs)
