@@ -36,6 +36,9 @@ from typing import Any
 
 from . import cliargs
 
+DEFAULT_POLICY = "smollm2"
+"""The model scored or trained when none is named: SmolLM2-135M-Instruct (``freeprm.engine.loading``)."""
+
 DEFAULT_BETA = 1.0
 """beta when scoring a bare model: the reward is the log-likelihood ratio itself (scores as before this module)."""
 
@@ -56,6 +59,34 @@ PROMPT_FORMATS = ("auto", "chat", "raw")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 CONFIG_VERSION = 1
+
+MAX_LENGTH_LIMIT = 2**31 - 1
+"""The longest ``max_length`` accepted (tokens): beyond any model; larger values overflow C integers."""
+
+
+class _Unset:
+    """The default of keyword arguments that fall back to a ``ScoringConfig`` (``UNSET``): "not given here"."""
+
+    def __repr__(self) -> str:
+        return "<unset>"
+
+    def __bool__(self) -> bool:
+        return False
+
+
+UNSET: Any = _Unset()
+
+
+class _Default:
+    """A ``ScoringConfig`` field's default, marked so the config knows which fields were given (``given``)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value) -> None:
+        self.value = value
+
+    def __repr__(self) -> str:
+        return repr(self.value)
 
 
 def normalize_step_delimiter(delimiter: str | None, *, where: str = "step_delimiter") -> str | None:
@@ -111,8 +142,11 @@ def _reference_repr(reference) -> str:
 
 
 def _field(default, help: str, **cli) -> Any:
-    """A dataclass field with its command-line help and argparse settings (``add_scoring_args`` reads them)."""
-    return field(default=default, metadata={"help": help, **cli})
+    """A dataclass field with its command-line help and argparse settings (``add_scoring_args`` reads them).
+
+    The default is wrapped (``_Default``) so ``__post_init__`` can tell a value left at its default from one given
+    (``ScoringConfig.given``): a trained PRM's recorded settings fill only what was not given (``prm_meta``)."""
+    return field(default=_Default(default), metadata={"help": help, "default": default, **cli})
 
 
 @dataclass(frozen=True)
@@ -139,18 +173,21 @@ class ScoringConfig:
         score = aggregate_steps(step_rewards, step_rewards.cumsum(0), aggregate)
     """
 
-    beta: float = _field(DEFAULT_BETA, "reward scale: r = beta * (log pi - log pi_ref)",
+    beta: float = _field(DEFAULT_BETA, f"reward scale: r = beta * (log pi - log pi_ref) (default: a trained PRM "
+                                       f"directory's recorded beta, else {DEFAULT_BETA})",
                          type=cliargs.positive_float)
     reference: Any = _field(None, "pi_ref, the model subtracted: HF dir, hub id, .gguf or alias; 'none' for no "
-                                  "reference (log pi_ref = 0); omitted: the default of the context (none for a "
-                                  "bare model; see docs/config.md)")
+                                  "reference (log pi_ref = 0); omitted: the one a trained PRM directory records "
+                                  "(freeprm_prm.json), else none (docs/config.md)")
     reference_free: bool = _field(False, "no reference model (the same as --reference none)", flag=True)
     step_delimiter: str | None = _field(DEFAULT_STEP_DELIMITER, "step delimiter; \\n \\t \\r \\\\ \\uXXXX are "
-                                        "understood, other text is taken as is; '' = the whole response is one step",
+                                        "understood, other text is taken as is; '' = the whole response is one step "
+                                        "(default: a trained PRM directory's recorded split, else '\\n\\n')",
                                         type=cliargs.escapes_arg)
     step_pattern: Any = _field(None, "regex that splits steps (overrides --step-delimiter)")
     aggregate: str = _field(DEFAULT_AGGREGATE, "how step rewards make the score", choices=AGGREGATIONS)
-    prompt_format: str = _field("auto", "auto: chat when the tokenizer has a chat template, else raw",
+    prompt_format: str = _field("auto", "auto: chat when the tokenizer has a chat template, else raw (default: a "
+                                "trained PRM directory's recorded one, else auto)",
                                 choices=PROMPT_FORMATS)
     dtype: str = _field("auto", "model dtype: auto (bf16 on CUDA, fp32 elsewhere), float32, bfloat16, float16",
                         type="dtype", metavar="{auto,float32,bfloat16,float16}")
@@ -159,6 +196,14 @@ class ScoringConfig:
 
     def __post_init__(self) -> None:
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731  frozen: set once, here
+        given = set()
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, _Default):
+                set_(f.name, v.value)
+            else:
+                given.add(f.name)
+        set_("_given", frozenset(given))  # not a field: equality, hash and repr are of the values only
         set_("beta", check_beta(self.beta))
         # reference and reference_free: one meaning (module doc)
         if not isinstance(self.reference_free, bool):
@@ -189,7 +234,7 @@ class ScoringConfig:
                                      "or None to split at step_delimiter")
                 try:
                     re.compile(pattern)
-                except re.error as e:
+                except (re.error, OverflowError, RecursionError) as e:  # OverflowError: a repeat like a{99999999999}
                     raise ValueError(f"step_pattern {pattern!r} is not a valid regex: {e}") from None
             elif not isinstance(pattern, re.Pattern):
                 raise ValueError(f"step_pattern must be a regex string or a compiled pattern, got "
@@ -203,8 +248,25 @@ class ScoringConfig:
             if isinstance(self.max_length, bool) or not isinstance(self.max_length, int) or self.max_length < 2:
                 raise ValueError(f"max_length must be a whole number of tokens >= 2 (or None for the model's "
                                  f"maximum), got {self.max_length!r}")
+            if self.max_length > MAX_LENGTH_LIMIT:
+                raise ValueError(f"max_length must be at most {MAX_LENGTH_LIMIT} tokens, got {self.max_length}; no "
+                                 "model takes longer sequences (omit it to score whole lines)")
 
     # ------------------------------------------------------------------ views
+    @property
+    def given(self) -> frozenset:
+        """The names of the fields given explicitly (the others hold their defaults). ``reference`` counts as given
+        whenever it is set (not None), ``"none"`` included. A trained PRM directory's ``freeprm_prm.json`` fills
+        the fields that are not given (``freeprm.prm_meta.resolve_config``)."""
+        out = set(self._given)
+        out.discard("reference")
+        if self.reference is not None:
+            out.add("reference")
+        return frozenset(out)
+
+    def is_given(self, name: str) -> bool:
+        return name in self.given
+
     @property
     def pattern_text(self) -> str | None:
         """``step_pattern`` as text (a compiled pattern's ``.pattern``), or None."""
@@ -226,13 +288,19 @@ class ScoringConfig:
         """This config with an unset ``reference`` (None) replaced by ``default`` (a spec, a model or ``"none"``)."""
         if self.reference is not None or default is None:
             return self
-        return dataclasses.replace(self, reference=default)
+        return self.replace(reference=default)
 
     def replace(self, **changes) -> ScoringConfig:
-        """``dataclasses.replace`` (validated again). Changing ``reference`` to a model resets ``reference_free``."""
+        """A copy with ``changes`` (validated again); fields not given here nor before stay "not given" (``given``).
+        Changing ``reference`` to a model resets ``reference_free``."""
+        unknown = sorted(set(changes) - set(SCORING_FIELDS))
+        if unknown:
+            raise ValueError(f"unknown scoring option(s) {unknown}; options are {', '.join(SCORING_FIELDS)}")
         if "reference" in changes and "reference_free" not in changes:
             changes["reference_free"] = False
-        return dataclasses.replace(self, **changes)
+        kw = {name: getattr(self, name) for name in self._given}
+        kw.update(changes)
+        return type(self)(**kw)
 
     # ------------------------------------------------------------------ serialisation
     def to_dict(self) -> dict:
@@ -335,17 +403,18 @@ class ScoringConfig:
     # ------------------------------------------------------------------ command line
     @classmethod
     def from_args(cls, ns: argparse.Namespace, **overrides) -> ScoringConfig:
-        """The config of parsed ``add_scoring_args`` options (fields not on the parser keep their defaults).
+        """The config of parsed ``add_scoring_args`` options; an option left out (None, or an unset flag) is not
+        given (``given``): it keeps its default, or a trained PRM directory's recorded value fills it.
 
-        ``overrides`` win over ``ns``. Raises ``ValueError`` (the CLI prints it and exits 2).
+        ``overrides`` win over ``ns`` (None there means not given too). Raises ``ValueError`` (the CLI prints it and
+        exits 2).
         """
         kw = {}
         for f in dataclasses.fields(cls):
             if hasattr(ns, f.name):
                 kw[f.name] = getattr(ns, f.name)
         kw.update(overrides)
-        if "reference_free" in kw and not kw["reference_free"]:
-            kw["reference_free"] = False
+        kw = {k: v for k, v in kw.items() if v is not None and not (k == "reference_free" and v is False)}
         return cls(**kw)
 
 
@@ -355,6 +424,27 @@ def digest_of(identity: Mapping) -> str:
 
 
 SCORING_FIELDS = tuple(f.name for f in dataclasses.fields(ScoringConfig))
+
+
+def merge_config(config: ScoringConfig | None, **fields) -> ScoringConfig:
+    """``config`` (default: ``ScoringConfig()``) with every field given in ``fields`` replaced: the one way an entry
+    point that takes both ``config=`` and the keyword arguments of the same names combines them (a keyword wins).
+
+    Not given: ``UNSET``; None for every field but ``step_delimiter`` (where None means "no delimiter": the whole
+    response is one step); ``reference_free=False``. What stays not given can still be filled from a trained PRM
+    directory's metadata (``freeprm.prm_meta.resolve_config``).
+    """
+    if config is not None and not isinstance(config, ScoringConfig):
+        raise ValueError(f"config must be a freeprm.ScoringConfig, got {type(config).__name__}")
+    given = {k: v for k, v in fields.items()
+             if v is not UNSET and not (v is None and k != "step_delimiter")
+             and not (k == "reference_free" and v is False)}
+    if config is None:
+        unknown = sorted(set(given) - set(SCORING_FIELDS))
+        if unknown:
+            raise ValueError(f"unknown scoring option(s) {unknown}; options are {', '.join(SCORING_FIELDS)}")
+        return ScoringConfig(**given)
+    return config.replace(**given) if given else config
 
 
 def _cli_dtype(text: str) -> str:
@@ -370,7 +460,11 @@ def add_scoring_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup, 
 
     Help text, type and choices come from the field's metadata, so every command spells, checks and documents an
     option the same way; ``ScoringConfig.from_args`` reads them back. ``fields``: which (default: all);
-    ``defaults``: per-command defaults (e.g. ``serve``'s ``prompt_format="raw"``); ``help``: per-command help text.
+    ``defaults``: per-command defaults (e.g. ``serve``'s ``prompt_format="raw"``; such a default counts as given);
+    ``help``: per-command help text.
+
+    An option left out parses as None (a flag as False): not given, so the config's default applies, or a trained
+    PRM directory's recorded value (``freeprm.prm_meta``); the help names the default all the same.
     """
     names = SCORING_FIELDS if fields is None else tuple(fields)
     unknown = [n for n in names if n not in SCORING_FIELDS]
@@ -383,11 +477,15 @@ def add_scoring_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup, 
         meta = dict(f.metadata)
         flags = ["--" + name.replace("_", "-"), *meta.get("aliases", ())]
         text = help.get(name, meta["help"])
-        default = defaults.get(name, f.default)
         if meta.get("flag"):
-            parser.add_argument(*flags, dest=name, action="store_true", default=bool(default), help=text)
+            parser.add_argument(*flags, dest=name, action="store_true", default=bool(defaults.get(name, False)),
+                                help=text)
             continue
-        kw = {"dest": name, "default": default, "help": text}
+        default = defaults.get(name)
+        shown = default if name in defaults else meta["default"]
+        if shown is not None and "default" not in text.lower():
+            text = f"{text} (default: {cliargs.show_default(shown)})"
+        kw = {"dest": name, "default": default, "help": text.replace("%", "%%")}
         t = meta.get("type")
         if t == "dtype":
             kw["type"], kw["metavar"] = _cli_dtype, meta["metavar"]

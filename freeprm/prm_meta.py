@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import DEFAULT_BETA, DEFAULT_STEP_DELIMITER, NO_REFERENCE, ScoringConfig, is_no_reference
+from .config import DEFAULT_STEP_DELIMITER, NO_REFERENCE, ScoringConfig
 
 META_FILE = "freeprm_prm.json"
 REFERENCE_DIR = "reference"  # ImplicitPRM's frozen reference, inside the PRM directory
@@ -232,48 +232,63 @@ def check_reference_digest(meta: PRMMeta, reference, *, force_reference: bool = 
     warnings.warn(msg + "; used anyway (force_reference)", PRMMetaWarning, stacklevel=3)
 
 
-def resolve_scoring(policy, *, beta: float | None = None, reference=None, prompt_format: str | None = None,
-                    step_delimiter: str | None = DEFAULT_STEP_DELIMITER, step_pattern=None,
-                    force_reference: bool = False) -> ResolvedScoring:
-    """The settings to score ``policy`` with, from its ``freeprm_prm.json`` where not given (module docstring).
+def resolve_config(policy, config: ScoringConfig | None = None, *,
+                   force_reference: bool = False) -> tuple[ScoringConfig, PRMMeta | None]:
+    """``(config to score policy with, its metadata or None)``: ``config``'s fields that are not given
+    (``ScoringConfig.given``) filled from ``policy``'s ``freeprm_prm.json`` (module docstring: beta, reference,
+    prompt format, step split); a given one that differs is kept, with a warning naming both values.
 
-    Unset: ``beta=None``, ``reference=None`` (``"none"`` is the explicit "no reference"), ``prompt_format=None``,
-    and the step split at its default (``step_delimiter="\\n\\n"``, ``step_pattern=None``). Without a metadata
-    file: ``beta`` defaults to ``DEFAULT_BETA``, no reference, ``prompt_format="auto"``.
+    The returned config's reference is resolved: the spec or model to load, or ``"none"``. Without a metadata
+    file an unset reference is ``"none"`` (a bare model is scored without a reference) and the rest is ``config``.
     """
+    config = ScoringConfig() if config is None else config
     meta = read_meta(policy)
     if meta is None:
-        return ResolvedScoring(DEFAULT_BETA if beta is None else beta,
-                               None if reference is None or is_no_reference(reference) else reference,
-                               prompt_format or "auto", step_delimiter, step_pattern, None)
-    rec = meta.scoring
-    if beta is None:
-        beta = rec.beta
-    elif float(beta) != rec.beta:
-        _warn(meta, "beta", beta, rec.beta)
-    if prompt_format is None:
-        prompt_format = rec.prompt_format
-    elif prompt_format != rec.prompt_format:
-        _warn(meta, "prompt_format", prompt_format, rec.prompt_format)
-    split_given = (step_delimiter or None) != DEFAULT_STEP_DELIMITER or step_pattern is not None
-    rec_pattern = rec.pattern_text
-    if not split_given:
-        step_delimiter, step_pattern = rec.step_delimiter, rec_pattern
+        return config.with_reference_default(NO_REFERENCE), None
+    rec, changes = meta.scoring, {}
+    if not config.is_given("beta"):
+        changes["beta"] = rec.beta
+    elif config.beta != rec.beta:
+        _warn(meta, "beta", config.beta, rec.beta)
+    if not config.is_given("prompt_format"):
+        changes["prompt_format"] = rec.prompt_format
+    elif config.prompt_format != rec.prompt_format:
+        _warn(meta, "prompt_format", config.prompt_format, rec.prompt_format)
+    rec_split = rec.step_delimiter, rec.pattern_text
+    if not (config.is_given("step_delimiter") or config.is_given("step_pattern")):
+        changes["step_delimiter"], changes["step_pattern"] = rec_split
     else:
-        given_split = (step_delimiter or None), getattr(step_pattern, "pattern", step_pattern)
+        given_split = config.step_delimiter, config.pattern_text
         used = (meta.implicit_prm or {}).get("granularity") == "step"  # only step-granular training used the split
-        if used and given_split != (rec.step_delimiter, rec_pattern):
-            _warn(meta, "step split (delimiter, pattern)", given_split, (rec.step_delimiter, rec_pattern))
+        if used and given_split != rec_split:
+            _warn(meta, "step split (delimiter, pattern)", given_split, rec_split)
+    reference = config.reference
     if reference is None:  # unset: the recorded one, checked against its digest
         reference = meta.reference_spec()
         check_reference_digest(meta, reference, force_reference=force_reference, given=False)
-    elif is_no_reference(reference):
+        reference = NO_REFERENCE if reference is None else reference
+    elif reference == NO_REFERENCE:
         if rec.reference != NO_REFERENCE:
             _warn(meta, "reference", NO_REFERENCE, rec.reference)
-        reference = None
     else:
         if rec.reference == NO_REFERENCE:
             _warn(meta, "reference", reference if isinstance(reference, (str, os.PathLike)) else "<model object>",
                   NO_REFERENCE)
         check_reference_digest(meta, reference, force_reference=force_reference)
-    return ResolvedScoring(float(beta), reference, prompt_format, step_delimiter, step_pattern, meta)
+    changes["reference"] = reference
+    return config.replace(**changes), meta
+
+
+def resolve_scoring(policy, *, beta: float | None = None, reference=None, prompt_format: str | None = None,
+                    step_delimiter: str | None = DEFAULT_STEP_DELIMITER, step_pattern=None,
+                    force_reference: bool = False) -> ResolvedScoring:
+    """The keyword form of ``resolve_config`` (kept for callers of the first version): unset is ``beta=None``,
+    ``reference=None``, ``prompt_format=None`` and the step split at its default."""
+    fields = {"beta": beta, "reference": reference, "prompt_format": prompt_format}
+    if (step_delimiter or None) != DEFAULT_STEP_DELIMITER or step_pattern is not None:
+        fields.update(step_delimiter=step_delimiter, step_pattern=step_pattern)
+    cfg, meta = resolve_config(policy, ScoringConfig(**{k: v for k, v in fields.items() if v is not None
+                                                        or k == "step_delimiter"}),
+                               force_reference=force_reference)
+    ref = None if cfg.reference == NO_REFERENCE else cfg.reference
+    return ResolvedScoring(cfg.beta, ref, cfg.prompt_format, cfg.step_delimiter, cfg.step_pattern, meta)

@@ -225,8 +225,12 @@ def test_cli_options_are_generated_from_the_fields_with_their_help():
     text = p.format_help()
     for name in SCORING_FIELDS:
         assert "--" + name.replace("_", "-") in text
-    assert "reward scale" in text and "(default: '\\n\\n')" in text and "{auto,float32,bfloat16,float16}" in text
-    assert ScoringConfig.from_args(p.parse_args([])) == ScoringConfig()
+    assert "reward scale" in text and "else '\\n\\n')" in text and "{auto,float32,bfloat16,float16}" in text
+    assert "how step rewards make the score (default: min)" in " ".join(text.split())
+    ns = p.parse_args([])
+    # options left out stay None (not given), so a trained PRM's recorded values can fill them (prm_meta)
+    assert all(getattr(ns, n) in (None, False) for n in SCORING_FIELDS)
+    assert ScoringConfig.from_args(ns) == ScoringConfig() and ScoringConfig.from_args(ns).given == frozenset()
 
 
 def test_cli_parses_into_the_config():
@@ -257,7 +261,8 @@ def test_cli_rejects_bad_values_at_parse_time(argv, words, capsys):
 def test_cli_subset_defaults_and_help_per_command():
     p = _parser(fields=["beta", "prompt_format"], defaults={"prompt_format": "raw"}, help={"beta": "scale"})
     ns = p.parse_args([])
-    assert (ns.beta, ns.prompt_format, hasattr(ns, "aggregate")) == (1.0, "raw", False)
+    assert (ns.beta, ns.prompt_format, hasattr(ns, "aggregate")) == (None, "raw", False)
+    assert ScoringConfig.from_args(ns).given == {"prompt_format"} and ScoringConfig.from_args(ns).beta == 1.0
     assert "scale" in p.format_help()
     with pytest.raises(ValueError, match="unknown field"):
         _parser(fields=["betta"])
@@ -291,3 +296,27 @@ def test_training_defaults_come_from_the_config():
 
     assert TrainConfig().beta == DEFAULT_TRAIN_BETA
     assert inspect.signature(ImplicitPRM).parameters["beta"].default == DEFAULT_TRAIN_BETA
+
+
+def test_given_fields_and_merge():
+    from freeprm.config import UNSET, merge_config
+
+    c = ScoringConfig(beta=0.5, aggregate="sum")
+    assert c.given == {"beta", "aggregate"} and ScoringConfig().given == frozenset()
+    assert c == ScoringConfig(beta=0.5, aggregate="sum", step_delimiter="\n\n")  # values decide equality
+    assert c.replace(prompt_format="raw").given == {"beta", "aggregate", "prompt_format"}  # the rest stays unset
+    assert ScoringConfig(reference_free=True).is_given("reference")  # "none" is a given reference
+    # a recorded config gives every field (its reference None: unset)
+    assert ScoringConfig.from_dict(c.to_dict()).given == set(SCORING_FIELDS) - {"reference"}
+    import pickle
+
+    assert pickle.loads(pickle.dumps(c)).given == c.given  # Ray workers receive it pickled
+    # keywords win; UNSET / None (but for step_delimiter, where None = one step) are not given
+    m = merge_config(c, beta=2.0, aggregate=UNSET, prompt_format=None, step_delimiter=None, reference_free=False)
+    assert (m.beta, m.aggregate, m.prompt_format, m.step_delimiter) == (2.0, "sum", "auto", None)
+    assert m.given == {"beta", "aggregate", "step_delimiter"}
+    assert merge_config(None).given == frozenset()
+    with pytest.raises(ValueError, match="unknown scoring option"):
+        merge_config(None, betta=1.0)
+    with pytest.raises(ValueError, match="max_length must be at most"):
+        ScoringConfig(max_length=2**31)

