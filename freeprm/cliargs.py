@@ -124,19 +124,22 @@ def positive_float(text: str) -> float:
     return v
 
 
+def add_force_reference_arg(p) -> None:
+    """``--force-reference``: use a reference whose content differs from the one a trained PRM records."""
+    p.add_argument("--force-reference", action="store_true",
+                   help="use --reference even if its content differs from the reference the PRM was trained against")
+
+
 def add_reference_args(p) -> None:
     """``--reference``, ``--force-reference`` and ``--beta`` as every scoring command reads them: omitted, they come
     from a trained PRM directory's ``freeprm_prm.json`` (``freeprm.prm_meta``), else the bare-model defaults.
+    ``--reference`` and ``--beta`` are generated from the ``ScoringConfig`` fields (``config.add_scoring_args``).
     ``p``: an ``argparse`` parser or argument group."""
-    from .config import DEFAULT_BETA  # at call time: freeprm.config imports this module
+    from .config import add_scoring_args  # at call time: freeprm.config imports this module
 
-    p.add_argument("--reference", default=None,
-                   help="reference model (HF dir, hub id, .gguf file, alias), or 'none'; omitted: the one a trained "
-                        "PRM directory records (freeprm_prm.json), else none")
-    p.add_argument("--force-reference", action="store_true",
-                   help="use --reference even if its content differs from the reference the PRM was trained against")
-    p.add_argument("--beta", type=positive_float, default=None,
-                   help=f"reward scale (default: the trained PRM directory's recorded beta, else {DEFAULT_BETA})")
+    add_scoring_args(p, ["reference"])
+    add_force_reference_arg(p)
+    add_scoring_args(p, ["beta"])
 
 
 def check_device(device: str | None) -> None:

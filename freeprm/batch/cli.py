@@ -21,21 +21,14 @@ from __future__ import annotations
 
 
 def cmd_rerank(args) -> int:
-    from ..engine.cli import _check_scorer_args
+    from ..scorer_cli import check_scorer_args
     from .rerank import rerank
 
-    delim = args.step_delimiter or None  # escapes already decoded by the shared option parser
     try:
-        if args.engine == "local":
-            _check_scorer_args(args)
-        elif args.step_pattern is not None:  # the device is the workers' business, not the driver's
-            saved, args.device = args.device, None
-            _check_scorer_args(args)
-            args.device = saved
+        # --engine ray: the device is the workers' business, not the driver's
+        config = check_scorer_args(args, device=args.engine == "local")
         summary = rerank(
-            args.input, args.output, policy=args.policy, reference=args.reference, beta=args.beta,
-            step_delimiter=delim, step_pattern=args.step_pattern, aggregate=args.aggregate,
-            prompt_format=args.prompt_format, dtype=args.dtype, device=args.device, max_length=args.max_length,
+            args.input, args.output, policy=args.policy, config=config, device=args.device,
             max_batch_tokens=args.max_batch_tokens, format=args.format, input_format=args.input_format,
             rows_per_part=args.rows_per_part, strict=args.strict, progress=not args.no_progress, engine=args.engine,
             workers=args.workers, num_cpus_per_worker=args.num_cpus_per_worker,
@@ -51,12 +44,12 @@ def cmd_rerank(args) -> int:
 
 
 def register(sub) -> None:
-    from ..cliargs import HelpFormatter, positive_int
-    from ..engine.cli import _scorer_args
+    from ..cliargs import HelpFormatter, positive_float, positive_int
+    from ..scorer_cli import add_scorer_args
 
     p = sub.add_parser("rerank", help="rerank groups of candidates at scale (streaming, resumable, Ray)",
                        description=__doc__, formatter_class=HelpFormatter)
-    _scorer_args(p)
+    add_scorer_args(p)
     p.add_argument("--input", "-i", required=True, help="input .jsonl or .parquet")
     p.add_argument("--input-format", default=None, choices=["jsonl", "parquet"],
                    help="default: from the extension (.parquet/.pq = parquet, else jsonl)")
@@ -67,7 +60,7 @@ def register(sub) -> None:
     p.add_argument("--strict", action="store_true", help="a bad line or rejected candidate is fatal (finished parts stay)")
     p.add_argument("--engine", default="local", choices=["local", "ray"])
     p.add_argument("--workers", type=positive_int, default=1, help="--engine ray: actors in the pool (one model copy each)")
-    p.add_argument("--num-cpus-per-worker", type=float, default=1.0, help="--engine ray: CPUs per actor (may be < 1)")
+    p.add_argument("--num-cpus-per-worker", type=positive_float, default=1.0, help="--engine ray: CPUs per actor (may be < 1)")
     p.add_argument("--num-gpus-per-worker", type=float, default=0.0, help="--engine ray: GPUs per actor (may be < 1)")
     p.add_argument("--torch-threads", type=positive_int, default=None, help="--engine ray: torch threads per actor")
     p.add_argument("--ray-address", default=None,

@@ -37,13 +37,11 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from ..config import NO_REFERENCE, check_beta
-from ..engine.loading import DEFAULT_POLICY, auto_dtype, resolve_dtype
-from ..identity import model_identity
-from ..identity import params_identity as _params_identity
-from ..engine.scorer import AGGREGATIONS, Scorer
+from ..config import DEFAULT_POLICY, UNSET, ScoringConfig, merge_config
+from ..engine.scorer import Scorer
+from ..identity import model_identity, params_identity
 from ..io import check_input
-from ..prm_meta import resolve_scoring
+from ..prm_meta import resolve_config
 from .job import (Progress, RerankSummary, _report, _resume_part, _warn_extra_parts, _write_scored_part,
                   score_groups)
 from .reader import BadLine, detect_format, iter_chunks, open_parquet
@@ -53,26 +51,14 @@ FINGERPRINT_VERSION = 2  # 2: rows of groups with rejected candidates, errors, e
 
 
 # ---------------------------------------------------------------------- fingerprint
-def effective_dtype(dtype, device, on_gpu_workers: bool | None = None) -> str:
-    """The dtype the models will run in: ``"auto"`` as ``Scorer`` resolves it (``loading.auto_dtype``)."""
-    import torch
+def make_fingerprint(policy_identity, config_identity: dict, *, rows_per_part: int, fmt: str) -> dict:
+    """What produced an output directory (``fingerprint.json``): the policy's identity, the scoring config's
+    ``ScoringConfig.identity()`` and the output layout. Output of another fingerprint is not resumed.
 
-    if not (isinstance(dtype, str) and dtype == "auto"):
-        return str(resolve_dtype(dtype))
-    if on_gpu_workers is not None:
-        on_cuda = on_gpu_workers
-    else:
-        on_cuda = torch.device(device).type == "cuda" if device else torch.cuda.is_available()
-    return str(auto_dtype("cuda" if on_cuda else "cpu"))
-
-
-def make_fingerprint(*, policy, reference, beta, step_delimiter, step_pattern, aggregate, prompt_format, dtype,
-                     max_length, rows_per_part, fmt) -> dict:
-    pattern = getattr(step_pattern, "pattern", step_pattern)
-    return {"version": FINGERPRINT_VERSION, "policy": policy, "reference": reference, "beta": float(beta),
-            "step_delimiter": None if pattern is not None else step_delimiter, "step_pattern": pattern,
-            "aggregate": aggregate, "prompt_format": prompt_format, "dtype": str(dtype),
-            "max_length": max_length, "rows_per_part": int(rows_per_part), "format": fmt}
+    The keys and values are those of fingerprint version 2 as written before ``ScoringConfig`` existed, so
+    directories written then resume unchanged (``tests/test_config_wiring.py`` pins one)."""
+    return {"version": FINGERPRINT_VERSION, "policy": policy_identity, **config_identity,
+            "rows_per_part": int(rows_per_part), "format": fmt}
 
 
 # ---------------------------------------------------------------------- the job
@@ -83,14 +69,15 @@ def rerank(
     policy=DEFAULT_POLICY,
     reference=None,
     scorer: Scorer | None = None,
-    beta: float | None = None,
-    step_delimiter: str | None = "\n\n",
-    step_pattern: str | None = None,
-    aggregate: str = "min",
-    prompt_format: str | None = None,
-    dtype: str = "auto",
+    config: ScoringConfig | None = None,
+    beta: float | None = UNSET,
+    step_delimiter: str | None = UNSET,
+    step_pattern: str | None = UNSET,
+    aggregate: str = UNSET,
+    prompt_format: str | None = UNSET,
+    dtype: str = UNSET,
     device: str | None = None,
-    max_length: int | None = None,
+    max_length: int | None = UNSET,
     max_batch_tokens: int = 8192,
     format: str = "parquet",
     input_format: str | None = None,
@@ -120,8 +107,9 @@ def rerank(
     but streamed in chunks of ``rows_per_part`` groups (one output part each) with bounded
     memory, and resumable: rerunning with the same arguments after a crash or ``kill -9``
     computes only the missing parts; another configuration is refused (``ValueError``).
-    ``scorer``: a ready ``Scorer`` (its models and options are used; ``policy`` .. ``max_batch_tokens``
-    are then ignored). ``engine="ray"`` runs the scoring on a Ray Data actor pool of ``workers``
+    ``config``: a ``freeprm.ScoringConfig`` (beta, reference, step split, aggregate, ...); the keyword arguments of
+    the same names, when given, win over it. ``scorer``: a ready ``Scorer`` (its models and options are used;
+    ``policy`` .. ``max_batch_tokens`` are then ignored, except ``aggregate``). ``engine="ray"`` runs the scoring on a Ray Data actor pool of ``workers``
     actors (see ``ray_engine.py``; ``num_cpus_per_worker`` may be fractional, ``torch_threads`` sets
     each actor's torch threads, ``ray_address`` the cluster when Ray is not initialised yet). Returns a ``RerankSummary``.
     A trained PRM directory as ``policy`` supplies beta, reference, prompt format and step split where not given
@@ -131,8 +119,12 @@ def rerank(
         raise ValueError(f"engine must be 'local' or 'ray', got {engine!r}")
     if format not in ("parquet", "jsonl"):
         raise ValueError(f"format must be 'parquet' or 'jsonl', got {format!r}")
-    if aggregate not in AGGREGATIONS:
-        raise ValueError(f"aggregate must be one of {AGGREGATIONS}, got {aggregate!r}")
+    cfg = merge_config(config, reference=reference, beta=beta, step_delimiter=step_delimiter,
+                       step_pattern=step_pattern, aggregate=aggregate, prompt_format=prompt_format, dtype=dtype,
+                       max_length=max_length)  # validated here: a NaN must never reach fingerprint.json
+    if scorer is not None:
+        cfg = scorer.config.replace(aggregate=cfg.aggregate) if cfg.is_given("aggregate") else scorer.config
+    aggregate = cfg.aggregate
     if rows_per_part < 1:
         raise ValueError(f"rows_per_part must be >= 1, got {rows_per_part}")
     input = str(input)
@@ -146,28 +138,21 @@ def rerank(
     if scorer is not None:
         if engine == "ray":
             raise ValueError("engine='ray' builds a Scorer in each worker: pass model specs (policy=...), not scorer=")
-        fp = make_fingerprint(
-            policy=_params_identity(scorer.policy, scorer.tokenizer),
-            reference=None if scorer.reference is None else _params_identity(scorer.reference, scorer.tokenizer),
-            beta=scorer.beta, step_delimiter=scorer.step_delimiter, step_pattern=scorer.step_pattern,
-            aggregate=aggregate, prompt_format=scorer.prompt_format, dtype=effective_dtype(scorer.dtype, None),
-            max_length=scorer.max_length, rows_per_part=rows_per_part, fmt=format)
+        ref_identity = None if scorer.reference is None else params_identity(scorer.reference, scorer.tokenizer)
+        ident = cfg.replace(dtype="auto", max_length=scorer.max_length).identity(model_dtype=scorer.dtype,
+                                                                                  reference_identity=ref_identity)
+        fp = make_fingerprint(params_identity(scorer.policy, scorer.tokenizer), ident, rows_per_part=rows_per_part,
+                              fmt=format)
     else:
-        r = resolve_scoring(policy, beta=beta, reference=reference, prompt_format=prompt_format,
-                            step_delimiter=step_delimiter, step_pattern=step_pattern, force_reference=force_reference)
-        beta, prompt_format, step_delimiter, step_pattern = r.beta, r.prompt_format, r.step_delimiter, r.step_pattern
-        beta = check_beta(beta)  # before anything is written: a NaN must never reach fingerprint.json
-        fp = make_fingerprint(
-            policy=model_identity(policy), reference=model_identity(r.reference), beta=beta,
-            step_delimiter=step_delimiter, step_pattern=step_pattern, aggregate=aggregate, prompt_format=prompt_format,
-            dtype=effective_dtype(dtype, device, (num_gpus_per_worker > 0) if engine == "ray" else None),
-            max_length=max_length, rows_per_part=rows_per_part, fmt=format)
+        # a trained PRM directory's freeprm_prm.json fills what is not given, as Scorer reads it
+        cfg, _ = resolve_config(policy, cfg, force_reference=force_reference)
+        ident = cfg.identity(device=device, on_cuda=(num_gpus_per_worker > 0) if engine == "ray" else None,
+                             reference_identity=model_identity(cfg.reference_model))
+        fp = make_fingerprint(model_identity(policy), ident, rows_per_part=rows_per_part, fmt=format)
         OutputDir.check(output_dir, fp, format)  # another configuration is refused before the models load
-        reference = NO_REFERENCE if r.reference is None else r.reference  # resolved: None would mean "unset"
         scorer_kwargs["force_reference"] = force_reference
-    scorer_opts = dict(beta=beta, step_delimiter=step_delimiter, step_pattern=step_pattern, aggregate=aggregate,
-                       prompt_format=prompt_format, dtype=dtype, device=device, max_length=max_length,
-                       max_batch_tokens=max_batch_tokens, **scorer_kwargs)
+    reference = cfg.reference
+    scorer_opts = dict(config=cfg, device=device, max_batch_tokens=max_batch_tokens, **scorer_kwargs)
     if scorer is None and engine == "local":
         scorer = Scorer(policy, reference, **scorer_opts)  # validates the options, loads the models
     # nothing is written before this point; the directory is created here, fingerprint.json with the first part

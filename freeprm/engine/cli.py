@@ -37,68 +37,20 @@ refused. A full disk or a file too large is one message (exit 2), nothing is lef
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import re
 import sys
 from pathlib import Path
 
-from ..cliargs import HelpFormatter, add_reference_args, check_device, error, escapes_arg, positive_float, positive_int
+from ..cliargs import HelpFormatter, error, positive_int
+from ..config import DEFAULT_STEP_DELIMITER
 from ..io import STDIO, AtomicJsonlWriter, LineError, OutputError, check_input, iter_jsonl, load_jsonl
-from .loading import DEFAULT_POLICY
+from ..scorer_cli import add_scorer_args, check_scorer_args, make_scorer
 from .timeouts import PatternTimeout, time_limit
 
 DEMO_SET = Path(__file__).resolve().parents[1] / "data" / "demo_gsm8k.jsonl"
 
-
-def _scorer_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--policy", default=DEFAULT_POLICY,
-                   help="HF dir, hub id, .gguf file, or 'smollm2' (bundled default)")
-    add_reference_args(p)
-    p.add_argument("--step-delimiter", default="\n\n", type=escapes_arg,
-                   help="step delimiter; \\n \\t \\r \\\\ \\uXXXX are understood, other text is taken as is")
-    p.add_argument("--step-pattern", default=None, help="regex that splits steps (overrides --step-delimiter); "
-                   "each line's split is limited to --pattern-timeout seconds")
-    p.add_argument("--pattern-timeout", type=positive_float, default=2.0,
-                   help="seconds one line's --step-pattern split may take before the line is reported and skipped")
-    p.add_argument("--aggregate", default="min", help="min, last, mean, sum, q_min, q_last, q_mean, q_sum")
-    p.add_argument("--prompt-format", default=None, choices=["auto", "chat", "raw"],
-                   help="default: the trained PRM directory's recorded one, else auto")
-    p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N, mps (default: cuda when available)")
-    p.add_argument("--max-length", type=positive_int, default=None, help="longest prompt+response in tokens")
-    p.add_argument("--max-batch-tokens", type=positive_int, default=8192)
-    p.add_argument("--trust-remote-code", action="store_true")
-    p.add_argument("--allow-pickle", action="store_true", help="allow pickle (*.bin) checkpoints")
-
-
-def _check_scorer_args(args) -> None:
-    """Checks that need no model (device, step pattern, max length), so a bad option fails before loading."""
-    from .scorer import MAX_LENGTH_LIMIT
-
-    check_device(args.device)
-    if args.max_length is not None and args.max_length > MAX_LENGTH_LIMIT:
-        raise ValueError(f"--max-length {args.max_length}: must be at most {MAX_LENGTH_LIMIT} tokens; "
-                         "omit it to score whole lines")
-    if args.step_pattern is not None:
-        try:
-            pattern = re.compile(args.step_pattern)
-        except (re.error, OverflowError, RecursionError) as e:  # OverflowError: a repeat count like a{99999999999}
-            raise ValueError(f"--step-pattern {args.step_pattern!r} is not a valid regex: {e}") from None
-        if pattern.search("") is not None:
-            print(f"freeprm: warning: --step-pattern {args.step_pattern!r} matches the empty string; zero-width "
-                  "matches never split a response (they are ignored): only its non-empty matches are step "
-                  "boundaries", file=sys.stderr)
-
-
-def _make_scorer(args):
-    from .scorer import Scorer
-
-    return Scorer(args.policy, args.reference, beta=args.beta, step_delimiter=args.step_delimiter or None,
-                  step_pattern=args.step_pattern, aggregate=args.aggregate, prompt_format=args.prompt_format,
-                  dtype=args.dtype, device=args.device, max_length=args.max_length,
-                  max_batch_tokens=args.max_batch_tokens, trust_remote_code=args.trust_remote_code,
-                  allow_pickle=args.allow_pickle, force_reference=args.force_reference)
+# the old private names (the scorer's options live in freeprm/scorer_cli.py); removed in the next release
+_scorer_args, _check_scorer_args, _make_scorer = add_scorer_args, check_scorer_args, make_scorer
 
 
 def default_max_line_bytes(max_length: int) -> int:
@@ -180,9 +132,9 @@ def cmd_score(args) -> int:
     writer = None
     try:
         check_input(args.input)
-        _check_scorer_args(args)
+        check_scorer_args(args)
         writer = AtomicJsonlWriter(args.output, inputs=[args.input])  # before any model work
-        scorer = _make_scorer(args)
+        scorer = make_scorer(args)
         prepared, lines, errors = read_items(args.input, scorer, args.strict, max_line_bytes=args.max_line_bytes,
                                              pattern_timeout=args.pattern_timeout)
     except ValueError as e:
@@ -226,11 +178,11 @@ def cmd_demo(args) -> int:
 
     path = args.input or str(DEMO_SET)
     items = [obj for _, obj in load_jsonl(path, on_error="raise")]
-    args.step_delimiter = "\n\n"
-    _check_scorer_args(args)
-    scorer = _make_scorer(args)
+    args.step_delimiter = DEFAULT_STEP_DELIMITER
+    check_scorer_args(args)
+    scorer = make_scorer(args)
     print(f"freeprm demo: scoring {len(items)} candidates with policy={args.policy!r} "
-          f"reference={args.reference!r} beta={scorer.beta} aggregate={args.aggregate}")
+          f"reference={args.reference!r} beta={scorer.beta} aggregate={scorer.aggregate_name}")
     results = scorer.score(items, progress=not args.no_progress)
     by_problem = defaultdict(list)
     for item, r in zip(items, results):
@@ -258,7 +210,7 @@ def cmd_demo(args) -> int:
               f"{f', tied with {ties} other(s); first in file order wins' if ties else ''}) -> "
               f"{'CORRECT' if best_item.get('correct') else 'wrong'}")
     print(f"\nsummary: picked a correct candidate for {picks_ok}/{len(by_problem)} problems "
-          f"(aggregate={args.aggregate}); the min-reward step was the corrupted step in {min_on_corrupt}/{n_corrupt} "
+          f"(aggregate={scorer.aggregate_name}); the min-reward step was the corrupted step in {min_on_corrupt}/{n_corrupt} "
           f"corrupted candidates. (* marks the corrupted step.)")
     return 0
 
@@ -266,7 +218,7 @@ def cmd_demo(args) -> int:
 def register(sub) -> None:
     p = sub.add_parser("score", help="score a JSONL file of (prompt, response/steps) items",
                        description=__doc__, formatter_class=HelpFormatter)
-    _scorer_args(p)
+    add_scorer_args(p)
     p.add_argument("--input", "-i", required=True, help="input JSONL, or - for stdin")
     p.add_argument("--output", "-o", required=True, help="output JSONL (written atomically), or - for stdout")
     p.add_argument("--strict", action="store_true", help="a malformed line is fatal (nothing is written)")
@@ -278,7 +230,7 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_score)
     d = sub.add_parser("demo", help="score the bundled GSM8K candidate set and print per-step tables",
                        formatter_class=HelpFormatter)
-    _scorer_args(d)
+    add_scorer_args(d)
     d.add_argument("--input", default=None, help=f"candidates JSONL (default: {DEMO_SET.name}, bundled)")
     d.add_argument("--no-progress", action="store_true")
     d.set_defaults(func=cmd_demo)

@@ -23,26 +23,24 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import inspect
-import math
 import re
 import warnings
 from collections.abc import Iterable, Mapping
 
 import torch
 
+from ..config import MAX_LENGTH_LIMIT  # noqa: F401  (re-exported: checked by ScoringConfig)
+from ..config import DEFAULT_POLICY, UNSET, ScoringConfig, merge_config
 from ..kernels import linear_logprobs, ops
-from ..prm_meta import resolve_scoring
+from ..prm_meta import resolve_config
 from .batching import PackedBatch, length_batches, pack_batch, pack_rows, pad_batch, pad_id_of
 from .items import PreparedItem, prepare_item
-from .loading import DEFAULT_POLICY, auto_dtype, load_model, resolve_dtype
+from .loading import auto_dtype, load_model, resolve_dtype
 from .logprobs import scatter_rows, sequence_logprobs, split_lm, target_hidden
 from .prefill import SharedPromptUnsupported, shared_prompt_hidden
 from .results import AGGREGATIONS, BatchScores, ScoreResult, TokenRewards, aggregate_steps
-from .tokenization import PROMPT_FORMATS
 
 __all__ = ["AGGREGATIONS", "BatchScores", "PreparedItem", "ScoreResult", "Scorer", "TokenRewards", "score"]
-
-_aggregate = aggregate_steps  # the old private name
 
 # "auto" packing packs a batch when that removes at least this fraction of its padded tokens: fewer rows of the same
 # length, so less work whatever the attention kernel (measured: bench/README.md, packing)
@@ -71,9 +69,6 @@ def _check_unknown(where: str, unknown: Mapping, known: Iterable[str]) -> None:
                          f"valid options are {', '.join(sorted(known))}")
 
 
-# the longest max_length accepted (2**31 - 1 tokens: beyond any model; larger values overflow C integers)
-MAX_LENGTH_LIMIT = 2**31 - 1
-
 class Scorer:
     """Keeps a policy (and optional reference) loaded and scores responses with them.
 
@@ -82,13 +77,18 @@ class Scorer:
             A PRM directory written by freeprm carries ``freeprm_prm.json`` (``freeprm/prm_meta.py``): its beta,
             reference, prompt format and step split are then used where not given here (a given one that differs
             is used with a warning naming both values).
-        reference: the same kinds; ``"none"`` for no reference (``log pi_ref = 0``); None (unset): the reference
-            recorded in a PRM directory's metadata, else none. A reference whose content differs from the
-            recorded one is a ``ValueError`` unless ``force_reference=True``.
-        beta: reward scale (None: the PRM directory's recorded beta, else ``DEFAULT_BETA`` = 1.0).
-        step_delimiter / step_pattern: how responses split into steps (see ``steps.py``).
+        reference: ``pi_ref`` (docs/config.md): the same kinds; ``"none"`` for no reference (``log pi_ref = 0``);
+            None (unset): the reference recorded in a PRM directory's metadata, else none. A reference whose
+            content differs from the recorded one is a ``ValueError`` unless ``force_reference=True``.
+        config: a ``freeprm.ScoringConfig`` (beta, reference, step split, aggregate, prompt format, dtype,
+            max_length); the keyword arguments of the same names, when given, win over it. Fields given neither
+            here nor in ``config`` (``ScoringConfig.given``) come from a PRM directory's metadata, else their
+            defaults. ``self.config`` is the config used (its reference resolved: a spec, a model or ``"none"``).
+        beta: reward scale (unset: the PRM directory's recorded beta, else ``DEFAULT_BETA`` = 1.0).
+        reference_free: True is the same as ``reference="none"``.
+        step_delimiter / step_pattern: how responses split into steps (see ``steps.py``; ``""`` or None = one step).
         aggregate: default aggregation, one of ``AGGREGATIONS``.
-        prompt_format: ``"auto" | "chat" | "raw"`` (see ``tokenization.py``; None: the recorded one, else auto).
+        prompt_format: ``"auto" | "chat" | "raw"`` (see ``tokenization.py``; unset: the recorded one, else auto).
         dtype: ``"auto"`` (default: bfloat16 on CUDA, float32 on CPU; a model object keeps its own dtype),
             ``"float32"``, ``"bfloat16"``, ``"float16"`` or a ``torch.dtype``. Log-probs and rewards are always
             fp32; the dtype is that of the model weights and activations (bf16 vs fp32 error: docs/engine.md).
@@ -126,14 +126,16 @@ class Scorer:
         policy=DEFAULT_POLICY,
         reference=None,
         *,
-        beta: float | None = None,
-        step_delimiter: str | None = "\n\n",
-        step_pattern: str | re.Pattern | None = None,
-        aggregate: str = "min",
-        prompt_format: str | None = None,
-        dtype: str | torch.dtype = "auto",
+        config: ScoringConfig | None = None,
+        beta: float | None = UNSET,
+        reference_free: bool = UNSET,
+        step_delimiter: str | None = UNSET,
+        step_pattern: str | re.Pattern | None = UNSET,
+        aggregate: str = UNSET,
+        prompt_format: str | None = UNSET,
+        dtype: str | torch.dtype = UNSET,
         device: str | torch.device | None = None,
-        max_length: int | None = None,
+        max_length: int | None = UNSET,
         max_batch_tokens: int = 8192,
         padding_side: str = "right",
         impl: str = "auto",
@@ -146,39 +148,23 @@ class Scorer:
         **unknown,
     ) -> None:
         _check_unknown("Scorer", unknown, _SCORER_OPTIONS)
-        if beta is not None and (not isinstance(beta, (int, float)) or not math.isfinite(beta) or beta <= 0):
-            raise ValueError(f"beta must be a positive finite number, got {beta!r}")
-        if prompt_format is not None and prompt_format not in PROMPT_FORMATS:
-            raise ValueError(f"prompt_format must be one of {PROMPT_FORMATS}, got {prompt_format!r}")
-        # a trained PRM directory's freeprm_prm.json fills what is not given (freeprm/prm_meta.py)
-        resolved = resolve_scoring(policy, beta=beta, reference=reference, prompt_format=prompt_format,
-                                   step_delimiter=step_delimiter, step_pattern=step_pattern,
-                                   force_reference=force_reference)
-        beta, reference, prompt_format = resolved.beta, resolved.reference, resolved.prompt_format
-        step_delimiter, step_pattern = resolved.step_delimiter, resolved.step_pattern
-        self.prm_meta = resolved.meta
-        if not isinstance(beta, (int, float)) or not math.isfinite(beta) or beta <= 0:
-            raise ValueError(f"beta must be a positive finite number, got {beta!r}")
-        if aggregate not in AGGREGATIONS:
-            raise ValueError(f"aggregate must be one of {AGGREGATIONS}, got {aggregate!r}")
-        if prompt_format not in PROMPT_FORMATS:
-            raise ValueError(f"prompt_format must be one of {PROMPT_FORMATS}, got {prompt_format!r}")
+        config = merge_config(config, reference=reference, beta=beta, reference_free=reference_free,
+                              step_delimiter=step_delimiter, step_pattern=step_pattern, aggregate=aggregate,
+                              prompt_format=prompt_format, dtype=dtype, max_length=max_length)
         if padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
         if max_batch_tokens < 1:
             raise ValueError("max_batch_tokens must be >= 1")
         if pack not in (True, False, "auto"):
             raise ValueError(f"pack must be True, False or 'auto', got {pack!r}")
-        if max_length is not None and max_length < 2:
-            raise ValueError(f"max_length must be >= 2 tokens, got {max_length}")
-        if max_length is not None and max_length > MAX_LENGTH_LIMIT:
-            raise ValueError(f"max_length must be at most {MAX_LENGTH_LIMIT} tokens, got {max_length}; no model "
-                             "takes longer sequences (omit it to score whole lines)")
-        if step_pattern is not None:
-            try:
-                step_pattern = re.compile(step_pattern) if isinstance(step_pattern, str) else step_pattern
-            except (re.error, OverflowError, RecursionError) as e:  # OverflowError: a{99999999999}
-                raise ValueError(f"step_pattern is not a valid regex: {e}") from e
+        # a trained PRM directory's freeprm_prm.json fills what is not given (freeprm/prm_meta.py)
+        config, self.prm_meta = resolve_config(policy, config, force_reference=force_reference)
+        self.config = config
+        try:
+            step_pattern = config.compiled_pattern
+        except (re.error, OverflowError, RecursionError) as e:  # OverflowError: a{99999999999}
+            raise ValueError(f"step_pattern is not a valid regex: {e}") from e
+        dtype, reference = config.dtype, config.reference_model
         obj = _model_object(policy)
         if device is not None:
             self.device = torch.device(device)
@@ -196,11 +182,11 @@ class Scorer:
             self.reference, ref_tok = self._load(reference, torch_dtype, True, trust_remote_code, allow_pickle)
             _check_same_vocab(self.tokenizer, ref_tok, self.policy, self.reference)
         self.dtype = next(self.policy.parameters()).dtype
-        self.beta = float(beta)
-        self.step_delimiter, self.step_pattern = step_delimiter, step_pattern
-        self.aggregate_name, self.prompt_format = aggregate, prompt_format
+        self.beta = config.beta
+        self.step_delimiter, self.step_pattern = config.step_delimiter, step_pattern
+        self.aggregate_name, self.prompt_format = config.aggregate, config.prompt_format
         cfg = getattr(self.policy.config, "text_config", None) or self.policy.config
-        self.max_length = int(max_length or getattr(cfg, "max_position_embeddings", None) or 4096)
+        self.max_length = int(config.max_length or getattr(cfg, "max_position_embeddings", None) or 4096)
         self.max_batch_tokens, self.padding_side, self.impl = max_batch_tokens, padding_side, impl
         self.share_prompt, self.fuse_reference, self.pack = bool(share_prompt), bool(fuse_reference), pack
         self._share_supported = True
@@ -515,18 +501,16 @@ def score(
     policy=DEFAULT_POLICY,
     reference=None,
     *,
-    beta: float | None = None,
-    step_delimiter: str | None = "\n\n",
-    aggregate: str = "min",
+    config: ScoringConfig | None = None,
     progress: bool = False,
     **scorer_kwargs,
 ) -> list[ScoreResult]:
     """Implicit process rewards of ``items``; a thin wrapper over ``Scorer(...).score(items)``.
 
-    ``results[i].score`` is the min step reward by default; see ``ScoreResult`` for the fields.
-    Other keyword arguments go to ``Scorer`` (``step_pattern``, ``prompt_format``, ``dtype``, ``share_prompt``,
-    ...); an unknown one raises ``ValueError``. For repeated calls, build one ``Scorer`` and keep it: this
-    function loads the models each time.
+    ``results[i].score`` is the min step reward by default; see ``ScoreResult`` for the fields. ``config`` and
+    the other keyword arguments go to ``Scorer`` (``beta``, ``step_delimiter``, ``aggregate``, ``step_pattern``,
+    ``prompt_format``, ``dtype``, ``share_prompt``, ...); an unknown one raises ``ValueError``. For repeated calls,
+    build one ``Scorer`` and keep it: this function loads the models each time.
     """
-    scorer = Scorer(policy, reference, beta=beta, step_delimiter=step_delimiter, aggregate=aggregate, **scorer_kwargs)
+    scorer = Scorer(policy, reference, config=config, **scorer_kwargs)
     return scorer.score(items, progress=progress)

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from ..cliargs import DeprecatedAlias, HelpFormatter, add_reference_args, error, escapes_arg
+from ..config import DEFAULT_POLICY, add_scoring_args
 
 STAGES = ("generate", "score", "report", "all")
 
@@ -33,6 +34,22 @@ def _ints(s: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
 
 
+def _dtype_arg(text: str) -> str:
+    from ..config import dtype_name
+
+    try:
+        return dtype_name(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _scoring_config(args):
+    """The ``ScoringConfig`` of the score options (left-out ones not given: a trained PRM fills them)."""
+    from ..config import ScoringConfig
+
+    return ScoringConfig.from_args(args)
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", "-o", "--out", dest="out", required=True, action=DeprecatedAlias, deprecated=("--out",),
                    help="output directory (created; reused on reruns; --out: deprecated spelling)")
@@ -40,9 +57,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    "bring your own in the documented schema")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--prompt-format", choices=("auto", "chat", "raw"), default="auto",
-                   help="prompt formatting for the generator and the scorer alike (auto: the chat template when the "
-                        "tokenizer has one)")
+    add_scoring_args(p, ["prompt_format"], help={
+        "prompt_format": "prompt formatting for the generator and the scorer alike: auto (the chat template when the "
+                         "tokenizer has one), chat or raw (default: a trained PRM directory's recorded one, else auto)"})
 
 
 def _add_task(p: argparse.ArgumentParser) -> None:
@@ -61,7 +78,8 @@ def _add_task(p: argparse.ArgumentParser) -> None:
 
 def _add_generate(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("generate")
-    g.add_argument("--generator", default="smollm2", help="model that samples candidates (HF dir, .gguf, smollm2)")
+    g.add_argument("--generator", default=DEFAULT_POLICY,
+                   help=f"model that samples candidates (HF dir, .gguf, {DEFAULT_POLICY})")
     g.add_argument("--n", type=int, default=8, help="candidates per problem")
     g.add_argument("--temperature", type=float, default=0.7)
     g.add_argument("--top-p", type=float, default=0.95)
@@ -78,11 +96,13 @@ def _add_generate(p: argparse.ArgumentParser) -> None:
 
 def _add_score(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("score")
-    g.add_argument("--policy", default="smollm2", help="implicit PRM policy (HF dir, .gguf, smollm2)")
+    g.add_argument("--policy", default=DEFAULT_POLICY, help=f"implicit PRM policy (HF dir, .gguf, {DEFAULT_POLICY})")
     add_reference_args(g)
-    g.add_argument("--step-delimiter", default="\n\n", type=escapes_arg,
-                   help="step delimiter, backslash escapes allowed (\\n \\t \\r \\\\ \\uXXXX)")
-    g.add_argument("--score-dtype", default="float32")
+    add_scoring_args(g, ["step_delimiter"])
+    g.add_argument("--dtype", "--score-dtype", dest="dtype", type=_dtype_arg, default=None, action=DeprecatedAlias,
+                   deprecated=("--score-dtype",), metavar="{auto,float32,bfloat16,float16}",
+                   help="scoring model dtype: auto (bf16 on CUDA, fp32 elsewhere), float32, bfloat16, float16 "
+                        "(default: auto; --score-dtype: deprecated spelling, whose default was float32)")
     g.add_argument("--score-chunk", type=int, default=16, help="candidates per scorer call (one flush each)")
 
 
@@ -161,7 +181,7 @@ def stage_generate(args) -> None:
                              temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
                              seed=args.seed, batch_size=args.batch_size, backend=args.backend, dtype=args.gen_dtype,
                              device=args.device, prompt_template=args.prompt_template, stop=args.stop,
-                             prompt_format=args.prompt_format, progress=not args.no_progress)
+                             prompt_format=args.prompt_format or "auto", progress=not args.no_progress)
     _log(f"generate: {st['generated']} new, {st['reused']} reused, {st['new_tokens']} tokens in "
          f"{st['seconds']:.0f} s ({st['tokens_per_s']:.1f} tokens/s)")
 
@@ -171,17 +191,16 @@ def stage_score(args) -> None:
 
     where: dict = {}
     cands = _load_candidates(_candidates_path(args), where)
-    st = score_candidates(cands, Path(args.out) / "scores.jsonl", policy=args.policy, reference=args.reference,
-                          beta=args.beta, step_delimiter=args.step_delimiter, chunk_size=args.score_chunk,
-                          progress=not args.no_progress, dtype=args.score_dtype, where=where,
-                          prompt_format=args.prompt_format, force_reference=args.force_reference)
+    st = score_candidates(cands, Path(args.out) / "scores.jsonl", policy=args.policy, config=_scoring_config(args),
+                          chunk_size=args.score_chunk, progress=not args.no_progress, where=where,
+                          force_reference=args.force_reference)
     _log(f"score: {st['scored']} scored, {st['reused']} reused, {st['empty']} empty responses "
          f"({st['seconds']:.0f} s)")
 
 
 def stage_report(args) -> dict:
     from .report import build_problems, build_table, write_report
-    from .scoring import load_scores, resolved_scorer_tag
+    from .scoring import load_scores, resolved_config_tag
     from .selection import default_methods, parse_method
 
     cands = _load_candidates(_candidates_path(args))
@@ -196,11 +215,10 @@ def stage_report(args) -> dict:
     scores = None
     meta = {"candidates_file": str(_candidates_path(args))}
     if aggs:
-        tag = resolved_scorer_tag(getattr(args, "policy", None) or "smollm2", getattr(args, "reference", None),
-                                  getattr(args, "beta", None), getattr(args, "step_delimiter", "\n\n"),
-                                  dtype=getattr(args, "score_dtype", "float32"), prompt_format=args.prompt_format,
-                                  force_reference=getattr(args, "force_reference", False))[0]
-        scores = load_scores(Path(args.out) / "scores.jsonl", tag if args.stage == "all" else None)
+        tag = None  # `bon all`: only the lines of this run's scorer config
+        if args.stage == "all":
+            tag = resolved_config_tag(args.policy, _scoring_config(args), force_reference=args.force_reference)[0]
+        scores = load_scores(Path(args.out) / "scores.jsonl", tag)
         tags = {s["scorer"] for s in scores.values()}
         if len(tags) > 1:
             raise ValueError(f"scores.jsonl mixes scorer configs {sorted(tags)}; report one (use `bon all` with "

@@ -6,8 +6,10 @@ Scores are appended to ``scores.jsonl``, one line per candidate::
     step_rewards [float], num_tokens
 
 A line is reused on a rerun when its ``(problem_id, candidate_id)`` and ``scorer`` string match.
-The string (``scorer_tag``) covers every option that changes scores: policy, reference, beta,
-step delimiter, step pattern, prompt format and dtype, so changing any of them rescores. A model
+The string (``config_tag``: the policy and ``ScoringConfig.identity()`` less aggregate and max_length, which do
+not change step rewards) covers every option that changes scores: policy, reference, beta, step delimiter, step
+pattern, prompt format and dtype, so changing any of them rescores. Its text is the one written before
+``ScoringConfig`` existed (``scorer_tag``), so existing ``scores.jsonl`` files are reused. A model
 is named by its spec (or, inside an already-built ``Scorer``, the path it was loaded from) plus
 ``@`` and a digest of its content (``freeprm.identity``, the code of the ``rerank`` fingerprint):
 of its files for a spec (size, first and last MiB of each weight/config/tokenizer file), of its
@@ -22,62 +24,77 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
+from ..config import DEFAULT_BETA, DEFAULT_POLICY, DEFAULT_STEP_DELIMITER, UNSET, ScoringConfig, merge_config
 from .candidates import append_jsonl, key_of, read_jsonl
 
 
-def _model_name(model) -> str:
+def _model_name(model, identity=...) -> str:
     """``NAME@DIGEST``: a spec as given, or a model object (a ``(model, tokenizer)`` pair from a ``Scorer``) by the
-    path it was loaded from, plus a digest of its content (``freeprm.identity``); ``"none"`` for no model."""
+    path it was loaded from, plus a digest of its content (``identity``, default ``freeprm.identity.model_identity``
+    of it); ``"none"`` for no model."""
     from ..identity import identity_digest, model_identity
 
     if model is None:
         return "none"
     if isinstance(model, (str, os.PathLike)):
-        return f"{model}@{identity_digest(model_identity(model))}"
+        return f"{model}@{identity_digest(model_identity(model) if identity is ... else identity)}"
     m, tok = model if isinstance(model, tuple) else (model, None)
     name = getattr(getattr(m, "config", None), "_name_or_path", None) or "<object>"
-    return f"{name}@{identity_digest(model_identity((m, tok)))}"
+    return f"{name}@{identity_digest(model_identity((m, tok)) if identity is ... else identity)}"
 
 
-def _dtype_name(dtype) -> str:
-    from ..engine.loading import resolve_dtype
+def config_tag(policy, config: ScoringConfig, *, device=None, model_dtype=None, reference_identity=...) -> str:
+    """The scorer config string of ``scores.jsonl`` lines: ``policy`` and ``config.identity()`` (a resolved config:
+    its reference a spec, a model or ``"none"``), without aggregate and max_length (they do not change step
+    rewards; device and batching are not in the config either).
 
-    return str(resolve_dtype(dtype)).removeprefix("torch.")
-
-
-def scorer_tag(policy, reference, beta: float, step_delimiter: str | None, *, step_pattern=None,
-               prompt_format: str = "auto", dtype="float32") -> str:
-    """The scorer config string of ``scores.jsonl`` lines: every ``Scorer`` option that changes scores.
-
-    ``policy`` / ``reference``: specs (named with a digest of their files) or ``(model, tokenizer)``
-    pairs (a digest of their parameters); see the module doc. Options that do not change scores
-    (device, impl, batching, padding side, aggregate) are left out. ``step_pattern`` may be a string
-    or a compiled pattern; ``dtype`` a name or ``torch.dtype``.
+    ``policy`` / the reference: specs (named with a digest of their files) or ``(model, tokenizer)`` pairs (a
+    digest of their parameters); see the module doc. The text is ``scorer_tag``'s, field for field.
     """
-    pattern = getattr(step_pattern, "pattern", step_pattern)
-    return (f"policy={_model_name(policy)};reference={_model_name(reference)};beta={float(beta):g};"
-            f"delim={step_delimiter!r};pattern={pattern!r};format={prompt_format};dtype={_dtype_name(dtype)}")
+    ident = config.identity(device=device, model_dtype=model_dtype, reference_identity=reference_identity)
+    ref = config.reference_model
+    ref_name = "none" if ref is None else _model_name(ref, ident["reference"])
+    return (f"policy={_model_name(policy)};reference={ref_name};beta={ident['beta']:g};"
+            f"delim={config.step_delimiter!r};pattern={ident['step_pattern']!r};format={ident['prompt_format']};"
+            f"dtype={ident['dtype'].removeprefix('torch.')}")
 
 
-def resolved_scorer_tag(policy, reference, beta: float | None, step_delimiter: str | None, *, step_pattern=None,
-                        prompt_format: str | None = None, dtype="float32", force_reference: bool = False):
-    """``(scorer_tag, ResolvedScoring)`` after a trained PRM directory's ``freeprm_prm.json`` filled what is not
-    given (``freeprm.prm_meta.resolve_scoring``; None = unset); the scoring and report stages share it."""
-    from ..prm_meta import resolve_scoring
+def scorer_tag(policy, reference=None, beta: float = DEFAULT_BETA,
+               step_delimiter: str | None = DEFAULT_STEP_DELIMITER, *, step_pattern=None, prompt_format: str = "auto",
+               dtype="float32") -> str:
+    """``config_tag`` of these settings (the keyword form of the first version; ``reference=None``: none)."""
+    cfg = ScoringConfig(reference="none" if reference is None else reference, beta=beta,
+                        step_delimiter=step_delimiter, step_pattern=step_pattern, prompt_format=prompt_format,
+                        dtype=dtype)
+    return config_tag(policy, cfg)
 
-    r = resolve_scoring(policy, beta=beta, reference=reference, prompt_format=prompt_format,
-                        step_delimiter=step_delimiter, step_pattern=step_pattern, force_reference=force_reference)
-    tag = scorer_tag(policy, r.reference, r.beta, r.step_delimiter, step_pattern=r.step_pattern,
-                     prompt_format=r.prompt_format, dtype=dtype)
-    return tag, r
+
+def resolved_config_tag(policy, config: ScoringConfig, *, force_reference: bool = False, device=None):
+    """``(config_tag, resolved config)`` after a trained PRM directory's ``freeprm_prm.json`` filled what
+    ``config`` does not give (``freeprm.prm_meta.resolve_config``); the scoring and report stages share it."""
+    from ..prm_meta import resolve_config
+
+    resolved, _ = resolve_config(policy, config, force_reference=force_reference)
+    return config_tag(policy, resolved, device=device), resolved
+
+
+def resolved_scorer_tag(policy, reference, beta: float | None, step_delimiter: str | None = UNSET, *,
+                        step_pattern=None, prompt_format: str | None = None, dtype="float32",
+                        force_reference: bool = False):
+    """``resolved_config_tag`` of keyword settings (None / UNSET: not given); returns ``(tag, resolved config)``."""
+    cfg = merge_config(None, reference=reference, beta=beta, step_delimiter=step_delimiter, step_pattern=step_pattern,
+                       prompt_format=prompt_format, dtype=dtype)
+    return resolved_config_tag(policy, cfg, force_reference=force_reference)
 
 
 def scorer_tag_of(scorer) -> str:
-    """``scorer_tag`` of a built ``freeprm.engine.Scorer``, from its own models (their parameters) and settings."""
-    dtype = next(scorer.policy.parameters()).dtype
+    """``config_tag`` of a built ``freeprm.engine.Scorer``, from its own models (their parameters) and settings."""
+    from ..identity import params_identity
+
     ref = None if scorer.reference is None else (scorer.reference, scorer.tokenizer)
-    return scorer_tag((scorer.policy, scorer.tokenizer), ref, scorer.beta, scorer.step_delimiter,
-                      step_pattern=scorer.step_pattern, prompt_format=scorer.prompt_format, dtype=dtype)
+    cfg = scorer.config.replace(reference=ref if ref is not None else "none", dtype="auto")
+    ref_ident = None if ref is None else params_identity(scorer.reference, scorer.tokenizer)
+    return config_tag((scorer.policy, scorer.tokenizer), cfg, model_dtype=scorer.dtype, reference_identity=ref_ident)
 
 
 def empty_score(rec: dict, tag: str) -> dict:
@@ -100,10 +117,11 @@ def score_candidates(
     candidates: Sequence[dict],
     out_path: str | os.PathLike,
     *,
-    policy="smollm2",
+    policy=DEFAULT_POLICY,
     reference=None,
-    beta: float | None = None,
-    step_delimiter: str | None = "\n\n",
+    config: ScoringConfig | None = None,
+    beta: float | None = UNSET,
+    step_delimiter: str | None = UNSET,
     chunk_size: int = 16,
     progress: bool = True,
     scorer=None,
@@ -112,9 +130,11 @@ def score_candidates(
 ) -> dict:
     """Score the candidates not yet in ``out_path`` (for this scorer config); append their lines.
 
-    ``scorer``: an already-built ``freeprm.engine.Scorer`` to use; the tag then comes from its own
-    config (``scorer_tag_of``) and ``policy``, ``reference``, ``beta``, ``step_delimiter`` and
-    ``scorer_kwargs`` are ignored. Work is done ``chunk_size`` candidates at a time,
+    ``config``: a ``freeprm.ScoringConfig``; ``reference``, ``beta``, ``step_delimiter`` and the config fields in
+    ``scorer_kwargs`` (``step_pattern``, ``prompt_format``, ``dtype``, ...), when given, win over it; what neither
+    gives comes from a trained PRM directory's metadata, else the defaults. ``scorer``: an already-built
+    ``freeprm.engine.Scorer`` to use; the tag then comes from its own config (``scorer_tag_of``) and the model and
+    scoring options are ignored. Work is done ``chunk_size`` candidates at a time,
     each chunk appended and flushed, so an interrupted run loses at most one chunk.
     Every candidate is validated (``Scorer.prepare``) before any model work; a bad one raises
     ``ValueError`` named by ``where[key]`` (e.g. ``"candidates.jsonl:12"``, from the CLI) or its key.
@@ -125,16 +145,12 @@ def score_candidates(
     if scorer is not None:
         tag = scorer_tag_of(scorer)
     else:
-        from ..config import NO_REFERENCE
+        from ..config import SCORING_FIELDS
 
-        tag, r = resolved_scorer_tag(policy, reference, beta, step_delimiter,
-                                     step_pattern=scorer_kwargs.get("step_pattern"),
-                                     prompt_format=scorer_kwargs.get("prompt_format"),
-                                     dtype=scorer_kwargs.get("dtype", "float32"),
-                                     force_reference=scorer_kwargs.get("force_reference", False))
-        beta, step_delimiter = r.beta, r.step_delimiter
-        scorer_kwargs.update(prompt_format=r.prompt_format, step_pattern=r.step_pattern)
-        reference = NO_REFERENCE if r.reference is None else r.reference  # resolved: None would mean "unset"
+        fields = {k: scorer_kwargs.pop(k) for k in SCORING_FIELDS if k in scorer_kwargs}
+        config = merge_config(config, reference=reference, beta=beta, step_delimiter=step_delimiter, **fields)
+        tag, config = resolved_config_tag(policy, config, force_reference=scorer_kwargs.get("force_reference", False),
+                                          device=scorer_kwargs.get("device"))
     done = load_scores(out_path, tag)
     todo = [c for c in candidates if key_of(c) not in done]
     stats = {"scored": 0, "reused": len(candidates) - len(todo), "empty": 0, "seconds": 0.0}
@@ -151,7 +167,7 @@ def score_candidates(
     if scorer is None:
         from ..engine import Scorer
 
-        scorer = Scorer(policy, reference, beta=beta, step_delimiter=step_delimiter, **scorer_kwargs)
+        scorer = Scorer(policy, config=config, **scorer_kwargs)
     from ..engine import AGGREGATIONS
 
     bar = None

@@ -8,15 +8,14 @@ import sys
 
 def register(sub) -> None:
     from ..cliargs import HelpFormatter
-    from ..engine.cli import _scorer_args
+    from ..scorer_cli import add_scorer_args
 
     p = sub.add_parser(
         "serve", help="serve implicit process rewards over HTTP (OpenRLHF --remote_rm_url)",
         description="POST /get_reward {query, prompts, labels} -> {rewards, scores, extra_logs}; GET /health. "
                     "Loopback only unless --allow-remote.",
         formatter_class=HelpFormatter)
-    _scorer_args(p)
-    p.set_defaults(prompt_format="raw")  # OpenRLHF prompts arrive already through the chat template
+    add_scorer_args(p, defaults={"prompt_format": "raw"})  # OpenRLHF prompts arrive already through the chat template
     p.add_argument("--host", default="127.0.0.1", help="address to bind (loopback unless --allow-remote)")
     p.add_argument("--port", type=int, default=5000, help="TCP port, 0-65535 (0: any free port)")
     p.add_argument("--allow-remote", action="store_true",
@@ -39,16 +38,14 @@ def register(sub) -> None:
 
 def _serve(args) -> int:
     from ..cliargs import error
-    from ..engine.cli import _make_scorer
-    from ..engine.scorer import AGGREGATIONS
+    from ..scorer_cli import check_scorer_args, make_scorer
     from .openrlhf import RewardServer, check_options, is_loopback
 
-    if args.aggregate not in AGGREGATIONS:
-        return error("serve", f"--aggregate must be one of {AGGREGATIONS}")
     if not is_loopback(args.host) and not args.allow_remote:
         return error("serve", f"--host {args.host} is not a loopback address; the server has no authentication. "
                               "Pass --allow-remote to bind it anyway.")
     try:  # every option is checked before the model loads
+        check_scorer_args(args)
         check_options(port=args.port, max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms,
                       read_timeout_s=args.read_timeout_s, max_connections=args.max_connections)
         if not math.isfinite(args.invalid_reward):
@@ -56,8 +53,8 @@ def _serve(args) -> int:
     except ValueError as e:
         return error("serve", e)
     try:
-        scorer = _make_scorer(args)
-        server = RewardServer(scorer, args.host, args.port, aggregate=args.aggregate,
+        scorer = make_scorer(args)
+        server = RewardServer(scorer, args.host, args.port, aggregate=scorer.aggregate_name,
                               max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms,
                               allow_remote=args.allow_remote, log_requests=args.log_requests,
                               extra_logs=args.extra_logs, invalid_reward=args.invalid_reward,

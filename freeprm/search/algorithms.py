@@ -341,17 +341,11 @@ def build_searcher(policy=None, reference=None, *, config: SearchConfig, scorer=
     from .generation import TransformersStepGenerator, VLLMStepGenerator
 
     if scorer is None:
-        opts = {}
-        sc = config.scoring
-        if sc is not None:  # given as a whole: every field as given
-            opts = dict(reference=sc.reference, beta=sc.beta, prompt_format=sc.prompt_format, dtype=sc.dtype,
-                        max_length=sc.max_length)
-        if reference is not None:
-            opts["reference"] = reference
-        opts.update({k: v for k, v in scorer_kwargs.items() if v is not None or k not in SCORING_OPTIONS})
-        # unset options (None) are the Scorer's to resolve: a trained PRM's freeprm_prm.json, else the defaults
-        scorer = Scorer(policy if policy is not None else DEFAULT_POLICY, step_delimiter=config.step_delimiter,
-                        aggregate=config.aggregate, **opts)
+        # fields given neither in config.scoring (ScoringConfig.given) nor here are the Scorer's to resolve: a
+        # trained PRM's freeprm_prm.json, else the defaults
+        opts = {k: v for k, v in scorer_kwargs.items() if v is not None or k not in SCORING_OPTIONS}
+        scorer = Scorer(policy if policy is not None else DEFAULT_POLICY, reference, config=config.scoring,
+                        step_delimiter=config.step_delimiter, aggregate=config.aggregate, **opts)
     elif scorer_kwargs or reference is not None:
         raise ValueError(f"with scorer=, pass no model or scorer options "
                          f"({', '.join(sorted(scorer_kwargs) + (['reference'] if reference is not None else []))})")

@@ -13,19 +13,19 @@ from __future__ import annotations
 
 
 def cmd_search(args) -> int:
-    from ..engine.cli import _check_scorer_args
+    from ..scorer_cli import check_scorer_args
     from .algorithms import SearchConfig
     from .run import read_prompts, run_search, task_prompts
 
     try:
-        _check_scorer_args(args)
-        if args.step_pattern is not None:
+        scoring = check_scorer_args(args)
+        if scoring.step_pattern is not None:
             raise ValueError("--step-pattern is not supported by search: steps end at --step-delimiter while they "
                              "are generated")
         if (args.task is None) == (args.input is None):
             raise ValueError("give exactly one of --task or --input")
         config = SearchConfig(method=args.method, n=args.n, beam_width=args.beam_width, max_steps=args.max_steps,
-                              step_delimiter=args.step_delimiter, aggregate=args.aggregate,
+                              step_delimiter=scoring.step_delimiter or "", aggregate=scoring.aggregate,
                               max_step_tokens=args.max_step_tokens, max_tokens=args.max_tokens,
                               temperature=args.temperature, top_p=args.top_p, seed=args.seed, stop=tuple(args.stop))
         if args.task is not None:
@@ -35,7 +35,7 @@ def cmd_search(args) -> int:
         else:
             rows, bad = read_prompts(args.input)
             source = {"input": "jsonl"}
-        run_search(rows, args.output, config=config, policy=args.policy, reference=args.reference,
+        run_search(rows, args.output, config=config, policy=args.policy, reference=scoring.reference,
                    generator=args.generator, backend=args.backend, prompts_per_part=args.prompts_per_part,
                    source=source, progress=not args.no_progress, bad_lines=bad, beta=args.beta,
                    prompt_format=args.prompt_format, dtype=args.dtype, max_length=args.max_length,
@@ -51,13 +51,13 @@ def cmd_search(args) -> int:
 
 def register(sub) -> None:
     from ..cliargs import HelpFormatter, escapes_arg, positive_float, positive_int
-    from ..engine.cli import _scorer_args
+    from ..scorer_cli import add_scorer_args
     from ..eval.tasks import TASK_NAMES
     from .algorithms import METHODS
 
     p = sub.add_parser("search", help="PRM-guided step-level search: best-of-N, beam search, DVTS (resumable)",
                        description=__doc__, formatter_class=HelpFormatter)
-    _scorer_args(p)
+    add_scorer_args(p)
     p.add_argument("--task", default=None, choices=TASK_NAMES, help="search the problems of a task (graded)")
     p.add_argument("--limit", type=positive_int, default=None, help="--task: number of problems (arith: default 40)")
     p.add_argument("--offset", type=int, default=0, help="--task: skip this many problems first")
