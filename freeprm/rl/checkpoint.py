@@ -81,7 +81,7 @@ def from_pretrained(cls, path: str | os.PathLike, reference="saved", *, force_re
         raise ValueError(f"{path} has no {META_FILE}; is it an ImplicitPRM.save_pretrained directory?")
     online = meta.implicit_prm or {}
     settings = {k: online[k] for k in _ONLINE if k in online}
-    settings.update(beta=meta.scoring.beta, step_delimiter=meta.scoring.step_delimiter or "")
+    settings.update(beta=meta.scoring.beta, step_delimiter=meta.scoring.step_delimiter)
     for k in ("beta", "step_delimiter"):
         if k in kwargs and kwargs[k] != settings[k]:
             warnings.warn(f"{k}: using the given {kwargs[k]!r}, but {meta.file} records {settings[k]!r} (the value "
@@ -101,8 +101,6 @@ def from_pretrained(cls, path: str | os.PathLike, reference="saved", *, force_re
             reference = "none" if kind == "none" else kind
     elif reference not in (None, "none", "policy", "frozen"):
         check_reference_digest(meta, reference, force_reference=force_reference)
-    if reference == "none":
-        reference = None  # ImplicitPRM's reference-free spelling
     prm = cls(str(path), reference, **settings)
     if frozen_ref is not None:
         prm.reference = frozen(load_model(frozen_ref, dtype=next(prm.model.parameters()).dtype, device=prm.device)[0])

@@ -2,7 +2,7 @@
 
 The PRM is a causal LM ``pi`` read against a reference ``pi_ref``. For a response token ``y_t``::
 
-    r_t = beta * (log pi(y_t | y_<t) - log pi_ref(y_t | y_<t))        (reference=None: log pi_ref = 0)
+    r_t = beta * (log pi(y_t | y_<t) - log pi_ref(y_t | y_<t))        (reference="none": log pi_ref = 0)
 
 and its online update (PRIME, arXiv 2502.01456, which trains the implicit PRM of arXiv 2412.01981 on the
 policy's own rollouts with the verifier's labels ``y in [0, 1]``) minimises the cross-entropy::
@@ -16,15 +16,15 @@ custom backward, so neither scoring nor the update builds ``[tokens x vocab]`` l
 
 from __future__ import annotations
 
-import math
 import os
+import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
 
-from ..config import DEFAULT_TRAIN_BETA
+from ..config import DEFAULT_STEP_DELIMITER, DEFAULT_TRAIN_BETA, NO_REFERENCE, check_beta, normalize_step_delimiter
 from ..engine.loading import load_model, resolve_dtype
 from ..engine.logprobs import full_logits_logprobs, sequence_logprobs
 from ..engine.steps import GRANULARITIES, step_rewards_on_last_token
@@ -51,14 +51,16 @@ class ImplicitPRM:
     Args:
         model: a Hugging Face causal LM (trained in place), a ``(model, tokenizer)`` pair, or a spec that
             ``freeprm.engine.loading.load_model`` accepts (HF directory, hub id, ``.gguf``, ``"smollm2"``).
-        reference: ``"frozen"`` (default, PRIME's): a frozen copy of the initial model is ``pi_ref``;
-            ``"policy"``: the caller passes ``ref_logprobs`` (e.g. the RL policy's old log-probs) to every
-            ``token_rewards`` / ``update`` call; a model (or spec, or pair): that model, frozen; ``None``:
-            reference-free (``log pi_ref = 0``).
+        reference: ``pi_ref`` (docs/config.md). ``"frozen"`` (default, PRIME's): a frozen copy of the initial
+            model; ``"policy"``: the caller passes ``ref_logprobs`` (e.g. the RL policy's old log-probs) to every
+            ``token_rewards`` / ``update`` call; a model (or spec, or pair): that model, frozen; ``"none"``: no
+            reference model (``log pi_ref = 0``). ``None`` is a deprecated spelling of ``"none"``
+            (``DeprecationWarning``).
         tokenizer: needed for ``granularity="step"``, ``score`` and ``save_pretrained`` when ``model`` is an
             ``nn.Module`` (loaded with the model otherwise).
-        beta: reward scale. granularity: ``"token"`` (dense) or ``"step"`` (each step's summed reward on
-            its last token; steps split at ``step_delimiter`` in the decoded response).
+        beta: reward scale (default ``DEFAULT_TRAIN_BETA``, 0.05). granularity: ``"token"`` (dense) or ``"step"``
+            (each step's summed reward on its last token; steps split at ``step_delimiter`` in the decoded
+            response; ``""`` or None: the whole response is one step, ``config.normalize_step_delimiter``).
         lr, grad_clip, weight_decay: AdamW settings of ``update`` (``grad_clip=None``: no clipping).
         mini_batch_size: rows per optimizer step in ``update`` (None: the whole batch, one step).
         loss: a loss of the trainer's registry (``freeprm.trainer.losses``) that needs no extra sequences:
@@ -81,7 +83,7 @@ class ImplicitPRM:
         tokenizer=None,
         beta: float = DEFAULT_TRAIN_BETA,
         granularity: str = "token",
-        step_delimiter: str = "\n\n",
+        step_delimiter: str | None = DEFAULT_STEP_DELIMITER,
         lr: float = 1e-6,
         grad_clip: float | None = 10.0,
         mini_batch_size: int | None = None,
@@ -92,13 +94,16 @@ class ImplicitPRM:
         impl: str = "auto",
         full_logits: bool = False,
     ) -> None:
-        if not isinstance(beta, (int, float)) or not math.isfinite(beta) or beta <= 0:
-            raise ValueError(f"beta must be a positive finite number, got {beta!r}")
+        beta = check_beta(beta)
+        step_delimiter = normalize_step_delimiter(step_delimiter)  # the one rule: "" or None = one step
+        if reference is None:
+            warnings.warn("ImplicitPRM(reference=None) meaning reference-free is deprecated (None will mean the "
+                          "default, the initial policy); pass reference='none' (docs/config.md)", DeprecationWarning,
+                          stacklevel=2)
+            reference = NO_REFERENCE
         if granularity not in GRANULARITIES:
             raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
         self._loss_spec = online_loss_spec(loss)
-        if not isinstance(step_delimiter, str) or not step_delimiter:
-            raise ValueError("step_delimiter must be a non-empty string")
         if not (isinstance(lr, (int, float)) and lr >= 0):
             raise ValueError(f"lr must be >= 0, got {lr!r}")
         if grad_clip is not None and not grad_clip > 0:

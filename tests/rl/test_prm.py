@@ -250,7 +250,7 @@ def test_invalid_inputs(prm):
     with pytest.raises(ValueError, match="at least one response token"):
         prm.token_rewards(ids, am, torch.zeros_like(rm))
     with pytest.raises(ValueError, match="granularity"):
-        ImplicitPRM(prm.model, None, tokenizer=prm.tokenizer, granularity="word")
+        ImplicitPRM(prm.model, "none", tokenizer=prm.tokenizer, granularity="word")
     with pytest.raises(ValueError, match="ref_logprobs"):
         prm.token_rewards(ids, am, rm, ref_logprobs=torch.zeros(2, 2))
     assert prm.version == 0  # nothing was updated by the failed calls
