@@ -4,9 +4,8 @@
 ``RerankUDF`` is the callable class for ``ray.data.Dataset.map_batches``.
 """
 
-from .reader import BadLine, Chunk, Group, iter_chunks, iter_groups
-from .job import RerankSummary, score_groups
-from .rerank import make_fingerprint, model_identity, rerank
+from .job import RerankSummary
+from .rerank import rerank
 from .store import OutputDir, read_output
 
 
@@ -18,5 +17,4 @@ def __getattr__(name):  # RerankUDF imports ray lazily
     raise AttributeError(name)
 
 
-__all__ = ["rerank", "RerankSummary", "RerankUDF", "read_output", "OutputDir", "iter_groups", "iter_chunks",
-           "Group", "Chunk", "BadLine", "score_groups", "make_fingerprint", "model_identity"]
+__all__ = ["rerank", "RerankSummary", "RerankUDF", "read_output", "OutputDir"]
