@@ -56,8 +56,8 @@ AGGREGATIONS = ("min", "last", "mean", "sum", "q_min", "q_last", "q_mean", "q_su
 
 DEFAULT_AGGREGATE = "min"
 PROMPT_FORMATS = ("auto", "chat", "raw")
-DTYPES = ("auto", "float32", "bfloat16", "float16")
-DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+DTYPES = ("auto", "float32", "bfloat16", "float16", "float64")  # float64: oracle runs in tests and benchmarks
+DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "fp64": "float64"}
 CONFIG_VERSION = 1
 
 MAX_LENGTH_LIMIT = 2**31 - 1
@@ -121,7 +121,7 @@ def dtype_name(dtype) -> str:
     name = str(dtype).removeprefix("torch.") if not isinstance(dtype, str) else dtype
     name = DTYPE_ALIASES.get(name, name)
     if name not in DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPES)} (or fp32, bf16, fp16, or a torch.dtype), "
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)} (or fp32, bf16, fp16, fp64, or a torch.dtype), "
                          f"got {dtype!r}")
     return name
 
