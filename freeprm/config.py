@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -419,8 +418,11 @@ class ScoringConfig:
 
 
 def digest_of(identity: Mapping) -> str:
-    """16 hex characters of the sha256 of ``identity`` as sorted JSON."""
-    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+    """16 hex characters of the sha256 of ``identity`` as sorted JSON: ``freeprm.identity.identity_digest``, the one
+    digest function (model identities, config identities)."""
+    from .identity import identity_digest
+
+    return identity_digest(identity)
 
 
 SCORING_FIELDS = tuple(f.name for f in dataclasses.fields(ScoringConfig))

@@ -73,5 +73,6 @@ def model_identity(spec) -> dict | None:
 
 
 def identity_digest(identity: dict | None) -> str:
-    """One short hex digest (16 characters) of a ``model_identity`` value."""
+    """One short hex digest (16 characters) of an identity (a ``model_identity`` value or a
+    ``ScoringConfig.identity()``): the sha256 of it as sorted JSON, the same in every process."""
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]

@@ -23,6 +23,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from ..config import DEFAULT_STEP_DELIMITER
 from .steps import split_steps, token_steps
 from .tokenization import encode, strip_end_markers
 
@@ -58,7 +59,7 @@ def prepare_item(
     tokenizer,
     max_length: int,
     vocab_size: int,
-    step_delimiter: str | None = "\n\n",
+    step_delimiter: str | None = DEFAULT_STEP_DELIMITER,
     step_pattern: str | re.Pattern | None = None,
     prompt_format: str = "auto",
 ) -> PreparedItem:

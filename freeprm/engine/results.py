@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..config import AGGREGATIONS
+from ..config import AGGREGATIONS, DEFAULT_BETA
 
 
 def aggregate_steps(step_rewards: torch.Tensor, q_values: torch.Tensor, name: str) -> float:
@@ -42,7 +42,7 @@ class ScoreResult:
     step_spans: list[tuple[int, int]]  # (start, end) characters of each step in the response
     token_logprobs: torch.Tensor | None  # [n] log pi (None only with the opt-in fuse_reference=True on Triton)
     ref_logprobs: torch.Tensor | None = None  # [n] log pi_ref; None without a reference (or with fusion)
-    beta: float = 1.0
+    beta: float = DEFAULT_BETA
     meta: dict = field(default_factory=dict)  # the item's other keys, passed through
 
     def aggregate(self, name: str) -> float:

@@ -24,11 +24,13 @@ from collections.abc import Sequence
 
 import torch
 
+from ..config import DEFAULT_STEP_DELIMITER
+
 
 def split_steps(
     response: str,
     *,
-    step_delimiter: str | None = "\n\n",
+    step_delimiter: str | None = DEFAULT_STEP_DELIMITER,
     step_pattern: str | re.Pattern | None = None,
     steps: Sequence[str] | None = None,
 ) -> list[tuple[int, int]]:
@@ -160,7 +162,7 @@ def sum_on_last_token(rewards: torch.Tensor, steps: torch.Tensor) -> torch.Tenso
     return out
 
 
-def decoded_token_steps(ids: Sequence[int], tokenizer, *, step_delimiter: str | None = "\n\n",
+def decoded_token_steps(ids: Sequence[int], tokenizer, *, step_delimiter: str | None = DEFAULT_STEP_DELIMITER,
                         step_pattern: str | re.Pattern | None = None) -> list[int]:
     """Step index of each of the token ids ``ids`` (a response), from its decoded text (``decoded_offsets``),
     split by ``split_steps`` (a whitespace-only response is one step) and this module's token rule."""
@@ -172,7 +174,7 @@ def decoded_token_steps(ids: Sequence[int], tokenizer, *, step_delimiter: str | 
     return token_steps(offsets, spans)
 
 
-def step_sums(rewards: torch.Tensor, ids: Sequence[int], tokenizer, *, step_delimiter: str | None = "\n\n",
+def step_sums(rewards: torch.Tensor, ids: Sequence[int], tokenizer, *, step_delimiter: str | None = DEFAULT_STEP_DELIMITER,
               step_pattern: str | re.Pattern | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One response's token rewards ``[n]`` -> ``(sums [K], last [K])``: each step's summed reward and the index
     of its last token, for the ``K`` steps of the decoded response that own a token, in order."""
@@ -188,7 +190,7 @@ def step_rewards_on_last_token(
     response_mask: torch.Tensor,
     tokenizer,
     *,
-    step_delimiter: str | None = "\n\n",
+    step_delimiter: str | None = DEFAULT_STEP_DELIMITER,
     step_pattern: str | re.Pattern | None = None,
 ) -> torch.Tensor:
     """Token rewards ``[B, T]`` -> step rewards ``[B, T]``: each step's sum on its last token, 0 elsewhere.

@@ -28,6 +28,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
+from ..config import DEFAULT_POLICY, DEFAULT_STEP_DELIMITER
 from ..engine.tokenization import PROMPT_FORMATS
 from ..io import append_jsonl, load_jsonl  # noqa: F401  (append_jsonl: re-exported, the candidates' writer)
 from .generation import (BACKENDS, TransformersGenerator, derive_seed, pack_batches, resolve_backend,  # noqa: F401
@@ -56,7 +57,7 @@ def generate_candidates(
     problems: Sequence[Problem],
     out_path: str | os.PathLike,
     *,
-    model="smollm2",
+    model=DEFAULT_POLICY,
     n: int = 8,
     temperature: float = 0.7,
     top_p: float = 0.95,
@@ -67,7 +68,7 @@ def generate_candidates(
     dtype: str = "float32",
     device: str | None = None,
     prompt_template: str | None = None,
-    step_delimiter: str | None = "\n\n",
+    step_delimiter: str | None = DEFAULT_STEP_DELIMITER,
     stop: Sequence[str] | None = None,
     prompt_format: str = "auto",
     progress: bool = True,

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 import torch
 
+from ..config import DEFAULT_POLICY
 from ..engine.batching import pad_batch, pad_id_of
 from ..engine.tokenization import prompt_ids
 from .tasks import Problem
@@ -46,7 +47,7 @@ def resolve_backend(backend: str) -> str:
 class TransformersGenerator:
     """Sampling with ``model.generate``; keeps the model loaded across calls."""
 
-    def __init__(self, model="smollm2", *, dtype: str = "float32", device: str | None = None,
+    def __init__(self, model=DEFAULT_POLICY, *, dtype: str = "float32", device: str | None = None,
                  prompt_format: str = "auto", trust_remote_code: bool = False):
         from ..engine.loading import load_model
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from ..config import DEFAULT_STEP_DELIMITER
 from ..engine.steps import split_steps
 from .grading import grade
 from .tasks import GRADER_TASK, Problem
@@ -29,7 +30,7 @@ def latest_by_key(records: Iterable[dict]) -> dict[tuple[str, int], dict]:
     return out
 
 
-def split_response_steps(response: str, step_delimiter: str | None = "\n\n") -> list[str]:
+def split_response_steps(response: str, step_delimiter: str | None = DEFAULT_STEP_DELIMITER) -> list[str]:
     """The response's steps as strings (the engine's segmentation), ``[]`` for an empty response."""
     if not response.strip():
         return []
@@ -37,7 +38,7 @@ def split_response_steps(response: str, step_delimiter: str | None = "\n\n") -> 
 
 
 def make_record(problem: Problem, candidate_id: int, prompt: str, response: str, *,
-                step_delimiter: str | None = "\n\n", gen: dict | None = None) -> dict:
+                step_delimiter: str | None = DEFAULT_STEP_DELIMITER, gen: dict | None = None) -> dict:
     """One candidates-file record: steps split, answer extracted and graded."""
     answer, correct = grade(response, problem.gold, problem.grader_task)
     rec = {"problem_id": problem.problem_id, "candidate_id": int(candidate_id), "task": problem.task,

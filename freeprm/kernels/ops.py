@@ -20,6 +20,7 @@ import os
 
 import torch
 
+from ..config import DEFAULT_BETA
 from . import oracle
 from .chunked import chunked_linear_logprobs
 from .entropy import torch_linear_logprobs_entropy
@@ -168,7 +169,7 @@ def token_rewards(
     logp: torch.Tensor,
     logp_ref: torch.Tensor | None,
     mask: torch.Tensor | None = None,
-    beta: float = 1.0,
+    beta: float = DEFAULT_BETA,
     *,
     impl: str = "auto",
 ) -> torch.Tensor:
@@ -243,7 +244,7 @@ def policy_ref_rewards(
     h_ref: torch.Tensor,
     w_ref: torch.Tensor,
     targets: torch.Tensor,
-    beta: float = 1.0,
+    beta: float = DEFAULT_BETA,
     mask: torch.Tensor | None = None,
     *,
     logit_scale: float = 1.0,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
-from ..config import DEFAULT_TRAIN_BETA
+from ..config import DEFAULT_TRAIN_BETA, PROMPT_FORMATS, check_beta
 from . import losses
 
 SCHEDULES = ("cosine", "linear", "constant")
@@ -51,8 +51,9 @@ class TrainConfig:
 
     def validate(self) -> None:
         losses.get_loss(self.loss)  # a registered loss
-        if not self.beta > 0:
-            raise ValueError(f"beta must be positive, got {self.beta}")
+        check_beta(self.beta)
+        if self.prompt_format not in PROMPT_FORMATS:
+            raise ValueError(f"prompt_format must be one of {', '.join(PROMPT_FORMATS)}, got {self.prompt_format!r}")
         if self.ce_balance not in losses.CE_BALANCE:
             raise ValueError(f"ce_balance must be one of {losses.CE_BALANCE}, got {self.ce_balance!r}")
         if self.schedule not in SCHEDULES:

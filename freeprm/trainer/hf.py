@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 from transformers import Trainer
 
+from ..config import DEFAULT_TRAIN_BETA
 from ..engine import sequence_logprobs
 from ..engine.batching import pad_id_of
 from ..engine.logprobs import full_logits_logprobs
@@ -120,7 +121,7 @@ class ImplicitPRMTrainer(Trainer):
     it, saved directories are plain models (give beta and reference when scoring them).
     """
 
-    def __init__(self, *args, loss: str = "ce", beta: float = 0.05, ce_balance: str = "none",
+    def __init__(self, *args, loss: str = "ce", beta: float = DEFAULT_TRAIN_BETA, ce_balance: str = "none",
                  kto_desirable_weight: float = 1.0, kto_undesirable_weight: float = 1.0, logprobs: str = "auto",
                  reference: str | os.PathLike | None = None, prompt_format: str = "auto", **kwargs):
         if not (isinstance(beta, (int, float)) and beta > 0):

@@ -32,6 +32,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..config import check_beta
+
 CE_BALANCE = ("none", "dataset", "instruction")
 
 
@@ -92,8 +94,7 @@ def response_rewards(
         raise ValueError(f"mask shape {tuple(mask.shape)} must equal logp shape {tuple(logp.shape)}")
     if logp_ref is not None and logp_ref.shape != logp.shape:
         raise ValueError(f"logp_ref shape {tuple(logp_ref.shape)} must equal logp shape {tuple(logp.shape)}")
-    if not beta > 0:
-        raise ValueError(f"beta must be positive, got {beta}")
+    beta = check_beta(beta)
     diff = logp.float() if logp_ref is None else logp.float() - logp_ref.float()
     return beta * (diff * mask.float()).sum(-1)  # [B]
 
