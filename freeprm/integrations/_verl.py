@@ -57,7 +57,7 @@ from collections import defaultdict
 
 import torch
 
-from freeprm.config import DEFAULT_BETA, DEFAULT_STEP_DELIMITER, check_beta
+from freeprm.config import DEFAULT_BETA, DEFAULT_STEP_DELIMITER, check_beta, normalize_step_delimiter
 from freeprm.engine.steps import GRANULARITIES, step_rewards_on_last_token, step_sums
 from freeprm.integrations._common import check_reward_model, dense_rewards, model_version
 
@@ -156,8 +156,8 @@ class FreePRMRewardManager:
         if opts["outcome_coef"] and compute_score is None:
             raise ValueError("outcome_coef != 0 needs compute_score (verl passes its default one; outside verl give a "
                              "function (data_source, solution_str, ground_truth, extra_info) -> float)")
-        if (granularity == "step" or aggregate == "min") and not opts["step_delimiter"]:
-            raise ValueError("granularity='step' / aggregate='min' need a non-empty step_delimiter")
+        # the one delimiter rule (freeprm.config): "" or None = no delimiter, the whole response is one step
+        opts["step_delimiter"] = normalize_step_delimiter(opts["step_delimiter"])
         prm = opts.get("prm")
         if prm is None:
             if opts.get("policy") is None:

@@ -71,6 +71,18 @@ def test_step_rewards_on_last_token(tiny_scorer):
         assert torch.allclose(rt[i], want, atol=1e-5)
 
 
+def test_empty_delimiter_is_one_step(tiny_scorer):
+    """The one delimiter rule (freeprm.config): "" means no delimiter, the whole response is one step, whose summed
+    reward sits on its last token (it was an error here before)."""
+    data = make_batch(tiny_scorer, ITEMS)
+    rt = FreePRMRewardManager(tiny_scorer.tokenizer, 0, prm=tiny_scorer, granularity="step", step_delimiter="")(data)
+    for i, w in enumerate(tiny_scorer.score(ITEMS)):
+        n = len(w.token_rewards)
+        want = torch.zeros(rt.shape[1])
+        want[n - 1] = w.token_rewards.sum()
+        assert torch.allclose(rt[i], want, atol=1e-5)
+
+
 def test_outcome_term(tiny_scorer):
     data = make_batch(tiny_scorer, ITEMS)
     seen = []
