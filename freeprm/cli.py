@@ -46,10 +46,10 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:  # a full disk or a file too large, wherever it struck: one line, no traceback
         if e.errno not in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
             raise
+        from .cliargs import error
         from .io import os_error_message
 
-        print(f"freeprm {args.command}: {os_error_message(e, e.filename or 'an output file')}", file=sys.stderr)
-        return 2
+        return error(args.command, os_error_message(e, e.filename or "an output file"))
 
 
 if __name__ == "__main__":

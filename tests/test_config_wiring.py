@@ -225,3 +225,66 @@ def test_bon_old_spellings_still_work_with_a_warning(tmp_path, capsys):
 def test_one_error_format(argv, command, tmp_path, capsys):
     assert main([a.replace("{tmp}", str(tmp_path)) for a in argv]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith(f"freeprm {command}: error: ")
+
+
+def test_train_and_bon_renamed_options(tmp_path, capsys, monkeypatch):
+    import freeprm.trainer.run as trainer_mod
+    from freeprm.cli import build_parser
+
+    p = build_parser()
+    ns = p.parse_args(["train", "--data", "d", "-o", "o"])
+    assert (ns.dtype, ns.beta, ns.reference, ns.reference_free) == (None, 0.05, None, False)  # --dtype auto
+    with pytest.warns(DeprecationWarning):
+        ns = p.parse_args(["bon", "report", "-o", str(tmp_path), "--aggregations", "min,q_last"])
+    assert ns.aggregations == ["min", "q_last"] and "--aggregations is deprecated; use --aggregate" in \
+        capsys.readouterr().err
+    assert p.parse_args(["bon", "report", "-o", "x", "--aggregate", "mean"]).aggregations == ["mean"]
+    with pytest.raises(SystemExit):
+        p.parse_args(["bon", "report", "-o", "x", "--aggregate", "max"])
+    assert "expected aggregations from min" in capsys.readouterr().err
+    seen = {}
+
+    def fake_train(policy, data, out, *, config, reference, dtype, **kw):
+        seen.update(config=config, reference=reference, dtype=dtype)
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(trainer_mod, "train", fake_train)
+    assert main(["train", "--data", "d", "-o", str(tmp_path), "--reference", "none"]) == 2
+    assert seen["dtype"] == "auto" and seen["reference"] == "none"
+    assert capsys.readouterr().err.strip().endswith("freeprm train: error: stop here")
+
+
+def test_train_auto_dtype_and_reference_none(tiny_model_dir, tmp_path):
+    from freeprm.trainer import TrainConfig, train
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": "q", "response": r, "label": lab}) + "\n"
+                            for r, lab in [("a b", 1), ("c d", 0)]))
+    cfg = TrainConfig(loss="ce", batch_size=2, max_steps=1, progress=False, ref_cache_dir=str(tmp_path / "rc"))
+    res = train(tiny_model_dir, data, tmp_path / "o", config=cfg, reference="none", dtype="auto")
+    meta = json.loads((res.final_dir / "freeprm_prm.json").read_text())
+    assert meta["scoring"]["reference"] == "none" and res.ref_cache is None  # no reference model was run
+    import torch
+    from freeprm.engine.loading import load_model
+
+    assert next(load_model(str(res.final_dir))[0].parameters()).dtype == torch.float32  # auto = float32
+
+
+def test_one_default_each_in_the_library():
+    """The defaults live in freeprm/config.py: no other module spells the step delimiter, a beta or the default
+    policy as a literal default."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "freeprm"
+    bad = []
+    for path in root.rglob("*.py"):
+        if path.name == "config.py" and path.parent == root:
+            continue
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            code = line.split("#")[0]
+            if (re.search(r'(step_delimiter|delimiter)[^=]*=\s*"\\n\\n"', code)
+                    or re.search(r'(default=|^\s*model=|^\s*policy=)\s*"smollm2"', code)
+                    or re.search(r"\bbeta: float(\s*\|\s*None)?\s*=\s*[0-9]", code)):
+                bad.append(f"{path.relative_to(root)}:{n}: {line.strip()}")
+    assert not bad, bad

@@ -41,7 +41,9 @@ def _score(tiny_model_dir, inp, out, *extra):
 
 
 def _said(err: str, cmd: str = "score") -> list[str]:
-    return [x for x in err.splitlines() if x.startswith(f"freeprm {cmd}:")]
+    said = [x for x in err.splitlines() if x.startswith(f"freeprm {cmd}:")]
+    assert all(x.startswith(f"freeprm {cmd}: error: ") for x in said), said  # the one error format
+    return said
 
 
 def test_output_kind_is_the_one_rule(tmp_path):
@@ -101,7 +103,7 @@ def test_a_full_device_is_one_message(tmp_path, tiny_model_dir, capsys):
     full = _mknod(tmp_path / "full", 1, 7)  # like /dev/full: every write fails with ENOSPC
     assert _score(tiny_model_dir, _input(tmp_path), full) == 2
     err = capsys.readouterr().err
-    assert "Traceback" not in err and _said(err) == [f"freeprm score: cannot write output {full}: the disk is full "
+    assert "Traceback" not in err and _said(err) == [f"freeprm score: error: cannot write output {full}: the disk is full "
                                                       "(ENOSPC); free space or write elsewhere, then rerun"]
     assert stat.S_ISCHR(os.lstat(full).st_mode)
 

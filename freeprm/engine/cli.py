@@ -155,8 +155,7 @@ def cmd_score(args) -> int:
             writer.write(row)
         writer.commit()
     except OutputError as e:  # a full disk, a file too large, ...: the temporary file is already removed
-        print(f"freeprm score: {e}", file=sys.stderr)
-        return 2
+        return error("score", e)
     except BaseException:
         writer.abort()
         raise

@@ -17,8 +17,9 @@ import shlex
 import sys
 from pathlib import Path
 
-from ..cliargs import DeprecatedAlias, HelpFormatter, add_reference_args, error, escapes_arg
+from ..cliargs import DeprecatedAlias, HelpFormatter, add_reference_args, error, escapes_arg, positive_float, positive_int
 from ..config import DEFAULT_POLICY, add_scoring_args
+from ..scorer_cli import aggregations_arg
 
 STAGES = ("generate", "score", "report", "all")
 
@@ -56,7 +57,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--candidates", default=None, help="candidates JSONL (default: OUT/candidates.jsonl); "
                    "bring your own in the documented schema")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
     add_scoring_args(p, ["prompt_format"], help={
         "prompt_format": "prompt formatting for the generator and the scorer alike: auto (the chat template when the "
                          "tokenizer has one), chat or raw (default: a trained PRM directory's recorded one, else auto)"})
@@ -65,7 +66,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 def _add_task(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("task")
     g.add_argument("--task", choices=("gsm8k", "math500", "arith"), default="gsm8k")
-    g.add_argument("--limit", type=int, default=None, help="number of problems (arith default 40)")
+    g.add_argument("--limit", type=positive_int, default=None, help="number of problems (arith default 40)")
     g.add_argument("--offset", type=int, default=0, help="skip this many problems first")
     g.add_argument("--shuffle-seed", type=int, default=None, help="shuffle the dataset with this seed before taking")
     g.add_argument("--data-dir", default=None, help="folder with gsm8k_test.jsonl / math500.jsonl "
@@ -80,12 +81,12 @@ def _add_generate(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("generate")
     g.add_argument("--generator", default=DEFAULT_POLICY,
                    help=f"model that samples candidates (HF dir, .gguf, {DEFAULT_POLICY})")
-    g.add_argument("--n", type=int, default=8, help="candidates per problem")
+    g.add_argument("--n", type=positive_int, default=8, help="candidates per problem")
     g.add_argument("--temperature", type=float, default=0.7)
-    g.add_argument("--top-p", type=float, default=0.95)
-    g.add_argument("--max-new-tokens", type=int, default=256)
+    g.add_argument("--top-p", type=positive_float, default=0.95)
+    g.add_argument("--max-new-tokens", type=positive_int, default=256)
     g.add_argument("--seed", type=int, default=0, help="sampling seed")
-    g.add_argument("--batch-size", type=int, default=16, help="sequences per generate call")
+    g.add_argument("--batch-size", type=positive_int, default=16, help="sequences per generate call")
     g.add_argument("--backend", choices=("auto", "transformers", "vllm"), default="auto")
     g.add_argument("--gen-dtype", default="float32")
     g.add_argument("--device", default=None)
@@ -103,19 +104,21 @@ def _add_score(p: argparse.ArgumentParser) -> None:
                    deprecated=("--score-dtype",), metavar="{auto,float32,bfloat16,float16}",
                    help="scoring model dtype: auto (bf16 on CUDA, fp32 elsewhere), float32, bfloat16, float16 "
                         "(default: auto; --score-dtype: deprecated spelling, whose default was float32)")
-    g.add_argument("--score-chunk", type=int, default=16, help="candidates per scorer call (one flush each)")
+    g.add_argument("--score-chunk", type=positive_int, default=16, help="candidates per scorer call (one flush each)")
 
 
 def _add_report(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("report")
-    g.add_argument("--aggregations", type=_csv, default=["min"],
-                   help="engine aggregations to select by (comma-separated)")
+    g.add_argument("--aggregate", "--aggregations", dest="aggregations", type=aggregations_arg, default=["min"],
+                   action=DeprecatedAlias, deprecated=("--aggregations",),
+                   help="aggregations to select by, comma-separated, from min, last, mean, sum, q_min, q_last, q_mean, "
+                        "q_sum (default: min; --aggregations: deprecated spelling)")
     g.add_argument("--weights", type=_csv, default=["raw", "sigmoid", "softmax"], help="weighted-vote weightings")
     g.add_argument("--methods", type=_csv, default=None, help="explicit method list (overrides the two above), "
                    "e.g. random,majority,bon:min,wmv:min:sigmoid,pass@N")
     g.add_argument("--ns", type=_ints, default=None, help="N values (default 1,2,4,...,Nmax)")
-    g.add_argument("--n-subsets", type=int, default=100, help="random N-subsets per problem")
-    g.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the CIs")
+    g.add_argument("--n-subsets", type=positive_int, default=100, help="random N-subsets per problem")
+    g.add_argument("--bootstrap", type=positive_int, default=1000, help="bootstrap resamples for the CIs")
     g.add_argument("--report-seed", type=int, default=0)
     g.add_argument("--no-scores", action="store_true", help="report without PRM methods (skip scores)")
     g.add_argument("--title", default=None)

@@ -14,7 +14,8 @@ import argparse
 import json
 import sys
 
-from ..cliargs import HelpFormatter, add_reference_args, escapes_arg
+from ..cliargs import DeprecatedAlias, HelpFormatter, add_reference_args, error, escapes_arg
+from ..config import DEFAULT_POLICY, add_scoring_args
 from .cli import _add_task, _ints  # noqa: F401  (the task options are bon's own)
 
 
@@ -42,9 +43,11 @@ def register(subparsers) -> None:
     _add_task(r)
     r.add_argument("--task-file", default=None, help="JSONL of {question, gold[, problem_id, task, meta]} problems "
                    "(instead of --task's built-in set; --task then names the grader)")
-    r.add_argument("--out", "-o", required=True, help="output directory: rollouts.jsonl, rows.jsonl, pairs.jsonl, "
-                   "summary.json (rerun to resume)")
-    r.add_argument("--policy", default="smollm2", help="the policy that samples (HF dir, .gguf, smollm2)")
+    r.add_argument("--output", "-o", "--out", dest="out", required=True, action=DeprecatedAlias, deprecated=("--out",),
+                   help="output directory: rollouts.jsonl, rows.jsonl, pairs.jsonl, summary.json (rerun to resume; "
+                        "--out: deprecated spelling)")
+    r.add_argument("--policy", default=DEFAULT_POLICY,
+                   help=f"the policy that samples (HF dir, .gguf, {DEFAULT_POLICY})")
     r.add_argument("--k", type=int, default=4, help="rollouts per problem")
     r.add_argument("--temperature", type=float, default=0.7)
     r.add_argument("--top-p", type=float, default=0.95)
@@ -66,7 +69,8 @@ def register(subparsers) -> None:
     _add_task(s)
     s.add_argument("--split", choices=("test", "train"), default="test", help="GSM8K split (task gsm8k)")
     s.add_argument("--corrupt-seed", type=int, default=0)
-    s.add_argument("--out", "-o", required=True, help="output JSONL")
+    s.add_argument("--output", "-o", "--out", dest="out", required=True, action=DeprecatedAlias, deprecated=("--out",),
+                   help="output JSONL (--out: deprecated spelling)")
     s.set_defaults(func=run_step_rows)
 
     e = subparsers.add_parser("eval", help="evaluate a PRM: step-error localisation (ProcessBench format)",
@@ -76,11 +80,10 @@ def register(subparsers) -> None:
                          formatter_class=HelpFormatter)
     st.add_argument("--tune", required=True, help="rows to tune the threshold on")
     st.add_argument("--test", required=True, help="rows to report on (threshold applied unchanged)")
-    st.add_argument("--policy", default="smollm2")
+    st.add_argument("--policy", default=DEFAULT_POLICY)
     add_reference_args(st)
     st.add_argument("--prompt-template", default=None, help="prompt with {question} (default: the problem text)")
-    st.add_argument("--prompt-format", choices=("auto", "chat", "raw"), default="auto")
-    st.add_argument("--dtype", default="float32")
+    add_scoring_args(st, ["prompt_format", "dtype"])
     st.add_argument("--threads", type=int, default=None)
     st.add_argument("--json", default=None, help="also write the result (with per-row predictions) here")
     st.set_defaults(func=run_eval_steps)
@@ -108,8 +111,7 @@ def run_rollouts(args) -> int:
                                 prompt_template=args.prompt_template, stop=args.stop, prompt_format=args.prompt_format,
                                 progress=not args.no_progress)
     except ValueError as e:
-        _log(f"freeprm data rollouts: error: {e}")
-        return 2
+        return error("data rollouts", e)
     short = {k: v for k, v in summary.items() if k != "accuracy_per_problem"}
     print(json.dumps(short))
     _log(f"data rollouts: {summary['problems']} problems, rollout accuracy {summary['rollout_accuracy']:.1%}, "
@@ -135,8 +137,7 @@ def run_step_rows(args) -> int:
             raise ValueError("step rows come from tasks with gold step solutions: arith or gsm8k")
         n = write_jsonl_atomic(args.out, rows)
     except ValueError as e:
-        _log(f"freeprm data steps: error: {e}")
-        return 2
+        return error("data steps", e)
     _log(f"data steps: {n} rows ({sum(r['label'] >= 0 for r in rows)} with an error) -> {args.out}")
     return 0
 
@@ -152,8 +153,7 @@ def run_eval_steps(args) -> int:
                         force_reference=args.force_reference)
         res = evaluate_steps(tune, test, scorer, prompt_template=args.prompt_template)
     except ValueError as e:
-        _log(f"freeprm eval steps: error: {e}")
-        return 2
+        return error("eval steps", e)
     if args.json:
         from pathlib import Path
 

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 
-from ..cliargs import DeprecatedAlias, HelpFormatter, error, check_device, positive_int
+from ..cliargs import DeprecatedAlias, HelpFormatter, check_device, error, positive_float, positive_int
+from ..config import DEFAULT_POLICY, add_scoring_args
 from ..io import dumps_line, mark_nonfinite
 from .config import SCHEDULES, TrainConfig
 from .losses import CE_BALANCE, LOSSES
@@ -17,41 +18,47 @@ def register(subparsers) -> None:
         formatter_class=HelpFormatter)
     d = TrainConfig()
     p.add_argument("--loss", choices=LOSSES, default=d.loss)
-    p.add_argument("--policy", default="smollm2", help="model to train: HF dir, hub id, .gguf file or 'smollm2'")
-    p.add_argument("--reference", default=None,
-                   help="reference model (default: the initial policy); its log-probs are cached")
-    p.add_argument("--reference-free", action="store_true", help="no reference term (pi_ref uniform)")
+    p.add_argument("--policy", default=DEFAULT_POLICY,
+                   help=f"model to train: HF dir, hub id, .gguf file or '{DEFAULT_POLICY}'")
+    add_scoring_args(p, ["reference", "reference_free"], help={
+        "reference": "pi_ref, the model subtracted (default: the initial policy; its log-probs are cached); 'none' "
+                     "for no reference (log pi_ref = 0, the same as --reference-free); see docs/config.md"})
     p.add_argument("--data", required=True, help="JSONL: {prompt, response, label} or {prompt, chosen, rejected}")
     p.add_argument("--output", "-o", "--out", dest="out", required=True, action=DeprecatedAlias, deprecated=("--out",),
                    help="output directory (metrics.jsonl, checkpoint-*/, final/); --out: deprecated spelling")
     p.add_argument("--resume", default=None, help="'auto' (latest checkpoint in --out) or a checkpoint directory")
-    p.add_argument("--beta", type=float, default=d.beta)
+    add_scoring_args(p, ["beta"], defaults={"beta": d.beta},
+                     help={"beta": "reward scale: r = beta * log(pi / pi_ref) (DEFAULT_TRAIN_BETA, the paper's value)"})
     p.add_argument("--ce-balance", choices=CE_BALANCE, default=d.ce_balance)
     p.add_argument("--kto-desirable-weight", type=float, default=d.kto_desirable_weight)
     p.add_argument("--kto-undesirable-weight", type=float, default=d.kto_undesirable_weight)
-    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--lr", type=positive_float, default=d.lr)
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)
     p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
     p.add_argument("--warmup-ratio", type=float, default=d.warmup_ratio)
     p.add_argument("--schedule", choices=SCHEDULES, default=d.schedule)
     p.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio)
-    p.add_argument("--epochs", type=int, default=d.epochs)
-    p.add_argument("--max-steps", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="items per micro-batch")
-    p.add_argument("--grad-accum", type=int, default=d.grad_accum)
+    p.add_argument("--epochs", type=positive_int, default=d.epochs)
+    p.add_argument("--max-steps", type=positive_int, default=None)
+    p.add_argument("--batch-size", type=positive_int, default=d.batch_size, help="items per micro-batch")
+    p.add_argument("--grad-accum", type=positive_int, default=d.grad_accum)
     p.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm)
     p.add_argument("--grad-checkpointing", action="store_true")
     p.add_argument("--train-last-layers", type=positive_int, default=d.train_last_layers,
                    help="train only the last N decoder layers + final norm (default: every parameter)")
     p.add_argument("--bf16", choices=("auto", "true", "false"), default=d.bf16)
     p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--max-length", type=int, default=d.max_length)
-    p.add_argument("--prompt-format", choices=("auto", "chat", "raw"), default=d.prompt_format)
+    p.add_argument("--max-length", type=positive_int, default=d.max_length)
+    add_scoring_args(p, ["prompt_format"], defaults={"prompt_format": d.prompt_format},
+                     help={"prompt_format": "auto: chat when the tokenizer has a chat template, else raw (recorded in "
+                                            "the trained PRM's freeprm_prm.json)"})
     p.add_argument("--save-every", type=int, default=d.save_every)
     p.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints)
     p.add_argument("--ref-cache-dir", default=None)
     p.add_argument("--device", default=None)
-    p.add_argument("--dtype", default="float32")
+    add_scoring_args(p, ["dtype"], help={
+        "dtype": "dtype of the trained weights: auto (= float32: the optimizer keeps fp32 weights; --bf16 sets bf16 "
+                 "autocast), float32, bfloat16, float16 (default: auto)"})
     p.add_argument("--trust-remote-code", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
@@ -61,7 +68,7 @@ def run(args) -> int:
     from .run import train
 
     config = TrainConfig(
-        loss=args.loss, beta=args.beta, reference_free=args.reference_free, ce_balance=args.ce_balance,
+        loss=args.loss, beta=args.beta, reference_free=bool(args.reference_free), ce_balance=args.ce_balance,
         kto_desirable_weight=args.kto_desirable_weight, kto_undesirable_weight=args.kto_undesirable_weight,
         lr=args.lr, weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, warmup_ratio=args.warmup_ratio,
         schedule=args.schedule, min_lr_ratio=args.min_lr_ratio, epochs=args.epochs, max_steps=args.max_steps,
@@ -74,7 +81,7 @@ def run(args) -> int:
         check_device(args.device)
         config.validate()
         res = train(args.policy, args.data, args.out, config=config, reference=args.reference, resume=args.resume,
-                    device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+                    device=args.device, dtype=args.dtype or "auto", trust_remote_code=args.trust_remote_code)
     except ValueError as e:  # bad data, settings or model: say what to fix, no traceback
         return error("train", e)
     last = res.metrics[-1] if res.metrics else {}

@@ -6,6 +6,7 @@ See the package docstring (``freeprm/trainer/__init__.py``) for the whole pictur
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from ..config import dtype_name, is_no_reference
 from ..engine import load_model
 from ..engine.batching import pad_id_of
 from ..engine.loading import cache_dir
@@ -45,18 +47,24 @@ def train(
     reference=None,
     resume: str | os.PathLike | None = None,
     device: str | None = None,
-    dtype: str = "float32",
+    dtype: str = "auto",
     trust_remote_code: bool = False,
     until_step: int | None = None,
 ) -> TrainResult:
     """Train ``policy`` (a spec for ``load_model`` or a ``(model, tokenizer)`` pair) on ``data``; see the module docstring.
 
-    reference: ``None`` = the initial policy (the paper's setup); a spec or ``(model, tokenizer)``
-    otherwise; ignored with ``config.reference_free``. resume: ``"auto"`` (latest checkpoint in
+    reference (``pi_ref``, docs/config.md): ``None`` = the initial policy (the paper's setup); a spec or
+    ``(model, tokenizer)`` otherwise; ``"none"`` = no reference (the same as ``config.reference_free``; a model is
+    ignored with ``config.reference_free``). dtype: of the trained weights; ``"auto"`` (default) = float32 (the
+    optimizer keeps fp32 weights; ``config.bf16`` sets bf16 autocast). resume: ``"auto"`` (latest checkpoint in
     ``out``, or a fresh start if none) or a checkpoint directory. ``until_step`` stops early and
     saves a checkpoint there (for interrupted runs and tests); the run's schedule is unchanged.
     """
     config = config or TrainConfig()
+    if is_no_reference(reference):
+        config, reference = dataclasses.replace(config, reference_free=True), None
+    if isinstance(dtype, str) and dtype_name(dtype) == "auto":
+        dtype = "float32"
     config.validate()
     out = check_output_dir(out, create=True)  # a file, /dev/null, a FIFO: refused with a message
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -71,7 +71,7 @@ def test_bring_your_own_candidates(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "own"
     assert _bon("score", out, "--candidates", str(own), "--policy", tiny_model_dir) == 0
     assert _bon("report", out, "--candidates", str(own), "--n-subsets", "5", "--bootstrap", "20",
-                "--aggregations", "min,q_last") == 0
+                "--aggregate", "min,q_last") == 0
     table = json.loads((out / "bon_table.json").read_text())
     rows = {r["method"]: r for r in table["methods"]}
     assert {"bon:min", "bon:q_last", "wmv:q_last:softmax"} <= set(rows)

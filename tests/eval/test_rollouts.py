@@ -78,7 +78,7 @@ def test_cli_task_file_with_unknown_fields(tmp_path, capsys):
 
     f = tmp_path / "t.jsonl"
     f.write_text('{"question": "1 + 1?", "gold": "2", "solution": "2"}\n')
-    assert main(["data", "rollouts", "--task-file", str(f), "--out", str(tmp_path / "o"), "--policy", "none"]) == 2
+    assert main(["data", "rollouts", "--task-file", str(f), "--output", str(tmp_path / "o"), "--policy", "none"]) == 2
     assert f"{f}:1: unknown field(s) ['solution']" in capsys.readouterr().err
     assert not (tmp_path / "o" / "rollouts.jsonl").exists()
 
@@ -87,7 +87,7 @@ def test_cli_rollouts(tiny_model_dir, tmp_path, capsys):
     from freeprm.cli import main
 
     rc = main(["data", "rollouts", "--task", "arith", "--levels", "1", "--limit", "2", "--k", "2", "--policy",
-               tiny_model_dir, "--max-new-tokens", "4", "--out", str(tmp_path / "o"), "--no-progress"])
+               tiny_model_dir, "--max-new-tokens", "4", "--output", str(tmp_path / "o"), "--no-progress"])
     assert rc == 0
     out = json.loads(capsys.readouterr().out)
     assert out["problems"] == 2 and out["rollouts"] == 4

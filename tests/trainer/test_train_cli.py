@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from freeprm.cli import main
 
 
@@ -31,5 +33,6 @@ def test_train_cli_bad_row(tiny_model_dir, tmp_path, capsys):
     bad.write_text('{"prompt": "q", "response": "a", "label": 1}\n{"prompt": "q", "response": "b", "label": "no"}\n')
     assert main(_argv(tiny_model_dir, bad, tmp_path / "o", tmp_path)) == 2
     assert "bad.jsonl:2: 'label' must be" in capsys.readouterr().err
-    assert main(_argv(tiny_model_dir, bad, tmp_path / "o", tmp_path, "--batch-size", "0")) == 2
-    assert "batch_size must be >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # a bad number is refused by the option parser (cliargs.positive_int)
+        main(_argv(tiny_model_dir, bad, tmp_path / "o", tmp_path, "--batch-size", "0"))
+    assert e.value.code == 2 and "--batch-size: must be >= 1" in capsys.readouterr().err
