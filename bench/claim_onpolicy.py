@@ -133,12 +133,69 @@ def gen_kwargs(plan: Plan, policy) -> dict:
 
 ONLY: set | None = None  # --scorers
 
+# Training settings a variant may change (``--variant NAME:field=value,...``); everything else (data, test
+# problems, candidates) is shared with the base run, so variants are compared on the same problems.
+VARIANT_FIELDS = ("loss", "beta", "lr", "epochs", "train_last_layers", "ce_balance", "batch_size", "grad_accum")
+# Step-only diagnostics: a trained PRM's policy read without its reference (beta 1, reference-free): where does
+# the step-error signal sit, in log pi or in log pi_ref?
+DIAGNOSTICS = {"ce-policy-only": "ce", "dpo-policy-only": "dpo"}
 
-def scorer_specs(plan: Plan, out: Path, policy, *, all_: bool = False) -> dict:
-    """name -> (policy, reference, beta) for every scorer (``--scorers`` only, unless ``all_``), in report order."""
+
+def parse_variant(text: str) -> tuple[str, dict]:
+    """``"NAME:lr=1e-4,epochs=3"`` -> ``("NAME", {"lr": 1e-4, "epochs": 3})`` (JSON values; ``loss`` defaults to ce)."""
+    name, _, rest = text.partition(":")
+    if not name or not name.replace("-", "").replace(".", "").isalnum() or name in ("untrained", "ce", "dpo"):
+        raise ValueError(f"--variant {text!r}: give NAME:field=value,... with NAME of letters, digits, '-', '.' "
+                         "(not untrained/ce/dpo)")
+    over = {}
+    for kv in filter(None, rest.split(",")):
+        k, _, v = kv.partition("=")
+        if k not in VARIANT_FIELDS:
+            raise ValueError(f"--variant {name}: {k!r} cannot vary; choose from {VARIANT_FIELDS}")
+        try:
+            over[k] = json.loads(v)
+        except json.JSONDecodeError:
+            over[k] = v
+    over.setdefault("loss", "ce")
+    if over["loss"] not in ("ce", "dpo"):
+        raise ValueError(f"--variant {name}: loss must be ce or dpo")
+    return name, over
+
+
+def variants(out: Path) -> dict:
+    """name -> overrides of every variant registered under ``OUT/variants`` (sorted by name)."""
+    vd = out / "variants"
+    if not vd.is_dir():
+        return {}
+    return {f.parent.name: json.loads(f.read_text()) for f in sorted(vd.glob("*/variant.json"))}
+
+
+def register_variant(out: Path, name: str, over: dict) -> None:
+    f = out / "variants" / name / "variant.json"
+    if f.exists() and json.loads(f.read_text()) != over:
+        raise SystemExit(f"{f} holds other settings ({f.read_text().strip()}); use another variant name")
+    f.parent.mkdir(parents=True, exist_ok=True)
+    f.write_text(json.dumps(over, sort_keys=True) + "\n")
+
+
+def variant_plan(plan: Plan, over: dict) -> Plan:
+    from dataclasses import replace
+
+    return replace(plan, **{k: v for k, v in over.items() if k != "loss"})
+
+
+def scorer_specs(plan: Plan, out: Path, policy, *, all_: bool = False, diagnostics: bool = False) -> dict:
+    """name -> (policy, reference, beta) for every scorer (``--scorers`` only, unless ``all_``), in report order:
+    the untrained baseline, the base run's CE and DPO PRMs, then each variant's PRM (``OUT/variants/NAME``);
+    with ``diagnostics``, also the step-only readings of ``DIAGNOSTICS``."""
     specs = {"untrained": (policy, None, DEFAULT_BETA),
-            "ce": (str(out / "ce" / "final"), policy, plan.beta),
-            "dpo": (str(out / "dpo" / "final"), policy, plan.beta)}
+             "ce": (str(out / "ce" / "final"), policy, plan.beta),
+             "dpo": (str(out / "dpo" / "final"), policy, plan.beta)}
+    for name, over in variants(out).items():
+        specs[name] = (str(out / "variants" / name / over["loss"] / "final"), policy, variant_plan(plan, over).beta)
+    if diagnostics:
+        for name, base in DIAGNOSTICS.items():
+            specs[name] = (str(out / base / "final"), "none", DEFAULT_BETA)
     return {k: v for k, v in specs.items() if all_ or ONLY is None or k in ONLY}
 
 
@@ -159,26 +216,31 @@ def stage_train(plan, out, policy) -> dict:
     from freeprm.trainer.checkpoint import latest_checkpoint
 
     res = {}
-    for loss, data in (("ce", "rows.jsonl"), ("dpo", "pairs.jsonl")):
-        d = out / loss
+    jobs = [(loss, loss, plan) for loss in ("ce", "dpo")]
+    jobs += [(name, over["loss"], variant_plan(plan, over)) for name, over in variants(out).items()]
+    for name, loss, p in jobs:
+        if ONLY is not None and name not in ONLY:
+            continue
+        data = "rows.jsonl" if loss == "ce" else "pairs.jsonl"
+        d = out / loss if name == loss else out / "variants" / name / loss
         if (d / "final").is_dir():
-            log(f"train {loss}: done ({d / 'final'})")
+            log(f"train {name}: done ({d / 'final'})")
             continue
         if not (out / "data" / data).read_text().strip():
-            log(f"train {loss}: {out / 'data' / data} is empty (no problem had both labels?), skipped")
+            log(f"train {name}: {out / 'data' / data} is empty (no problem had both labels?), skipped")
             continue
-        cfg = TrainConfig(loss=loss, beta=plan.beta, lr=plan.lr, epochs=plan.epochs, batch_size=plan.batch_size,
-                          grad_accum=plan.grad_accum, warmup_ratio=0.1, train_last_layers=plan.train_last_layers,
-                          ce_balance=plan.ce_balance if loss == "ce" else "none", seed=plan.seed,
-                          max_length=plan.max_length, save_every=plan.save_every, progress=False,
+        cfg = TrainConfig(loss=loss, beta=p.beta, lr=p.lr, epochs=p.epochs, batch_size=p.batch_size,
+                          grad_accum=p.grad_accum, warmup_ratio=0.1, train_last_layers=p.train_last_layers,
+                          ce_balance=p.ce_balance if loss == "ce" else "none", seed=p.seed,
+                          max_length=p.max_length, save_every=p.save_every, progress=False,
                           ref_cache_dir=str(out / "refcache"))
         t0 = time.perf_counter()
         resume = "auto" if d.is_dir() and latest_checkpoint(d) is not None else None
         r = train(policy, out / "data" / data, d, config=cfg, resume=resume, device="cpu")
         last = r.metrics[-4:]
-        res[loss] = {"steps": r.steps, "seconds": time.perf_counter() - t0,
+        res[name] = {"steps": r.steps, "seconds": time.perf_counter() - t0,
                      "last_loss": float(np.mean([m["loss"] for m in last])) if last else None}
-        log(f"train {loss}: {r.steps} steps, {res[loss]['seconds']:.0f} s, last losses {res[loss]['last_loss']}")
+        log(f"train {name}: {r.steps} steps, {res[name]['seconds']:.0f} s, last losses {res[name]['last_loss']}")
     return res
 
 
@@ -186,7 +248,15 @@ def _scorer(spec):
     from freeprm.engine import Scorer
 
     policy, reference, beta = spec
-    return Scorer(policy, reference, beta=beta, dtype="float32", device="cpu")
+    if reference != "none":
+        return Scorer(policy, reference, beta=beta, dtype="float32", device="cpu")
+    import warnings
+
+    from freeprm.prm_meta import PRMMetaWarning
+
+    with warnings.catch_warnings():  # a diagnostic reading of a trained PRM without its reference: on purpose
+        warnings.simplefilter("ignore", PRMMetaWarning)
+        return Scorer(policy, reference, beta=beta, dtype="float32", device="cpu")
 
 
 def stage_steps(plan, out, policy, probs) -> None:
@@ -201,7 +271,7 @@ def stage_steps(plan, out, policy, probs) -> None:
         if not files[name].exists():
             write_jsonl_atomic(files[name], arith_step_rows(probs[key], seed=plan.seed))
     rows = {k: [json.loads(x) for x in f.read_text().splitlines() if x.strip()] for k, f in files.items()}
-    for name, spec in scorer_specs(plan, out, policy).items():
+    for name, spec in scorer_specs(plan, out, policy, diagnostics=True).items():
         f = sd / f"{name}.json"
         if f.exists():
             continue
@@ -217,7 +287,10 @@ def stage_steps(plan, out, policy, probs) -> None:
         log(f"steps {name}: {sum(map(len, rows.values()))} rows scored in {time.perf_counter() - t0:.0f} s")
 
 
-def stage_bon(plan, out, policy, probs) -> None:
+def stage_bon(plan, out, policy, probs, *, generate: bool = True) -> None:
+    """Generate (unless ``generate=False``: score-only, for a second process beside the generating one) and score
+    the test candidates chunk by chunk; with ``generate=False`` a chunk whose candidates are not all written yet
+    ends the stage."""
     from freeprm.eval.candidates import generate_candidates, read_jsonl
     from freeprm.eval.scoring import score_candidates
 
@@ -228,10 +301,17 @@ def stage_bon(plan, out, policy, probs) -> None:
     for i in range(0, len(test), plan.chunk):
         chunk = test[i:i + plan.chunk]
         t0 = time.perf_counter()
-        st = generate_candidates(chunk, td / "candidates.jsonl", n=plan.n, **gen_kwargs(plan, policy))
         ids = {p.problem_id for p in chunk}
+        if generate:
+            st = generate_candidates(chunk, td / "candidates.jsonl", n=plan.n, **gen_kwargs(plan, policy))
+            gen = st["generated"]
+        else:
+            gen = 0
         cands = [c for c in read_jsonl(td / "candidates.jsonl") if c["problem_id"] in ids and c["candidate_id"] < plan.n]
-        line = f"bon problems {i}-{i + len(chunk) - 1}: {st['generated']} generated ({time.perf_counter() - t0:.0f} s)"
+        if not generate and len({(c["problem_id"], c["candidate_id"]) for c in cands}) < len(chunk) * plan.n:
+            log(f"bon problems {i}-{i + len(chunk) - 1}: not all generated yet; score-only run stops here")
+            break
+        line = f"bon problems {i}-{i + len(chunk) - 1}: {gen} generated ({time.perf_counter() - t0:.0f} s)"
         for name, spec in specs.items():
             if name != "untrained" and not Path(spec[0]).is_dir():
                 continue
@@ -273,7 +353,7 @@ def bon_report(plan, out, policy) -> dict | None:
         cands = [cs[c] for c in range(plan.n)]
         sc = {}
         for n in specs:
-            for agg in ("min", "last"):
+            for agg in AGGS:
                 v = [scores[n][(pid, c)]["aggregates"].get(agg) for c in range(plan.n)]
                 sc[f"{n}_{agg}"] = np.array([-math.inf if x is None else float(x) for x in v])
         probs.append(CandidateSet(pid, group_answers([c["answer"] for c in cands], "arith"),
@@ -283,8 +363,8 @@ def bon_report(plan, out, policy) -> dict | None:
     methods = ["random", "majority"]
     for n in specs:
         methods += [f"bon:{n}_min", f"wmv:{n}_min:sigmoid", f"wmv:{n}_min:softmax"]
-        if n != "untrained":
-            methods += [f"bon:{n}_last"]
+        if n != "untrained":  # the response reward (what CE fits: sigmoid(sum) = P(correct)) and the last step
+            methods += [f"bon:{n}_sum", f"wmv:{n}_sum:sigmoid", f"bon:{n}_last"]
     methods.append("pass@N")
     ns = [x for x in (1, 2, 4, 8) if x <= plan.n]
     res = accuracy_at_n(probs, methods, ns, n_subsets=plan.n_subsets, n_bootstrap=plan.bootstrap, seed=0)
@@ -294,8 +374,7 @@ def bon_report(plan, out, policy) -> dict | None:
     for n in specs:
         if n == "untrained":
             continue
-        for w in ("sigmoid", "softmax"):
-            m = f"wmv:{n}_min:{w}"
+        for m in (f"wmv:{n}_min:sigmoid", f"wmv:{n}_min:softmax", f"wmv:{n}_sum:sigmoid"):
             diffs[m] = {k: {kk: 100 * v if kk != "problems" else v for kk, v in
                             paired_diff(res[m][k].per_problem, res["majority"][k].per_problem, plan.bootstrap, 1).items()}
                         for k in ns}
@@ -311,7 +390,7 @@ def steps_report(plan, out, policy) -> dict | None:
         return None
     rows = {k: [json.loads(x) for x in (sd / f"{k}.jsonl").read_text().splitlines() if x.strip()] for k in ("tune", "test")}
     res = {}
-    for name in scorer_specs(plan, out, policy, all_=True):
+    for name in scorer_specs(plan, out, policy, all_=True, diagnostics=True):
         f = sd / f"{name}.json"
         if not f.exists():
             continue
@@ -333,6 +412,13 @@ def steps_report(plan, out, policy) -> dict | None:
 
 
 LABELS = {"random": "random pick (pass@1)", "majority": "majority vote", "pass@N": "oracle (pass@N)"}
+AGGS = ("min", "sum", "last")
+AGG_LABELS = {"min": "min step reward", "sum": "response reward (sum of steps)", "last": "last step's reward"}
+
+
+def _who(name: str) -> str:
+    base = {"untrained": "untrained, reference-free", "ce": "trained CE PRM", "dpo": "trained DPO PRM"}
+    return base.get(name) or f"config {name}"
 
 
 def _label(m: str) -> str:
@@ -340,21 +426,27 @@ def _label(m: str) -> str:
         return LABELS[m]
     parts = m.split(":")
     name, agg = parts[1].rsplit("_", 1)
-    who = {"untrained": "untrained, reference-free", "ce": "trained CE PRM", "dpo": "trained DPO PRM"}[name]
     if parts[0] == "bon":
-        return f"{who}: best-of-N, {'min step reward' if agg == 'min' else 'last step (response) reward'}"
-    return f"{who}: weighted vote ({parts[2]} of min step reward)"
+        return f"{_who(name)}: best-of-N, {AGG_LABELS[agg]}"
+    return f"{_who(name)}: weighted vote ({parts[2]} of {AGG_LABELS[agg]})"
 
 
 def write_report(plan, out, policy, argv, env, dropped, data_summary) -> dict:
     bon, steps = bon_report(plan, out, policy), steps_report(plan, out, policy)
     train_info = {}
-    for loss in ("ce", "dpo"):
-        mf = out / loss / "metrics.jsonl"
+    runs = [(loss, loss, out / loss, plan) for loss in ("ce", "dpo")]
+    runs += [(name, over["loss"], out / "variants" / name / over["loss"], variant_plan(plan, over))
+             for name, over in variants(out).items()]
+    for name, loss, d, p in runs:
+        mf = d / "metrics.jsonl"
         if mf.exists():
             ms = [json.loads(x) for x in mf.read_text().splitlines() if x.strip()]
             q = max(1, len(ms) // 4)
-            train_info[loss] = {"steps": len(ms), "final": (out / loss / "final").is_dir(),
+            train_info[name] = {"loss": loss, "beta": p.beta, "lr": p.lr, "epochs": p.epochs,
+                                "train_last_layers": p.train_last_layers,
+                                "ce_balance": p.ce_balance if loss == "ce" else "-",
+                                "batch": f"{p.batch_size} x {p.grad_accum}",
+                                "steps": len(ms), "final": (d / "final").is_dir(),
                                 "first_quarter_loss": float(np.mean([m["loss"] for m in ms[:q]])) if ms else None,
                                 "last_quarter_loss": float(np.mean([m["loss"] for m in ms[-q:]])) if ms else None,
                                 "last_quarter_margin": float(np.mean([m.get("margin") or 0 for m in ms[-q:]])) if ms else None}
@@ -382,14 +474,16 @@ def write_report(plan, out, policy, argv, env, dropped, data_summary) -> dict:
                f"{d['rows']} CE rows after dropping {d['duplicates_dropped']} duplicate responses "
                f"({d['rows_correct']} correct), {d['pairs']} DPO pairs.", ""]
     if train_info:
-        md += ["## Training", "", f"beta {plan.beta}, lr {plan.lr}, {plan.epochs} epoch(s), batch {plan.batch_size} x "
-               f"{plan.grad_accum}, trained layers: {plan.train_last_layers or 'all'}, CE balance {plan.ce_balance}; "
-               "reference = the initial policy (log-probs cached).", "",
-               "| loss | steps | finished | loss, first quarter | loss, last quarter | margin, last quarter |",
-               "|---|---|---|---|---|---|"]
+        md += ["## Training", "", "Each configuration trains on the same rows (CE) or pairs (DPO), reference = the "
+               "initial policy (log-probs cached), warm-up 10%, cosine schedule; `ce` and `dpo` are the plan's "
+               "settings, the others are variants (`--variant`).", "",
+               "| configuration | loss | beta | lr | epochs | trained layers (last k) | CE balance | batch | steps | "
+               "finished | loss, first quarter | loss, last quarter | margin, last quarter |",
+               "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for k, v in train_info.items():
-            md.append(f"| {k} | {v['steps']} | {v['final']} | {v['first_quarter_loss']:.4f} | {v['last_quarter_loss']:.4f} "
-                      f"| {v['last_quarter_margin']:.4f} |")
+            md.append(f"| {k} | {v['loss']} | {v['beta']} | {v['lr']} | {v['epochs']} | {v['train_last_layers'] or 'all'} "
+                      f"| {v['ce_balance']} | {v['batch']} | {v['steps']} | {v['final']} | {v['first_quarter_loss']:.4f} "
+                      f"| {v['last_quarter_loss']:.4f} | {v['last_quarter_margin']:.4f} |")
         md.append("")
     if bon:
         md += ["## Best-of-N on held-apart problems", "",
@@ -441,6 +535,10 @@ def copy_results(out: Path, dest: Path) -> None:
              "ce/metrics.jsonl", "dpo/metrics.jsonl", "steps/tune.jsonl", "steps/test.jsonl", "steps/untrained.json",
              "steps/ce.json", "steps/dpo.json", "test/candidates.jsonl", "test/scores_untrained.jsonl",
              "test/scores_ce.jsonl", "test/scores_dpo.jsonl"]
+    for name, over in variants(out).items():
+        names += [f"variants/{name}/variant.json", f"variants/{name}/{over['loss']}/metrics.jsonl",
+                  f"steps/{name}.json", f"test/scores_{name}.jsonl"]
+    names += [f"steps/{name}.json" for name in DIAGNOSTICS]
     for n in names:
         if (out / n).exists():
             (dest / n).parent.mkdir(parents=True, exist_ok=True)
@@ -488,6 +586,13 @@ def main(argv: list[str] | None = None) -> dict:
                     "stages (default: every one whose model exists)")
     ap.add_argument("--results", default=None, help="after the report, copy the small result files (tables, plot, "
                     "plan, data summary, training metrics, step rows and rewards, test candidates and scores) here")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME:FIELD=VALUE,...",
+                    help=f"register a training configuration to try beside the plan's ({', '.join(VARIANT_FIELDS)}; "
+                    "e.g. --variant lr1e-4:lr=1e-4,epochs=3); its PRM is trained on the same data, scored on the same "
+                    "step rows and test candidates, and reported as one more scorer. Registered variants stay in OUT")
+    ap.add_argument("--score-only", action="store_true",
+                    help="bon stage: score the candidates already generated, generate none (a second process can score "
+                    "new scorers while another generates)")
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                     help="override a plan field (JSON value), e.g. --set n_test=100 --set lr=1e-5")
     args = ap.parse_args(argv)
@@ -522,6 +627,12 @@ def main(argv: list[str] | None = None) -> dict:
     bad = [s for s in stages if s not in STAGES]
     if bad:
         ap.error(f"unknown stage(s) {bad}; choose from {STAGES}")
+    for v in args.variant:
+        try:
+            name, over = parse_variant(v)
+        except ValueError as e:
+            ap.error(str(e))
+        register_variant(out, name, over)
     probs = problems(plan)
     env = env_info(torch.get_num_threads())
     data_summary = None
@@ -534,7 +645,7 @@ def main(argv: list[str] | None = None) -> dict:
     if "steps" in stages:
         stage_steps(plan, out, policy, probs)
     if "bon" in stages:
-        stage_bon(plan, out, policy, probs)
+        stage_bon(plan, out, policy, probs, generate=not args.score_only)
     doc = None
     if "report" in stages:
         if data_summary:

@@ -29,3 +29,23 @@ def test_quick_pipeline_runs_and_resumes(tmp_path, capsys, monkeypatch):
     main(["--quick", "--out", str(out), "--threads", "1", "--stages", "data,train,bon"])  # all done: nothing redone
     log = capsys.readouterr().out
     assert "0 new rollouts" in log and "train ce: done" in log and "0 generated" in log and "0 scored" in log
+    # a second training configuration beside the plan's: trained on the same rows, scored on the same step rows and
+    # (score-only) the same test candidates, reported with its settings
+    capsys.readouterr()
+    doc = main(["--quick", "--out", str(out), "--threads", "1", "--variant", "hi-lr:lr=0.01,epochs=2",
+                "--stages", "train,steps,bon,report", "--score-only"])
+    log = capsys.readouterr().out
+    assert "0 generated" in log and "train ce: done" in log
+    assert (out / "variants" / "hi-lr" / "ce" / "final").is_dir()
+    assert doc["train"]["hi-lr"]["lr"] == 0.01 and doc["train"]["hi-lr"]["epochs"] == 2
+    assert doc["bon"]["problems"] == 4 and "wmv:hi-lr_sum:sigmoid" in doc["bon"]["paired_vs_majority"]
+    assert {"hi-lr", "ce-policy-only"} <= set(doc["steps"])
+    md = (out / "claim.md").read_text()
+    assert "config hi-lr: weighted vote" in md and "| hi-lr | ce | " in md
+    # the same name with other settings is refused, the candidates file is untouched
+    import pytest
+
+    with pytest.raises(SystemExit):
+        main(["--quick", "--out", str(out), "--variant", "hi-lr:lr=0.02", "--stages", "report"])
+    with pytest.raises(SystemExit):
+        main(["--quick", "--out", str(out), "--variant", "ce:lr=0.02", "--stages", "report"])
