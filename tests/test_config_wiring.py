@@ -221,6 +221,8 @@ def test_bon_old_spellings_still_work_with_a_warning(tmp_path, capsys):
     (["serve", "--host", "0.0.0.0"], "serve"),
     (["serve", "--max-length", "2147483648"], "serve"),
     (["search", "-o", "{tmp}"], "search"),
+    (["demo", "--device", "nosuch"], "demo"),
+    (["demo", "--input", "nonexistent.jsonl"], "demo"),
 ])
 def test_one_error_format(argv, command, tmp_path, capsys):
     assert main([a.replace("{tmp}", str(tmp_path)) for a in argv]) == 2

@@ -176,10 +176,13 @@ def cmd_demo(args) -> int:
     from collections import defaultdict
 
     path = args.input or str(DEMO_SET)
-    items = [obj for _, obj in load_jsonl(path, on_error="raise")]
-    args.step_delimiter = DEFAULT_STEP_DELIMITER
-    check_scorer_args(args)
-    scorer = make_scorer(args)
+    try:
+        items = [obj for _, obj in load_jsonl(path, on_error="raise")]
+        args.step_delimiter = DEFAULT_STEP_DELIMITER
+        check_scorer_args(args)
+        scorer = make_scorer(args)
+    except ValueError as e:
+        return error("demo", e)
     print(f"freeprm demo: scoring {len(items)} candidates with policy={args.policy!r} "
           f"reference={args.reference!r} beta={scorer.beta} aggregate={scorer.aggregate_name}")
     results = scorer.score(items, progress=not args.no_progress)
