@@ -203,9 +203,10 @@ class ResolvedScoring:
     meta: PRMMeta | None
 
 
-def _warn(meta: PRMMeta, what: str, given, recorded) -> None:
+def _warn(meta: PRMMeta, what: str, given, recorded, stacklevel: int = 4) -> None:
     warnings.warn(f"{what}: using the given {given!r}, but {meta.file} records {recorded!r} (the value this PRM was "
-                  "trained with); its rewards mean something else under the given value", PRMMetaWarning, stacklevel=4)
+                  "trained with); its rewards mean something else under the given value", PRMMetaWarning,
+                  stacklevel=stacklevel)
 
 
 def check_reference_digest(meta: PRMMeta, reference, *, force_reference: bool = False, given: bool = True) -> None:
@@ -232,6 +233,32 @@ def check_reference_digest(meta: PRMMeta, reference, *, force_reference: bool = 
     warnings.warn(msg + "; used anyway (force_reference)", PRMMetaWarning, stacklevel=3)
 
 
+def fill_config(config: ScoringConfig | None, meta: PRMMeta, *, _stacklevel: int = 4) -> ScoringConfig:
+    """``config`` with its beta, prompt format and step split filled from ``meta.scoring`` where not given
+    (``ScoringConfig.given``); a given one that differs from the recorded one is kept, with a ``PRMMetaWarning``
+    naming both (the step split only when the PRM was trained per step). The reference is left as it is:
+    ``resolve_config`` (scoring) and ``ImplicitPRM.from_pretrained`` resolve it by their own rules."""
+    config = ScoringConfig() if config is None else config
+    rec, changes = meta.scoring, {}
+    if not config.is_given("beta"):
+        changes["beta"] = rec.beta
+    elif config.beta != rec.beta:
+        _warn(meta, "beta", config.beta, rec.beta, _stacklevel)
+    if not config.is_given("prompt_format"):
+        changes["prompt_format"] = rec.prompt_format
+    elif config.prompt_format != rec.prompt_format:
+        _warn(meta, "prompt_format", config.prompt_format, rec.prompt_format, _stacklevel)
+    rec_split = rec.step_delimiter, rec.pattern_text
+    if not (config.is_given("step_delimiter") or config.is_given("step_pattern")):
+        changes["step_delimiter"], changes["step_pattern"] = rec_split
+    else:
+        given_split = config.step_delimiter, config.pattern_text
+        used = (meta.implicit_prm or {}).get("granularity") == "step"  # only step-granular training used the split
+        if used and given_split != rec_split:
+            _warn(meta, "step split (delimiter, pattern)", given_split, rec_split, _stacklevel)
+    return config.replace(**changes) if changes else config
+
+
 def resolve_config(policy, config: ScoringConfig | None = None, *,
                    force_reference: bool = False) -> tuple[ScoringConfig, PRMMeta | None]:
     """``(config to score policy with, its metadata or None)``: ``config``'s fields that are not given
@@ -245,23 +272,7 @@ def resolve_config(policy, config: ScoringConfig | None = None, *,
     meta = read_meta(policy)
     if meta is None:
         return config.with_reference_default(NO_REFERENCE), None
-    rec, changes = meta.scoring, {}
-    if not config.is_given("beta"):
-        changes["beta"] = rec.beta
-    elif config.beta != rec.beta:
-        _warn(meta, "beta", config.beta, rec.beta)
-    if not config.is_given("prompt_format"):
-        changes["prompt_format"] = rec.prompt_format
-    elif config.prompt_format != rec.prompt_format:
-        _warn(meta, "prompt_format", config.prompt_format, rec.prompt_format)
-    rec_split = rec.step_delimiter, rec.pattern_text
-    if not (config.is_given("step_delimiter") or config.is_given("step_pattern")):
-        changes["step_delimiter"], changes["step_pattern"] = rec_split
-    else:
-        given_split = config.step_delimiter, config.pattern_text
-        used = (meta.implicit_prm or {}).get("granularity") == "step"  # only step-granular training used the split
-        if used and given_split != rec_split:
-            _warn(meta, "step split (delimiter, pattern)", given_split, rec_split)
+    config, rec, changes = fill_config(config, meta, _stacklevel=5), meta.scoring, {}
     reference = config.reference
     if reference is None:  # unset: the recorded one, checked against its digest
         reference = meta.reference_spec()

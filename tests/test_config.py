@@ -288,14 +288,15 @@ def test_root_api_is_small_and_lazy():
         freeprm.no_such_name  # noqa: B018
 
 
-def test_training_defaults_come_from_the_config():
-    import inspect
-
+def test_training_defaults_come_from_the_config(tiny_model_dir):
     from freeprm import ImplicitPRM
     from freeprm.trainer import TrainConfig
 
     assert TrainConfig().beta == DEFAULT_TRAIN_BETA
-    assert inspect.signature(ImplicitPRM).parameters["beta"].default == DEFAULT_TRAIN_BETA
+    assert ImplicitPRM(tiny_model_dir, "none", device="cpu").beta == DEFAULT_TRAIN_BETA
+    # a config that gives no beta keeps the training default (not the config's bare-model 1.0)
+    assert ImplicitPRM(tiny_model_dir, "none", config=ScoringConfig(aggregate="sum"), device="cpu").beta == \
+        DEFAULT_TRAIN_BETA
 
 
 def test_given_fields_and_merge():

@@ -11,19 +11,18 @@ the same beta and reference (it reads the same file). Directories of the first f
 from __future__ import annotations
 
 import os
-import warnings
 from pathlib import Path
 
 import torch
 
-from ..config import NO_REFERENCE, ScoringConfig
+from ..config import NO_REFERENCE, UNSET, ScoringConfig, merge_config
 from ..engine.loading import load_model
 from ..prm_meta import (
     META_FILE,
     REFERENCE_DIR,
-    PRMMetaWarning,
     check_reference_digest,
     content_digest,
+    fill_config,
     meta_dict,
     read_meta,
     write_meta,
@@ -67,13 +66,17 @@ def save_pretrained(prm, path: str | os.PathLike) -> str:
             prm.tokenizer.save_pretrained(path / REFERENCE_DIR)
     torch.save(prm.optimizer.state_dict(), path / OPTIMIZER_FILE)
     ref, digest = _reference_record(prm, path)
-    scoring = ScoringConfig(beta=prm.beta, reference=ref, step_delimiter=prm.step_delimiter)
+    c = prm.scoring_config  # recorded as used (fields left at their defaults are written as those defaults)
+    scoring = ScoringConfig(beta=prm.beta, reference=ref, step_delimiter=prm.step_delimiter,
+                            step_pattern=c.pattern_text, aggregate=c.aggregate, prompt_format=c.prompt_format,
+                            max_length=c.max_length)
     training = {"trainer": "ImplicitPRM", "loss": prm.loss, "data_sha256": None, "updates": prm.version}
     write_meta(path, meta_dict(scoring, reference_digest=digest, training=training, implicit_prm=prm_settings(prm)))
     return str(path)
 
 
-def from_pretrained(cls, path: str | os.PathLike, reference="saved", *, force_reference: bool = False, **kwargs):
+def from_pretrained(cls, path: str | os.PathLike, reference="saved", *, config: ScoringConfig | None = None,
+                    force_reference: bool = False, **kwargs):
     """Load a ``save_pretrained`` directory as ``cls`` (``ImplicitPRM``); see ``ImplicitPRM.from_pretrained``."""
     path = Path(path)
     meta = read_meta(path)
@@ -81,13 +84,15 @@ def from_pretrained(cls, path: str | os.PathLike, reference="saved", *, force_re
         raise ValueError(f"{path} has no {META_FILE}; is it an ImplicitPRM.save_pretrained directory?")
     online = meta.implicit_prm or {}
     settings = {k: online[k] for k in _ONLINE if k in online}
-    settings.update(beta=meta.scoring.beta, step_delimiter=meta.scoring.step_delimiter)
-    for k in ("beta", "step_delimiter"):
-        if k in kwargs and kwargs[k] != settings[k]:
-            warnings.warn(f"{k}: using the given {kwargs[k]!r}, but {meta.file} records {settings[k]!r} (the value "
-                          "this PRM was trained with)", PRMMetaWarning, stacklevel=3)
+    # keywords win over config; the scoring fields given in neither come from the recorded ScoringConfig
+    scoring = {k: kwargs.pop(k, UNSET) for k in ("beta", "step_delimiter", "dtype")}
+    cfg = fill_config(merge_config(config, **scoring), meta, _stacklevel=5)
     settings.update(kwargs)
-    kind = online.get("reference_kind", "frozen" if meta.scoring.reference == REFERENCE_DIR else "none")
+    if isinstance(reference, str) and reference == "saved" and cfg.reference is not None:
+        reference = cfg.reference  # a reference the config gives counts as given here
+    rec = meta.scoring.reference
+    default_kind = "frozen" if rec == REFERENCE_DIR else "none" if rec in (NO_REFERENCE, None) else "model"
+    kind = online.get("reference_kind", default_kind)  # written by freeprm train (no implicit_prm): its reference
     frozen_ref = None
     if isinstance(reference, str) and reference == "saved":
         if kind == "model" and meta.scoring.reference is None:
@@ -101,12 +106,13 @@ def from_pretrained(cls, path: str | os.PathLike, reference="saved", *, force_re
             reference = "none" if kind == "none" else kind
     elif reference not in (None, "none", "policy", "frozen"):
         check_reference_digest(meta, reference, force_reference=force_reference)
-    prm = cls(str(path), reference, **settings)
+    prm = cls(str(path), reference, config=cfg, **settings)
     if frozen_ref is not None:
         prm.reference = frozen(load_model(frozen_ref, dtype=next(prm.model.parameters()).dtype, device=prm.device)[0])
         prm.reference_kind = kind
         if kind == "model":
             prm.reference_spec = frozen_ref
+        prm.scoring_config = prm.scoring_config.replace(reference=prm.reference_spec)  # a spec, or unset (frozen)
     opt_file = path / OPTIMIZER_FILE
     if opt_file.is_file():
         prm.optimizer.load_state_dict(torch.load(opt_file, map_location=prm.device, weights_only=True))

@@ -24,7 +24,7 @@ from typing import NamedTuple
 
 import torch
 
-from ..config import DEFAULT_STEP_DELIMITER, DEFAULT_TRAIN_BETA, NO_REFERENCE, check_beta, normalize_step_delimiter
+from ..config import DEFAULT_TRAIN_BETA, NO_REFERENCE, UNSET, ScoringConfig, merge_config
 from ..engine.loading import load_model, resolve_dtype
 from ..engine.logprobs import full_logits_logprobs, sequence_logprobs
 from ..engine.steps import GRANULARITIES, step_rewards_on_last_token
@@ -51,22 +51,29 @@ class ImplicitPRM:
     Args:
         model: a Hugging Face causal LM (trained in place), a ``(model, tokenizer)`` pair, or a spec that
             ``freeprm.engine.loading.load_model`` accepts (HF directory, hub id, ``.gguf``, ``"smollm2"``).
-        reference: ``pi_ref`` (docs/config.md). ``"frozen"`` (default, PRIME's): a frozen copy of the initial
-            model; ``"policy"``: the caller passes ``ref_logprobs`` (e.g. the RL policy's old log-probs) to every
-            ``token_rewards`` / ``update`` call; a model (or spec, or pair): that model, frozen; ``"none"``: no
-            reference model (``log pi_ref = 0``). ``None`` is a deprecated spelling of ``"none"``
-            (``DeprecationWarning``).
+        reference: ``pi_ref`` (docs/config.md). Unset (default): ``config.reference`` when the config gives one,
+            else ``"frozen"`` (PRIME's): a frozen copy of the initial model; ``"policy"``: the caller passes
+            ``ref_logprobs`` (e.g. the RL policy's old log-probs) to every ``token_rewards`` / ``update`` call; a
+            model (or spec, or pair): that model, frozen; ``"none"``: no reference model (``log pi_ref = 0``).
+            ``None`` is a deprecated spelling of ``"none"`` (``DeprecationWarning``).
+        config: a ``freeprm.ScoringConfig`` (as ``Scorer(config=)``): beta, reference, step split
+            (``step_delimiter`` / ``step_pattern``), dtype, and for ``score`` the aggregate, prompt format and
+            max length. The keyword arguments of the same names, when given, win over it; a field given in neither
+            keeps ImplicitPRM's default: beta ``DEFAULT_TRAIN_BETA`` (0.05, not the config's bare-model 1.0),
+            the ``"frozen"`` reference, dtype float32 (``"auto"`` also means float32 here, as in ``train --dtype
+            auto``; a model object keeps its own). ``self.scoring_config`` is the config used.
         tokenizer: needed for ``granularity="step"``, ``score`` and ``save_pretrained`` when ``model`` is an
             ``nn.Module`` (loaded with the model otherwise).
         beta: reward scale (default ``DEFAULT_TRAIN_BETA``, 0.05). granularity: ``"token"`` (dense) or ``"step"``
-            (each step's summed reward on its last token; steps split at ``step_delimiter`` in the decoded
-            response; ``""`` or None: the whole response is one step, ``config.normalize_step_delimiter``).
+            (each step's summed reward on its last token; steps split at ``step_delimiter`` (default ``"\\n\\n"``)
+            or the config's ``step_pattern`` in the decoded response; ``""`` or None: the whole response is one
+            step, ``config.normalize_step_delimiter``).
         lr, grad_clip, weight_decay: AdamW settings of ``update`` (``grad_clip=None``: no clipping).
         mini_batch_size: rows per optimizer step in ``update`` (None: the whole batch, one step).
         loss: a loss of the trainer's registry (``freeprm.trainer.losses``) that needs no extra sequences:
             ``"ce"`` (PRIME), ``"dpo"`` or ``"nca"`` (``ONLINE_LOSSES``).
         device, dtype: where the models live (default: CUDA when available, float32); an ``nn.Module`` is
-            moved only when they are given.
+            moved only when they are given (dtype: a name, a ``torch.dtype``, or the config's ``dtype``).
         impl: kernel dispatch of the log-prob op (``"auto" | "triton" | "torch"``).
         full_logits: the naive ``[B, T, V]`` logits path instead of the chunked LM head (a baseline for
             benchmarks and tests; same results, much more memory).
@@ -78,29 +85,35 @@ class ImplicitPRM:
     def __init__(
         self,
         model,
-        reference="frozen",
+        reference=UNSET,
         *,
+        config: ScoringConfig | None = None,
         tokenizer=None,
-        beta: float = DEFAULT_TRAIN_BETA,
+        beta: float = UNSET,
         granularity: str = "token",
-        step_delimiter: str | None = DEFAULT_STEP_DELIMITER,
+        step_delimiter: str | None = UNSET,
         lr: float = 1e-6,
         grad_clip: float | None = 10.0,
         mini_batch_size: int | None = None,
         loss: str = "ce",
         weight_decay: float = 0.0,
         device: str | torch.device | None = None,
-        dtype: str | torch.dtype | None = None,
+        dtype: str | torch.dtype | None = UNSET,
         impl: str = "auto",
         full_logits: bool = False,
     ) -> None:
-        beta = check_beta(beta)
-        step_delimiter = normalize_step_delimiter(step_delimiter)  # the one rule: "" or None = one step
         if reference is None:
             warnings.warn("ImplicitPRM(reference=None) meaning reference-free is deprecated (None will mean the "
                           "default, the initial policy); pass reference='none' (docs/config.md)", DeprecationWarning,
                           stacklevel=2)
             reference = NO_REFERENCE
+        # keywords win over config; what neither gives keeps ImplicitPRM's defaults (docstring)
+        cfg = merge_config(config, reference=reference, beta=beta, step_delimiter=step_delimiter, dtype=dtype)
+        if not cfg.is_given("beta"):
+            cfg = cfg.replace(beta=DEFAULT_TRAIN_BETA)
+        reference = "frozen" if cfg.reference is None else cfg.reference
+        dtype = cfg.dtype if cfg.is_given("dtype") and cfg.dtype != "auto" else None
+        beta, step_delimiter, step_pattern = cfg.beta, cfg.step_delimiter, cfg.compiled_pattern
         if granularity not in GRANULARITIES:
             raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
         self._loss_spec = online_loss_spec(loss)
@@ -129,6 +142,12 @@ class ImplicitPRM:
             local = Path(reference).expanduser()
             self.reference_spec = str(local.resolve()) if local.exists() else str(reference)
         self.beta, self.granularity, self.step_delimiter = float(beta), granularity, step_delimiter
+        self.step_pattern = step_pattern
+        # the config used; its reference: "none", a model's spec, a model object, or unset (None) for the frozen
+        # copy and "policy" (no spec until save_pretrained records one)
+        ref_of = {"none": NO_REFERENCE, "frozen": None, "policy": None}
+        ref_field = self.reference_spec or ref_of.get(self.reference_kind, cfg.reference)
+        self.scoring_config = cfg.replace(reference=ref_field) if ref_field != cfg.reference else cfg
         self.lr, self.grad_clip, self.weight_decay = float(lr), grad_clip, float(weight_decay)
         self.mini_batch_size, self.loss, self.impl, self.full_logits = mini_batch_size, loss, impl, full_logits
         self.version = 0
@@ -190,7 +209,8 @@ class ImplicitPRM:
         if self.granularity == "step":
             if self.tokenizer is None:
                 raise ValueError("granularity='step' needs the tokenizer: pass tokenizer= to ImplicitPRM")
-            r = step_rewards_on_last_token(r, ids, rm, self.tokenizer, step_delimiter=self.step_delimiter)
+            r = step_rewards_on_last_token(r, ids, rm, self.tokenizer, step_delimiter=self.step_delimiter,
+                                           step_pattern=self.step_pattern)
         return Rewards(r, self.version) if return_version else r
 
     # --------------------------------------------------------------------------------- update
@@ -291,7 +311,8 @@ class ImplicitPRM:
 
     # ------------------------------------------------------------------------------ scoring
     def scorer(self, **kwargs):
-        """A ``freeprm.engine.Scorer`` over this PRM's models (shared objects, so updates show), beta and delimiter."""
+        """A ``freeprm.engine.Scorer`` over this PRM's models (shared objects, so updates show), beta, step split and
+        the aggregate / prompt format / max length its config gives; ``kwargs`` (Scorer options) win."""
         from ..engine.scorer import Scorer
 
         if self.reference_kind == "policy":
@@ -300,13 +321,17 @@ class ImplicitPRM:
         if self.tokenizer is None:
             raise ValueError("score() needs the tokenizer: pass tokenizer= to ImplicitPRM")
         ref = None if self.reference is None else (self.reference, self.tokenizer)
+        c = self.scoring_config
+        opts = {k: getattr(c, k) for k in ("step_pattern", "aggregate", "prompt_format", "max_length") if c.is_given(k)}
+        opts.update(kwargs)
         return Scorer((self.model, self.tokenizer), ref, beta=self.beta, step_delimiter=self.step_delimiter,
-                      device=self.device, impl=self.impl, **kwargs)
+                      device=self.device, impl=self.impl, **opts)
 
-    def score(self, items: Iterable[Mapping], *, aggregate: str = "min", progress: bool = False) -> list:
+    def score(self, items: Iterable[Mapping], *, aggregate: str | None = None, progress: bool = False) -> list:
         """``freeprm.engine.Scorer.score`` with this PRM (items ``{"prompt", "response"}`` or ``{"prompt", "steps"}``).
 
-        Each ``ScoreResult.meta["prm_version"]`` is the version that computed it.
+        ``aggregate``: None = the config's (default ``"min"``). Each ``ScoreResult.meta["prm_version"]`` is the
+        version that computed it.
         """
         if self._scorer is None:
             self._scorer = self.scorer()
@@ -353,14 +378,19 @@ class ImplicitPRM:
         return checkpoint.save_pretrained(self, path)
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, reference="saved", *, force_reference: bool = False,
-                        **kwargs) -> ImplicitPRM:
-        """Load a ``save_pretrained`` directory: weights, settings, version, optimizer state.
+    def from_pretrained(cls, path: str | os.PathLike, reference="saved", *, config: ScoringConfig | None = None,
+                        force_reference: bool = False, **kwargs) -> ImplicitPRM:
+        """Load a ``save_pretrained`` directory (or one ``freeprm train`` wrote): weights, settings, version,
+        optimizer state.
 
         ``reference="saved"`` restores what was saved (the frozen reference from ``reference/``, a reference
         model from its recorded path; ``"policy"``; none), checked against the content digest recorded in
-        ``freeprm_prm.json``; a reference given here is checked against it too. A differing digest is a
-        ``ValueError`` unless ``force_reference=True``. Keyword arguments override the saved settings (``beta``,
-        ``lr``, ``device``, ...); a ``beta`` or ``step_delimiter`` that differs from the recorded one warns.
+        ``freeprm_prm.json``; a reference given here (or in ``config``) is checked against it too. A differing
+        digest is a ``ValueError`` unless ``force_reference=True``. ``config`` and the keyword arguments
+        override the saved settings (``beta``, ``lr``, ``device``, ...; keywords win over ``config``); the
+        scoring fields given in neither (beta, prompt format, step split) are filled from the recorded
+        ``ScoringConfig`` (``freeprm.prm_meta.fill_config``, the rule ``Scorer`` follows: a given beta or prompt
+        format that differs from the recorded one warns, a step split only when the PRM was trained per step).
         """
-        return checkpoint.from_pretrained(cls, path, reference, force_reference=force_reference, **kwargs)
+        return checkpoint.from_pretrained(cls, path, reference, config=config, force_reference=force_reference,
+                                          **kwargs)

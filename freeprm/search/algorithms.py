@@ -26,6 +26,7 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
+from ..config import UNSET, merge_config
 from .defaults import AGGREGATIONS, DEFAULT_AGGREGATE, DEFAULT_STEP_DELIMITER, SCORING_OPTIONS, ScoringConfig
 from .generation import StepOutput, check_delimiter
 from .incremental import Candidate, IncrementalScorer
@@ -372,32 +373,45 @@ def build_searcher(policy=None, reference=None, *, config: SearchConfig, scorer=
     return Searcher(inc, gen, config)
 
 
-def search(prompts: Sequence[str], policy=None, reference=None, *, method: str = "beam", n: int = 8,
-           beam_width: int = 4, max_steps: int = 10, step_delimiter: str = DEFAULT_STEP_DELIMITER,
-           aggregate: str = DEFAULT_AGGREGATE, max_step_tokens: int = 128, max_tokens: int = 1024,
+def search(prompts: Sequence[str], policy=None, reference=None, *, config: ScoringConfig | None = None,
+           method: str = "beam", n: int = 8, beam_width: int = 4, max_steps: int = 10,
+           step_delimiter: str = UNSET, aggregate: str = UNSET, max_step_tokens: int = 128, max_tokens: int = 1024,
            temperature: float = 0.7, top_p: float = 1.0, seed: int = 0, stop: Sequence[str] = (), scorer=None,
-           generator=None,
-           backend: str = "transformers", **scorer_kwargs) -> list[SearchResult]:
+           generator=None, backend: str = "transformers", **scorer_kwargs) -> list[SearchResult]:
     """PRM-guided step-level search over ``prompts``; one ``SearchResult`` per prompt (see the module docstring).
 
-    ``policy`` / ``reference`` / ``scorer_kwargs`` build the PRM (``freeprm.engine.Scorer``: ``beta``,
-    ``prompt_format``, ``dtype``, ``max_length``, ``device``, ``max_batch_tokens``, ...); what is not given comes
-    from a trained PRM directory's ``freeprm_prm.json``, else the defaults. Or pass a ready ``scorer=``.
+    ``policy`` / ``reference`` / ``config`` / ``scorer_kwargs`` build the PRM (``freeprm.engine.Scorer``:
+    ``beta``, ``prompt_format``, ``dtype``, ``max_length``, ``device``, ``max_batch_tokens``, ...): ``config`` is
+    a ``freeprm.ScoringConfig`` (as ``Scorer(config=)``; its step delimiter and aggregate are this search's unless
+    given here; a ``step_pattern`` is refused: steps end at the delimiter while they are generated); keyword
+    arguments win over it; what neither gives comes from a trained PRM directory's ``freeprm_prm.json``, else the
+    defaults (``step_delimiter`` ``"\\n\\n"``, ``aggregate`` ``"min"``). Or pass a ready ``scorer=``.
     ``generator``: who writes the steps (default: the PRM's policy model; it must share the PRM's tokenizer).
     Example::
 
         res = search(["What is 12 * 7?"], policy="smollm2", method="beam", n=8, beam_width=4, max_steps=6)
         print(res[0].best_text, res[0].candidates[res[0].best]["step_rewards"])
     """
-    scoring, _ = split_scoring_options(scorer_kwargs)
-    config = SearchConfig(method=method, n=n, beam_width=beam_width, max_steps=max_steps,
-                          step_delimiter=step_delimiter, aggregate=aggregate, max_step_tokens=max_step_tokens,
-                          max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=tuple(stop))
+    scoring, other = split_scoring_options(scorer_kwargs)
+    if scorer is not None and (scoring or config is not None):
+        given = sorted(scoring) + (["config"] if config is not None else [])
+        raise ValueError(f"with scorer=, pass no scoring options ({', '.join(given)}): the scorer has its own")
+    if config is not None:
+        config = merge_config(config, **scoring)  # keywords win over the config
+        scorer_kwargs = other
+        if step_delimiter is UNSET and config.is_given("step_delimiter"):
+            step_delimiter = config.step_delimiter or ""
+        if aggregate is UNSET and config.is_given("aggregate"):
+            aggregate = config.aggregate
+    step_delimiter = DEFAULT_STEP_DELIMITER if step_delimiter is UNSET else step_delimiter
+    aggregate = DEFAULT_AGGREGATE if aggregate is UNSET else aggregate
+    search_config = SearchConfig(method=method, n=n, beam_width=beam_width, max_steps=max_steps,
+                                 step_delimiter=step_delimiter, aggregate=aggregate, max_step_tokens=max_step_tokens,
+                                 max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                                 stop=tuple(stop), scoring=config)
     if isinstance(prompts, str) or not len(prompts) or any(not isinstance(p, str) or not p.strip() for p in prompts):
         raise ValueError("prompts must be a non-empty list of non-empty strings (an empty prompt has nothing to "
                          "answer)")
-    if scorer is not None and scoring:
-        raise ValueError(f"with scorer=, pass no scoring options ({', '.join(sorted(scoring))}): the scorer has its own")
-    searcher = build_searcher(policy, reference, config=config, scorer=scorer, generator=generator, backend=backend,
-                              **scorer_kwargs)
+    searcher = build_searcher(policy, reference, config=search_config, scorer=scorer, generator=generator,
+                              backend=backend, **scorer_kwargs)
     return searcher.run(prompts)

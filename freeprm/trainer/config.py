@@ -14,7 +14,13 @@ RESUME_FREE = {"save_every", "keep_checkpoints", "log_every", "progress", "ref_c
 
 @dataclass
 class TrainConfig:
-    """Everything that defines a training run (stored in each checkpoint)."""
+    """Everything that defines a training run (stored in each checkpoint).
+
+    ``beta``, ``reference_free``, ``prompt_format`` and ``max_length`` are training settings here (``max_length``
+    cuts the response tail); the PRM directories a run writes record what scoring needs as a
+    ``freeprm.ScoringConfig`` in ``freeprm_prm.json`` (``freeprm.prm_meta``: beta, the reference and its digest,
+    the prompt format), so ``Scorer(dir)`` and ``ImplicitPRM.from_pretrained(dir)`` use them. docs/config.md.
+    """
 
     loss: str = "ce"  # ce | dpo | nca | kto
     beta: float = DEFAULT_TRAIN_BETA  # reward scale: r = beta * log(pi / pi_ref) (the paper's 0.05; docs/config.md)

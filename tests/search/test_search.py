@@ -230,3 +230,26 @@ def test_a_trained_prm_directory_applies_its_recorded_settings(tmp_path, tiny_mo
     with pytest.warns(UserWarning):
         s2 = build_searcher(str(prm), config=cfg, beta=0.5)
     assert s2.inc.scorer.beta == 0.5
+
+
+def test_search_takes_a_scoring_config_bit_for_bit(tiny_model_dir, tiny_ref_dir):
+    """search(config=ScoringConfig) equals the keyword form; keywords win over the config; its step delimiter and
+    aggregate are the search's unless given."""
+    from freeprm import ScoringConfig
+
+    kw = dict(method="beam", n=4, beam_width=2, max_steps=2, max_step_tokens=5, temperature=1.0, seed=7,
+              device="cpu")
+    prompt = PROMPTS[:1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = search(prompt, tiny_model_dir, tiny_ref_dir, beta=0.5, prompt_format="raw", aggregate="sum", **kw)
+        cfg = search(prompt, tiny_model_dir, config=ScoringConfig(beta=0.5, reference=tiny_ref_dir,
+                                                                  prompt_format="raw", aggregate="sum"), **kw)
+        over = search(prompt, tiny_model_dir, tiny_ref_dir, config=ScoringConfig(beta=2.0, prompt_format="raw"),
+                      beta=0.5, aggregate="sum", **kw)
+    assert [r.to_dict() for r in cfg] == [r.to_dict() for r in ref] == [r.to_dict() for r in over]
+    assert cfg[0].aggregation == "sum" and cfg[0].best is not None
+    with pytest.raises(ValueError, match="step_pattern is not supported"):
+        search(prompt, tiny_model_dir, config=ScoringConfig(step_pattern=r"\n"), **kw)
+    with pytest.raises(ValueError, match="pass no scoring options \\(config\\)"):
+        search(prompt, scorer=object(), config=ScoringConfig(beta=0.5))
