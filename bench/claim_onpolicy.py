@@ -287,6 +287,52 @@ def stage_steps(plan, out, policy, probs) -> None:
         log(f"steps {name}: {sum(map(len, rows.values()))} rows scored in {time.perf_counter() - t0:.0f} s")
 
 
+def derive_scores(cands, td: Path, name: str, spec, policy_only_scorer) -> dict:
+    """Score ``cands`` for the trained PRM ``name`` (reference = the initial policy) at half the model work: its step
+    reward is ``beta * (sum log pi - sum log pi_ref)`` over the step's tokens, a difference of two per-step sums, and
+    ``sum log pi_ref`` per step is the untrained scorer's step reward (same model, beta 1, same steps). So only the
+    trained policy runs (reference-free, beta 1, into ``scores_NAME.policy.jsonl``); the PRM's lines are written
+    from the two files with the tag a direct ``Scorer(path, policy, beta)`` run would give, and the aggregates
+    recomputed from the derived step rewards (``freeprm.engine.results.aggregate_steps``). The files hold step
+    rewards to 6 decimals, so a derived reward is within ``beta * 2e-6`` of the direct one (tested)."""
+    from freeprm.engine import AGGREGATIONS
+    from freeprm.engine.results import aggregate_steps
+    from freeprm.eval.scoring import key_of, load_scores, score_candidates
+    from freeprm.io import append_jsonl
+
+    pol, _, beta = spec
+    direct = _scorer(spec)
+    from freeprm.eval.scoring import scorer_tag_of
+
+    tag = scorer_tag_of(direct)
+    del direct
+    done = load_scores(td / f"scores_{name}.jsonl", tag)
+    todo = [c for c in cands if key_of(c) not in done]
+    if not todo:
+        return {"scored": 0}
+    score_candidates(todo, td / f"scores_{name}.policy.jsonl", scorer=policy_only_scorer(), progress=False)
+    p_s, u_s = load_scores(td / f"scores_{name}.policy.jsonl"), load_scores(td / "scores_untrained.jsonl")
+    lines = []
+    for c in todo:
+        k = key_of(c)
+        if k not in u_s:  # the generating process scores it soon; a later pass derives it
+            continue
+        p, u = p_s[k]["step_rewards"], u_s[k]["step_rewards"]
+        if len(p) != len(u):
+            raise SystemExit(f"derived scores of {name}: candidate {k} has {len(p)} vs {len(u)} steps")
+        st = beta * (torch.tensor(p, dtype=torch.float64) - torch.tensor(u, dtype=torch.float64))
+        q = st.cumsum(0)
+        lines.append({"problem_id": c["problem_id"], "candidate_id": c["candidate_id"], "scorer": tag,
+                      "aggregates": {a: aggregate_steps(st, q, a) for a in AGGREGATIONS},
+                      "step_rewards": [round(float(x), 6) for x in st], "num_tokens": p_s[k]["num_tokens"],
+                      "derived": "beta * (policy-only - untrained) step rewards"})
+    append_jsonl(td / f"scores_{name}.jsonl", lines)
+    return {"scored": len(lines)}
+
+
+DERIVE = False  # --derive
+
+
 def stage_bon(plan, out, policy, probs, *, generate: bool = True) -> None:
     """Generate (unless ``generate=False``: score-only, for a second process beside the generating one) and score
     the test candidates chunk by chunk; with ``generate=False`` a chunk whose candidates are not all written yet
@@ -316,6 +362,13 @@ def stage_bon(plan, out, policy, probs, *, generate: bool = True) -> None:
             if name != "untrained" and not Path(spec[0]).is_dir():
                 continue
             t1 = time.perf_counter()
+            if DERIVE and name not in ("untrained", *DIAGNOSTICS) and spec[1] == policy:
+                if name not in scorers:
+                    sc_pol = _scorer((spec[0], "none", DEFAULT_BETA))
+                    scorers[name] = lambda sc_pol=sc_pol: sc_pol
+                s = derive_scores(cands, td, name, spec, scorers[name])
+                line += f"; {name}: {s['scored']} scored, derived ({time.perf_counter() - t1:.0f} s)"
+                continue
             if name not in scorers:
                 scorers[name] = _scorer(spec)
             s = score_candidates(cands, td / f"scores_{name}.jsonl", scorer=scorers[name], progress=False)
@@ -537,7 +590,7 @@ def copy_results(out: Path, dest: Path) -> None:
              "test/scores_ce.jsonl", "test/scores_dpo.jsonl"]
     for name, over in variants(out).items():
         names += [f"variants/{name}/variant.json", f"variants/{name}/{over['loss']}/metrics.jsonl",
-                  f"steps/{name}.json", f"test/scores_{name}.jsonl"]
+                  f"steps/{name}.json", f"test/scores_{name}.jsonl", f"test/scores_{name}.policy.jsonl"]
     names += [f"steps/{name}.json" for name in DIAGNOSTICS]
     for n in names:
         if (out / n).exists():
@@ -593,12 +646,16 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--score-only", action="store_true",
                     help="bon stage: score the candidates already generated, generate none (a second process can score "
                     "new scorers while another generates)")
+    ap.add_argument("--derive", action="store_true",
+                    help="bon stage: score a trained PRM (reference = the initial policy) by running only its policy and "
+                    "subtracting the untrained scorer's step rewards (log pi_ref per step; derive_scores): half the work")
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                     help="override a plan field (JSON value), e.g. --set n_test=100 --set lr=1e-5")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    global ONLY
+    global ONLY, DERIVE
+    DERIVE = args.derive
     ONLY = set(args.scorers.split(",")) if args.scorers else None
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

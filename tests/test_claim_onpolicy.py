@@ -49,3 +49,35 @@ def test_quick_pipeline_runs_and_resumes(tmp_path, capsys, monkeypatch):
         main(["--quick", "--out", str(out), "--variant", "hi-lr:lr=0.02", "--stages", "report"])
     with pytest.raises(SystemExit):
         main(["--quick", "--out", str(out), "--variant", "ce:lr=0.02", "--stages", "report"])
+
+
+def test_derived_scores_equal_direct(tmp_path, monkeypatch):
+    """--derive: a trained PRM's rewards from its policy alone minus the untrained scorer's step rewards equal a
+    direct Scorer(PRM, reference, beta) run (same tag, step rewards and aggregates to 1e-5)."""
+    import shutil
+
+    import pytest
+
+    from bench import claim_onpolicy as co
+    from freeprm.eval.candidates import read_jsonl
+
+    monkeypatch.setenv("FREEPRM_CPU_EXT", "0")
+    out = tmp_path / "run"
+    main(["--quick", "--out", str(out), "--threads", "1", "--stages", "data,train,bon"])
+    td2 = tmp_path / "derived"
+    td2.mkdir()
+    shutil.copyfile(out / "test" / "scores_untrained.jsonl", td2 / "scores_untrained.jsonl")
+    cands = read_jsonl(out / "test" / "candidates.jsonl")
+    spec = (str(out / "ce" / "final"), str(out / "tiny_policy"), 0.05)
+    got = co.derive_scores(cands, td2, "ce", spec, lambda: co._scorer((spec[0], "none", 1.0)))
+    assert got["scored"] == len(cands) > 0
+    direct = {(r["problem_id"], r["candidate_id"]): r for r in read_jsonl(out / "test" / "scores_ce.jsonl")}
+    derived = read_jsonl(td2 / "scores_ce.jsonl")
+    assert len(derived) == len(cands)
+    for r in derived:
+        d = direct[(r["problem_id"], r["candidate_id"])]
+        assert r["scorer"] == d["scorer"]
+        assert r["step_rewards"] == pytest.approx(d["step_rewards"], abs=1e-5)
+        for a, v in d["aggregates"].items():
+            assert r["aggregates"][a] == pytest.approx(v, abs=1e-5), a
+    assert co.derive_scores(cands, td2, "ce", spec, lambda: 1 / 0)["scored"] == 0  # all done: no model work
