@@ -5,7 +5,9 @@ An implicit PRM is a causal LM ``pi`` read against a reference ``pi_ref``:
 
 The API users call, importable from here (each loaded on first use, so ``import freeprm`` stays light)::
 
-    from freeprm import score, Scorer, ScoringConfig, ImplicitPRM, train, rerank
+    from freeprm import score, Scorer, ScoringConfig, ImplicitPRM, train, rerank, search
+
+``search`` is the ``freeprm.search`` package, callable as its ``search()`` (step-level PRM-guided search).
 
 Subpackages:
     freeprm.config   ScoringConfig: beta, reference, step split, aggregation, ... (docs/config.md)
@@ -15,6 +17,7 @@ Subpackages:
     freeprm.eval     best-of-N evaluation
     freeprm.batch    rerank(): streaming, resumable, optionally on Ray
     freeprm.rl       ImplicitPRM for RL loops
+    freeprm.search   search(): best-of-N, beam search, DVTS with incremental scoring
 """
 
 from __future__ import annotations
@@ -33,7 +36,10 @@ _LAZY = {
     "rerank": "freeprm.batch.rerank",
 }
 
-__all__ = ["score", "Scorer", "ScoringConfig", "ImplicitPRM", "train", "rerank", "__version__"]
+# subpackages that are themselves an entry point (``freeprm.search`` is callable as ``search()``)
+_LAZY_MODULES = {"search": "freeprm.search"}
+
+__all__ = ["score", "Scorer", "ScoringConfig", "ImplicitPRM", "train", "rerank", "search", "__version__"]
 
 
 def __getattr__(name: str):
@@ -41,8 +47,10 @@ def __getattr__(name: str):
         value = getattr(importlib.import_module(_LAZY[name]), name)
         globals()[name] = value
         return value
+    if name in _LAZY_MODULES:
+        return importlib.import_module(_LAZY_MODULES[name])  # the import binds it as freeprm.search
     raise AttributeError(f"module 'freeprm' has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+    return sorted(set(globals()) | set(_LAZY) | set(_LAZY_MODULES))

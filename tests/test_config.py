@@ -277,8 +277,8 @@ def test_import_stays_light():
 
 def test_root_api_is_small_and_lazy():
     code = ("import sys, freeprm; light = 'torch' not in sys.modules; "
-            "from freeprm import score, Scorer, ScoringConfig, ImplicitPRM, train, rerank; "
-            "print(light, callable(score) and callable(train) and callable(rerank), Scorer.__name__, "
+            "from freeprm import score, Scorer, ScoringConfig, ImplicitPRM, train, rerank, search; "
+            "print(light, callable(score) and callable(train) and callable(rerank) and callable(search), Scorer.__name__, "
             "ImplicitPRM.__name__, ScoringConfig.__module__)")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     assert out.split() == ["True", "True", "Scorer", "ImplicitPRM", "freeprm.config"]
