@@ -48,8 +48,15 @@ if not torch.cuda.is_available():  # CPU smoke run: Triton only through its inte
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from freeprm.kernels import (linear_logprobs, policy_ref_rewards, oracle as oracle_ops, segment_cumsum,  # noqa: E402
-                             segment_reduce, segment_sum, token_rewards)
+from freeprm.kernels import (  # noqa: E402
+    linear_logprobs,
+    policy_ref_rewards,
+    segment_cumsum,
+    segment_reduce,
+    segment_sum,
+    token_rewards,
+)
+from freeprm.kernels import oracle as oracle_ops
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = [(4096, 128256), (576, 49152), (2304, 256000)]  # (D, V): Llama-3 8B, SmolLM2-135M, Gemma-2 2B

@@ -49,7 +49,8 @@ def _cut_to_tokens(text: str, n_tokens: int, count) -> str:
 
 def build_items(scorer, n: int, prompt_tokens: int, response_tokens: int) -> list[dict]:
     """One prompt of ``prompt_tokens`` tokens (GSM8K questions, chat format) and ``n`` GSM8K-solution responses."""
-    from freeprm.engine.tokenization import prompt_ids, response_tokens as resp_tok
+    from freeprm.engine.tokenization import prompt_ids
+    from freeprm.engine.tokenization import response_tokens as resp_tok
     from freeprm.gsm8k import gold_steps, read_gsm8k
 
     tok = scorer.tokenizer

@@ -49,7 +49,6 @@ sys.path.insert(0, str(ROOT))
 from freeprm.gsm8k import corrupt, gold_response, read_gsm8k, render_steps  # noqa: E402
 
 
-
 def render(body: list[str], final: str) -> str:
     return "\n".join(render_steps(body, final))
 

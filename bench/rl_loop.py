@@ -46,7 +46,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.common import env_info, rss_kb  # noqa: E402
-
 from freeprm.eval.grading import grade  # noqa: E402
 from freeprm.eval.metrics import auroc  # noqa: E402
 from freeprm.rl import ImplicitPRM, encode_batch, prime_advantages  # noqa: E402

@@ -9,7 +9,6 @@ when the scorer is built (``freeprm.prm_meta.resolve_config``), else the config'
 from __future__ import annotations
 
 import argparse
-
 import sys
 
 from .cliargs import add_force_reference_arg, check_device, positive_float, positive_int

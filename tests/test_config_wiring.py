@@ -267,6 +267,7 @@ def test_train_auto_dtype_and_reference_none(tiny_model_dir, tmp_path):
     meta = json.loads((res.final_dir / "freeprm_prm.json").read_text())
     assert meta["scoring"]["reference"] == "none" and res.ref_cache is None  # no reference model was run
     import torch
+
     from freeprm.engine.loading import load_model
 
     assert next(load_model(str(res.final_dir))[0].parameters()).dtype == torch.float32  # auto = float32

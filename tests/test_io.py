@@ -9,8 +9,17 @@ import sys
 import pytest
 
 from freeprm.cliargs import check_device, decode_escapes
-from freeprm.io import (AtomicJsonlWriter, LineError, append_jsonl, check_output, clean_stale_temps, dumps_line,
-                        iter_jsonl, load_jsonl, write_jsonl_atomic)
+from freeprm.io import (
+    AtomicJsonlWriter,
+    LineError,
+    append_jsonl,
+    check_output,
+    clean_stale_temps,
+    dumps_line,
+    iter_jsonl,
+    load_jsonl,
+    write_jsonl_atomic,
+)
 
 
 def read(data: bytes, **kw):

@@ -13,8 +13,7 @@ import threading
 import pytest
 
 from freeprm.cli import main
-from freeprm.io import (AtomicJsonlWriter, OutputError, check_output_dir, output_kind, replace_file,
-                        write_jsonl_atomic)
+from freeprm.io import AtomicJsonlWriter, OutputError, check_output_dir, output_kind, replace_file, write_jsonl_atomic
 
 ROOT = os.geteuid() == 0
 

@@ -19,7 +19,6 @@ Bad lines are reported with their line number and skipped; a rejected candidate 
 from __future__ import annotations
 
 
-
 def cmd_rerank(args) -> int:
     from ..scorer_cli import check_scorer_args
     from .rerank import rerank

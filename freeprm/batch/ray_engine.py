@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import json
 
-from .reader import BadLine, Group, iter_chunks, parse_row
 from .job import Progress, _report, _resume_part, _warn_extra_parts, _write_scored_part, score_groups
+from .reader import BadLine, Group, iter_chunks, parse_row
 from .store import output_schema, to_arrow_rows
 
 

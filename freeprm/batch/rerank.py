@@ -42,8 +42,7 @@ from ..engine.scorer import Scorer
 from ..identity import model_identity, params_identity
 from ..io import check_input
 from ..prm_meta import resolve_config
-from .job import (Progress, RerankSummary, _report, _resume_part, _warn_extra_parts, _write_scored_part,
-                  score_groups)
+from .job import Progress, RerankSummary, _report, _resume_part, _warn_extra_parts, _write_scored_part, score_groups
 from .reader import BadLine, detect_format, iter_chunks, open_parquet
 from .store import OutputDir
 

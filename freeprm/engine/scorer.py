@@ -29,8 +29,13 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
-from ..config import MAX_LENGTH_LIMIT  # noqa: F401  (re-exported: checked by ScoringConfig)
-from ..config import DEFAULT_POLICY, UNSET, ScoringConfig, merge_config
+from ..config import (
+    DEFAULT_POLICY,
+    MAX_LENGTH_LIMIT,  # noqa: F401  (re-exported: checked by ScoringConfig)
+    UNSET,
+    ScoringConfig,
+    merge_config,
+)
 from ..kernels import linear_logprobs, ops
 from ..prm_meta import resolve_config
 from .batching import PackedBatch, length_batches, pack_batch, pack_rows, pad_batch, pad_id_of

@@ -31,10 +31,23 @@ from collections.abc import Sequence
 from ..config import DEFAULT_POLICY, DEFAULT_STEP_DELIMITER
 from ..engine.tokenization import PROMPT_FORMATS
 from ..io import append_jsonl, load_jsonl  # noqa: F401  (append_jsonl: re-exported, the candidates' writer)
-from .generation import (BACKENDS, TransformersGenerator, derive_seed, pack_batches, resolve_backend,  # noqa: F401
-                         truncate_at_stop, vllm_generate)
-from .records import (REQUIRED_FIELDS, key_of, latest_by_key, make_record, split_response_steps,  # noqa: F401
-                      validate_record)
+from .generation import (  # noqa: F401
+    BACKENDS,
+    TransformersGenerator,
+    derive_seed,
+    pack_batches,
+    resolve_backend,
+    truncate_at_stop,
+    vllm_generate,
+)
+from .records import (  # noqa: F401
+    REQUIRED_FIELDS,
+    key_of,
+    latest_by_key,
+    make_record,
+    split_response_steps,
+    validate_record,
+)
 from .tasks import Problem
 
 # --------------------------------------------------------------------------- JSONL I/O

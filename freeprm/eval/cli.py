@@ -17,7 +17,15 @@ import shlex
 import sys
 from pathlib import Path
 
-from ..cliargs import DeprecatedAlias, HelpFormatter, add_reference_args, error, escapes_arg, positive_float, positive_int
+from ..cliargs import (
+    DeprecatedAlias,
+    HelpFormatter,
+    add_reference_args,
+    error,
+    escapes_arg,
+    positive_float,
+    positive_int,
+)
 from ..config import DEFAULT_POLICY, add_scoring_args
 from ..scorer_cli import aggregations_arg
 

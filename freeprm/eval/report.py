@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from .grading import group_answers
-from .selection import Cell, CandidateSet, accuracy_at_n, default_methods, parse_method
+from .selection import CandidateSet, Cell, accuracy_at_n, default_methods, parse_method
 from .tasks import GRADER_TASK
 
 METHOD_LABELS = {"random": "random pick (pass@1)", "majority": "majority vote", "pass@N": "pass@N (oracle)"}

@@ -5,8 +5,15 @@ allows: ``pkg://freeprm.integrations.verl`` or this file's path (verl then impor
 name, where relative imports would fail). Either way there is one class, registered once as ``"freeprm"``.
 """
 
-from freeprm.integrations._verl import (AGGREGATES, GRANULARITIES, REGISTRIES, TESTED_VERL,  # noqa: F401
-                                        FreePRMRewardManager, check_verl_version, registered_in,
-                                        settings_from_config)
+from freeprm.integrations._verl import (  # noqa: F401
+    AGGREGATES,
+    GRANULARITIES,
+    REGISTRIES,
+    TESTED_VERL,
+    FreePRMRewardManager,
+    check_verl_version,
+    registered_in,
+    settings_from_config,
+)
 
 __all__ = ["FreePRMRewardManager", "check_verl_version", "settings_from_config"]

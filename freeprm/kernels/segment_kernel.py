@@ -20,8 +20,8 @@ import triton
 import triton.language as tl
 
 from . import triton_common as tc
-from .triton_common import cast_rn
 from .oracle import SEGMENT_OPS
+from .triton_common import cast_rn
 
 _BLOCK = 1024
 _OP_CODE = {"sum": 0, "mean": 1, "min": 2, "max": 3, "last": 4}

@@ -11,7 +11,6 @@ directory is refused. Details: docs/search.md.
 from __future__ import annotations
 
 
-
 def cmd_search(args) -> int:
     from ..scorer_cli import check_scorer_args
     from .algorithms import SearchConfig
@@ -51,8 +50,8 @@ def cmd_search(args) -> int:
 
 def register(sub) -> None:
     from ..cliargs import HelpFormatter, escapes_arg, positive_float, positive_int
-    from ..scorer_cli import add_scorer_args
     from ..eval.tasks import TASK_NAMES
+    from ..scorer_cli import add_scorer_args
     from .algorithms import METHODS
 
     p = sub.add_parser("search", help="PRM-guided step-level search: best-of-N, beam search, DVTS (resumable)",

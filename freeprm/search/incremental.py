@@ -40,6 +40,7 @@ from ..engine.tokenization import prompt_ids as format_prompt
 from ..kernels import linear_logprobs, ops
 from .kvcache import CachedLM, KVState
 
+
 @dataclass(eq=False)
 class Candidate:
     """A partial solution: prompt and response token ids, per-step rewards, and its models' KV states."""

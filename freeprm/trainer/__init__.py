@@ -24,8 +24,8 @@ registry are in ``losses.py``. Their public names are re-exported here (this pac
 
 from .checkpoint import STATE_FORMAT, latest_checkpoint, read_state
 from .config import SCHEDULES, TrainConfig
-from .losses import ce_loss, dpo_loss, kto_loss, kto_ref_point, nca_loss, response_rewards
 from .loop import StepMetrics, Trainer, freeze_all_but_last_layers
+from .losses import ce_loss, dpo_loss, kto_loss, kto_ref_point, nca_loss, response_rewards
 from .run import TrainResult, train
 from .schedule import lr_lambda
 

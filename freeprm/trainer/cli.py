@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 from ..cliargs import DeprecatedAlias, HelpFormatter, check_device, error, positive_float, positive_int
 from ..config import DEFAULT_POLICY, add_scoring_args
 from ..io import dumps_line, mark_nonfinite

@@ -27,8 +27,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from freeprm.kernels import linear_logprobs, oracle, policy_ref_rewards, segment_cumsum, segment_reduce, segment_sum
-from freeprm.kernels import token_rewards
+from freeprm.kernels import (
+    linear_logprobs,
+    oracle,
+    policy_ref_rewards,
+    segment_cumsum,
+    segment_reduce,
+    segment_sum,
+    token_rewards,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 from bench_kernels import _segments, make_inputs  # noqa: E402

@@ -4,8 +4,16 @@ import json
 
 import pytest
 
-from freeprm.eval.candidates import (append_jsonl, derive_seed, generate_candidates, latest_by_key, make_record,
-                                     read_jsonl, truncate_at_stop, validate_record)
+from freeprm.eval.candidates import (
+    append_jsonl,
+    derive_seed,
+    generate_candidates,
+    latest_by_key,
+    make_record,
+    read_jsonl,
+    truncate_at_stop,
+    validate_record,
+)
 from freeprm.eval.generation import TransformersGenerator, pack_batches
 from freeprm.eval.tasks import Problem
 

@@ -4,8 +4,16 @@ import json
 
 import pytest
 
-from freeprm.eval.grading import (answer_key, extract_answer, gold_from_gsm8k, grade, group_answers, is_equiv,
-                                  last_boxed, parse_number)
+from freeprm.eval.grading import (
+    answer_key,
+    extract_answer,
+    gold_from_gsm8k,
+    grade,
+    group_answers,
+    is_equiv,
+    last_boxed,
+    parse_number,
+)
 
 
 @pytest.mark.parametrize("text, expected", [

@@ -3,8 +3,16 @@
 import numpy as np
 import pytest
 
-from freeprm.eval.selection import (CandidateSet, accuracy_at_n, default_methods, default_ns, parse_method, select, vote,
-                                    weights_from_scores)
+from freeprm.eval.selection import (
+    CandidateSet,
+    accuracy_at_n,
+    default_methods,
+    default_ns,
+    parse_method,
+    select,
+    vote,
+    weights_from_scores,
+)
 
 
 def test_vote_counts_and_tie_break():

@@ -4,8 +4,15 @@ import json
 
 import pytest
 
-from freeprm.eval.steps import (arith_step_rows, chance_metrics, evaluate_steps, first_below, load_step_rows,
-                                step_metrics, tune_threshold)
+from freeprm.eval.steps import (
+    arith_step_rows,
+    chance_metrics,
+    evaluate_steps,
+    first_below,
+    load_step_rows,
+    step_metrics,
+    tune_threshold,
+)
 from freeprm.eval.tasks import arith_steps, make_arith
 
 

@@ -29,6 +29,7 @@ def test_trl_reward_function_with_implicit_prm(prm, tiny_scorer):
 def test_verl_manager_and_server_report_version(prm, tiny_scorer):
     from freeprm.integrations.openrlhf import RewardServer
     from freeprm.integrations.verl import FreePRMRewardManager
+
     from test_verl_manager import make_batch
 
     data = make_batch(tiny_scorer, ITEMS)

@@ -25,6 +25,7 @@ def main() -> None:
     from freeprm.engine import Scorer
     from freeprm.integrations import verl as fv
     from freeprm.testing import make_tiny_model_dir
+
     from test_verl_manager import ITEMS, make_batch
 
     kind = "reward_loop" if verl.__version__.startswith("0.9") else "reward_manager"  # what this script checks

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from freeprm.kernels import chunked, linear_logprobs, oracle as oracle_ops
+from freeprm.kernels import chunked, linear_logprobs
+from freeprm.kernels import oracle as oracle_ops
 
 
 @pytest.mark.parametrize("transform", [{}, {"logit_scale": 0.7, "softcap": 3.0}])

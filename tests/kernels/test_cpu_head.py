@@ -6,7 +6,8 @@ import shutil
 import pytest
 import torch
 
-from freeprm.kernels import chunked, cpu_ext, linear_logprobs, oracle as oracle_ops
+from freeprm.kernels import chunked, cpu_ext, linear_logprobs
+from freeprm.kernels import oracle as oracle_ops
 
 PATHS = ["cpp", "torch"]
 

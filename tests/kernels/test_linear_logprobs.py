@@ -8,7 +8,8 @@ oracle is ``oracle.linear_logprobs`` run in fp64 and ``torch_in_dtype`` is the n
 import pytest
 import torch
 
-from freeprm.kernels import linear_logprobs, oracle as oracle_ops
+from freeprm.kernels import linear_logprobs
+from freeprm.kernels import oracle as oracle_ops
 
 SHAPES = [(64, 512, 64), (37, 1000, 64)]  # (N, V, D): aligned, ragged
 DTYPES = [torch.float32, torch.float16]

@@ -13,10 +13,12 @@ import sys
 import pytest
 import torch
 
-from freeprm.kernels import linear_logprobs, ops, oracle as oracle_ops
+from freeprm.kernels import linear_logprobs, ops
+from freeprm.kernels import oracle as oracle_ops
 from freeprm.kernels import triton_common as tc
-from _launches import compile_key, recording
 from freeprm.kernels.linear_logprob_kernel import linear_logprob_bwd, linear_logprob_fwd, triton_linear_logprobs
+
+from _launches import compile_key, recording
 from test_linear_logprobs import ATOL, _fwd_bwd, _inputs, check_three_way
 
 

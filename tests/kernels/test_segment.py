@@ -8,7 +8,8 @@ Offsets include empty and one-token segments, leading/trailing empties and one l
 import pytest
 import torch
 
-from freeprm.kernels import oracle as oracle_ops, segment_cumsum, segment_reduce, segment_sum
+from freeprm.kernels import oracle as oracle_ops
+from freeprm.kernels import segment_cumsum, segment_reduce, segment_sum
 
 ATOL = {torch.float32: 1e-5, torch.float16: 2e-3}
 DTYPES = [torch.float32, torch.float16]

@@ -6,7 +6,8 @@ Budget: max|impl - oracle| <= 2 * max|torch_in_dtype - oracle| + atol (house sty
 import pytest
 import torch
 
-from freeprm.kernels import policy_ref_rewards, oracle as oracle_ops, token_rewards
+from freeprm.kernels import oracle as oracle_ops
+from freeprm.kernels import policy_ref_rewards, token_rewards
 
 ATOL = {torch.float32: 2e-5, torch.float16: 2e-3}
 DTYPES = [torch.float32, torch.float16]

@@ -6,7 +6,7 @@ import warnings
 import pytest
 import torch
 
-from freeprm.search import IncrementalScorer, Searcher, SearchConfig, StepOutput, search
+from freeprm.search import IncrementalScorer, SearchConfig, Searcher, StepOutput, search
 from freeprm.search.algorithms import pick_best
 from freeprm.search.generation import check_delimiter
 

@@ -15,7 +15,6 @@ from freeprm.testing import naive_sequence_logprobs
 from freeprm.trainer import losses
 from freeprm.trainer.hf import ImplicitPRMTrainer, PRMCollator, prm_dataset
 
-
 ROOT = Path(__file__).resolve().parents[2]
 
 

@@ -11,6 +11,7 @@ import torch
 
 from freeprm.trainer import losses
 
+
 def _rand(n, scale=3.0):
     return (torch.randn(n, dtype=torch.float64) * scale).float().requires_grad_()
 
