@@ -390,7 +390,7 @@ def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else list(argv)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--task", choices=("arith", "gsm8k"), default="arith")
-    ap.add_argument("--problems", type=int, default=30)
+    ap.add_argument("--problems", type=int, help="problems to search (default 30; --quick: 2)")
     ap.add_argument("--levels", default="1,2", help="arith levels (cycled)")
     ap.add_argument("--small", action=argparse.BooleanOptionalAction, default=True,
                     help="arith: every event a single-digit add/sub (make_arith small=True)")
@@ -434,15 +434,23 @@ def main(argv: list[str] | None = None) -> dict:
             write_meta(trained, meta_dict(ScoringConfig(beta=0.05, reference=str(gen)), reference_digest=None,
                                           training={"note": "tiny random stand-in for a trained PRM"}))
         args.generator, args.trained_prm = str(gen), str(trained)
-        args.problems, args.pool, args.n, args.part_size = 2, 4, 2, 1
+        args.problems = 2 if args.problems is None else args.problems
+        args.pool, args.n, args.part_size = 4, 2, 1
         args.max_steps, args.max_step_tokens, args.max_tokens = 2, 8, 16
+    if args.problems is None:
+        args.problems = 30
     torch.set_num_threads(args.threads)
     plan = {k: getattr(args, k) for k in PLAN_KEYS}
     saved = out / "plan.json"
     if saved.exists() and json.loads(saved.read_text()) != plan:
         old = json.loads(saved.read_text())
         diff = sorted(k for k in set(old) | set(plan) if k not in old or k not in plan or old[k] != plan[k])
-        ap.error(f"{saved} holds another plan (differs in {diff}); resume with the same options or use a fresh --out")
+        # more problems extend a finished run: the problem list is prefix-stable and part k is seeded by k alone,
+        # so whole parts stay valid (a last part cut short by the old count would not be: refused)
+        grow = diff == ["problems"] and plan["problems"] > old["problems"] and old["problems"] % args.part_size == 0
+        if not grow:
+            ap.error(f"{saved} holds another plan (differs in {diff}); resume with the same options, raise only "
+                     "--problems (from a multiple of --part-size), or use a fresh --out")
     saved.write_text(json.dumps(plan, indent=1) + "\n")
     if args.methods.split(",") and any(m not in ("beam", "dvts", "best_of_n") for m in args.methods.split(",")):
         ap.error("--methods: a comma list of beam, dvts")

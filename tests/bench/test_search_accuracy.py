@@ -83,3 +83,18 @@ def test_quick_run_writes_a_report_and_resumes(tmp_path, monkeypatch, capsys):
     assert (out / "arith" / "parts" / "untrained_dvts_000.jsonl").stat().st_mtime_ns == kept
     with pytest.raises(SystemExit):  # another configuration on the same directory is refused
         main(["--quick", "--out", str(out), "--temperature", "0.9"])
+
+
+def test_more_problems_extend_a_run_and_reuse_its_parts(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("FREEPRM_CPU_EXT", "0")
+    out = tmp_path / "sa"
+    main(["--quick", "--out", str(out), "--problems", "1"])
+    first = (out / "arith" / "parts" / "untrained_beam_000.jsonl").read_text()
+    capsys.readouterr()
+    doc = main(["--quick", "--out", str(out), "--problems", "2"])
+    log = capsys.readouterr().out
+    assert doc["summary"]["problems"] == 2
+    assert "part 1/2" not in log and log.count("part 2/2") == 6  # only the new part ran, every method of it
+    assert (out / "arith" / "parts" / "untrained_beam_000.jsonl").read_text() == first
+    with pytest.raises(SystemExit):  # fewer problems than were run is another plan
+        main(["--quick", "--out", str(out), "--problems", "1"])
