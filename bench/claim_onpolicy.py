@@ -136,9 +136,9 @@ ONLY: set | None = None  # --scorers
 # Training settings a variant may change (``--variant NAME:field=value,...``); everything else (data, test
 # problems, candidates) is shared with the base run, so variants are compared on the same problems.
 VARIANT_FIELDS = ("loss", "beta", "lr", "epochs", "train_last_layers", "ce_balance", "batch_size", "grad_accum")
-# Step-only diagnostics: a trained PRM's policy read without its reference (beta 1, reference-free): where does
-# the step-error signal sit, in log pi or in log pi_ref?
-DIAGNOSTICS = {"ce-policy-only": "ce", "dpo-policy-only": "dpo"}
+# Step-only diagnostics: each trained PRM's policy read without its reference (beta 1, reference-free), named
+# "<PRM>-policy-only": where does the step-error signal sit, in log pi or in log pi_ref?
+DIAGNOSTIC_SUFFIX = "-policy-only"
 
 
 def parse_variant(text: str) -> tuple[str, dict]:
@@ -187,15 +187,15 @@ def variant_plan(plan: Plan, over: dict) -> Plan:
 def scorer_specs(plan: Plan, out: Path, policy, *, all_: bool = False, diagnostics: bool = False) -> dict:
     """name -> (policy, reference, beta) for every scorer (``--scorers`` only, unless ``all_``), in report order:
     the untrained baseline, the base run's CE and DPO PRMs, then each variant's PRM (``OUT/variants/NAME``);
-    with ``diagnostics``, also the step-only readings of ``DIAGNOSTICS``."""
+    with ``diagnostics``, also each trained PRM's step-only reading ``NAME-policy-only`` (``DIAGNOSTIC_SUFFIX``)."""
     specs = {"untrained": (policy, None, DEFAULT_BETA),
              "ce": (str(out / "ce" / "final"), policy, plan.beta),
              "dpo": (str(out / "dpo" / "final"), policy, plan.beta)}
     for name, over in variants(out).items():
         specs[name] = (str(out / "variants" / name / over["loss"] / "final"), policy, variant_plan(plan, over).beta)
     if diagnostics:
-        for name, base in DIAGNOSTICS.items():
-            specs[name] = (str(out / base / "final"), "none", DEFAULT_BETA)
+        for name in [k for k in specs if k != "untrained"]:
+            specs[name + DIAGNOSTIC_SUFFIX] = (specs[name][0], "none", DEFAULT_BETA)
     return {k: v for k, v in specs.items() if all_ or ONLY is None or k in ONLY}
 
 
@@ -362,7 +362,7 @@ def stage_bon(plan, out, policy, probs, *, generate: bool = True) -> None:
             if name != "untrained" and not Path(spec[0]).is_dir():
                 continue
             t1 = time.perf_counter()
-            if DERIVE and name not in ("untrained", *DIAGNOSTICS) and spec[1] == policy:
+            if DERIVE and name != "untrained" and spec[1] == policy:
                 if name not in scorers:
                     sc_pol = _scorer((spec[0], "none", DEFAULT_BETA))
                     scorers[name] = lambda sc_pol=sc_pol: sc_pol
@@ -591,7 +591,8 @@ def copy_results(out: Path, dest: Path) -> None:
     for name, over in variants(out).items():
         names += [f"variants/{name}/variant.json", f"variants/{name}/{over['loss']}/metrics.jsonl",
                   f"steps/{name}.json", f"test/scores_{name}.jsonl", f"test/scores_{name}.policy.jsonl"]
-    names += [f"steps/{name}.json" for name in DIAGNOSTICS]
+    names += [f"steps/{name}.json" for name in scorer_specs(Plan(), out, None, all_=True, diagnostics=True)
+              if name.endswith(DIAGNOSTIC_SUFFIX)]
     for n in names:
         if (out / n).exists():
             (dest / n).parent.mkdir(parents=True, exist_ok=True)
