@@ -590,7 +590,7 @@ def copy_results(out: Path, dest: Path) -> None:
              "test/scores_ce.jsonl", "test/scores_dpo.jsonl"]
     for name, over in variants(out).items():
         names += [f"variants/{name}/variant.json", f"variants/{name}/{over['loss']}/metrics.jsonl",
-                  f"steps/{name}.json", f"test/scores_{name}.jsonl", f"test/scores_{name}.policy.jsonl"]
+                  f"steps/{name}.json", f"test/scores_{name}.jsonl"]
     names += [f"steps/{name}.json" for name in scorer_specs(Plan(), out, None, all_=True, diagnostics=True)
               if name.endswith(DIAGNOSTIC_SUFFIX)]
     for n in names:
