@@ -31,12 +31,14 @@ dropped (the count is reported).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import shlex
 import sys
 import time
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -287,25 +289,20 @@ def stage_steps(plan, out, policy, probs) -> None:
         log(f"steps {name}: {sum(map(len, rows.values()))} rows scored in {time.perf_counter() - t0:.0f} s")
 
 
-def derive_scores(cands, td: Path, name: str, spec, policy_only_scorer) -> dict:
+def derive_scores(cands, td: Path, name: str, beta: float, tag: str, policy_only_scorer) -> dict:
     """Score ``cands`` for the trained PRM ``name`` (reference = the initial policy) at half the model work: its step
     reward is ``beta * (sum log pi - sum log pi_ref)`` over the step's tokens, a difference of two per-step sums, and
     ``sum log pi_ref`` per step is the untrained scorer's step reward (same model, beta 1, same steps). So only the
-    trained policy runs (reference-free, beta 1, into ``scores_NAME.policy.jsonl``); the PRM's lines are written
-    from the two files with the tag a direct ``Scorer(path, policy, beta)`` run would give, and the aggregates
-    recomputed from the derived step rewards (``freeprm.engine.results.aggregate_steps``). The files hold step
-    rewards to 6 decimals, so a derived reward is within ``beta * 2e-6`` of the direct one (tested)."""
+    trained policy runs (``policy_only_scorer()``: reference-free, beta 1, built only when there is work; into
+    ``scores_NAME.policy.jsonl``); the PRM's lines are written from the two files under ``tag``, the tag a direct
+    ``Scorer(path, policy, beta)`` run gives (``prm_tag``), and the aggregates recomputed from the derived step
+    rewards (``freeprm.engine.results.aggregate_steps``). The files hold step rewards to 6 decimals, so a derived
+    reward is within ``beta * 2e-6`` of the direct one (tested)."""
     from freeprm.engine import AGGREGATIONS
     from freeprm.engine.results import aggregate_steps
     from freeprm.eval.scoring import key_of, load_scores, score_candidates
     from freeprm.io import append_jsonl
 
-    pol, _, beta = spec
-    direct = _scorer(spec)
-    from freeprm.eval.scoring import scorer_tag_of
-
-    tag = scorer_tag_of(direct)
-    del direct
     done = load_scores(td / f"scores_{name}.jsonl", tag)
     todo = [c for c in cands if key_of(c) not in done]
     if not todo:
@@ -328,6 +325,13 @@ def derive_scores(cands, td: Path, name: str, spec, policy_only_scorer) -> dict:
                       "derived": "beta * (policy-only - untrained) step rewards"})
     append_jsonl(td / f"scores_{name}.jsonl", lines)
     return {"scored": len(lines)}
+
+
+def prm_tag(spec) -> str:
+    """The scores-file tag of a direct ``Scorer`` run of ``spec`` (loads both models: call it once per scorer)."""
+    from freeprm.eval.scoring import scorer_tag_of
+
+    return scorer_tag_of(_scorer(spec))
 
 
 DERIVE = False  # --derive
@@ -363,10 +367,10 @@ def stage_bon(plan, out, policy, probs, *, generate: bool = True) -> None:
                 continue
             t1 = time.perf_counter()
             if DERIVE and name != "untrained" and spec[1] == policy:
-                if name not in scorers:
-                    sc_pol = _scorer((spec[0], "none", DEFAULT_BETA))
-                    scorers[name] = lambda sc_pol=sc_pol: sc_pol
-                s = derive_scores(cands, td, name, spec, scorers[name])
+                if name not in scorers:  # the tag once per process; the policy-only model when first needed
+                    scorers[name] = (prm_tag(spec), functools.cache(partial(_scorer, (spec[0], "none", DEFAULT_BETA))))
+                tag, policy_only = scorers[name]
+                s = derive_scores(cands, td, name, spec[2], tag, policy_only)
                 line += f"; {name}: {s['scored']} scored, derived ({time.perf_counter() - t1:.0f} s)"
                 continue
             if name not in scorers:

@@ -69,7 +69,8 @@ def test_derived_scores_equal_direct(tmp_path, monkeypatch):
     shutil.copyfile(out / "test" / "scores_untrained.jsonl", td2 / "scores_untrained.jsonl")
     cands = read_jsonl(out / "test" / "candidates.jsonl")
     spec = (str(out / "ce" / "final"), str(out / "tiny_policy"), 0.05)
-    got = co.derive_scores(cands, td2, "ce", spec, lambda: co._scorer((spec[0], "none", 1.0)))
+    tag = co.prm_tag(spec)
+    got = co.derive_scores(cands, td2, "ce", spec[2], tag, lambda: co._scorer((spec[0], "none", 1.0)))
     assert got["scored"] == len(cands) > 0
     direct = {(r["problem_id"], r["candidate_id"]): r for r in read_jsonl(out / "test" / "scores_ce.jsonl")}
     derived = read_jsonl(td2 / "scores_ce.jsonl")
@@ -80,4 +81,13 @@ def test_derived_scores_equal_direct(tmp_path, monkeypatch):
         assert r["step_rewards"] == pytest.approx(d["step_rewards"], abs=1e-5)
         for a, v in d["aggregates"].items():
             assert r["aggregates"][a] == pytest.approx(v, abs=1e-5), a
-    assert co.derive_scores(cands, td2, "ce", spec, lambda: 1 / 0)["scored"] == 0  # all done: no model work
+    assert co.derive_scores(cands, td2, "ce", spec[2], tag, lambda: 1 / 0)["scored"] == 0  # all done: no model work
+    # the same through the bon stage (--score-only --derive): the direct file removed, the derived one replaces it
+    (out / "test" / "scores_ce.jsonl").unlink()
+    main(["--quick", "--out", str(out), "--threads", "1", "--stages", "bon", "--score-only", "--derive",
+          "--scorers", "ce"])
+    again = read_jsonl(out / "test" / "scores_ce.jsonl")
+    assert len(again) == len(cands) and all("derived" in r for r in again)
+    for r in again:
+        d = direct[(r["problem_id"], r["candidate_id"])]
+        assert r["scorer"] == d["scorer"] and r["step_rewards"] == pytest.approx(d["step_rewards"], abs=1e-5)
