@@ -11,8 +11,8 @@ the same prompt format. Its directory therefore carries one small JSON file::
      "implicit_prm": {...} | null}                # ImplicitPRM's online settings (lr, granularity, version, ...)
 
 A relative ``scoring.reference`` (``ImplicitPRM``'s frozen reference, ``"reference"``) is relative to the
-directory. ``resolve_scoring`` is the one place that reads it for scoring (``Scorer``, so ``score``, ``rerank``,
-``serve``, ``bon``); ``read_meta`` for ``ImplicitPRM.from_pretrained``. The rules:
+directory. ``resolve_config`` is the one place that reads it for scoring (``Scorer``, so ``score``, ``rerank``,
+``serve``, ``bon``); ``fill_config`` (which ``resolve_config`` calls) for ``ImplicitPRM.from_pretrained``. The rules:
 
 * beta, reference, prompt format and step split come from the file unless given;
 * a given value that differs from the recorded one is used, with a warning naming both (for the step split only
@@ -35,7 +35,6 @@ import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from .config import DEFAULT_STEP_DELIMITER, NO_REFERENCE, ScoringConfig
 
@@ -188,21 +187,6 @@ def _from_v1(path: Path, raw: dict) -> PRMMeta:
 
 
 # ---------------------------------------------------------------------------------------- scoring
-@dataclass(frozen=True)
-class ResolvedScoring:
-    """What ``Scorer`` uses for a policy after its metadata (if any) is read.
-
-    reference: the reference to load (spec or model object), or None for no reference.
-    """
-
-    beta: float
-    reference: Any
-    prompt_format: str
-    step_delimiter: str | None
-    step_pattern: Any
-    meta: PRMMeta | None
-
-
 def _warn(meta: PRMMeta, what: str, given, recorded, stacklevel: int = 4) -> None:
     warnings.warn(f"{what}: using the given {given!r}, but {meta.file} records {recorded!r} (the value this PRM was "
                   "trained with); its rewards mean something else under the given value", PRMMetaWarning,
@@ -272,7 +256,7 @@ def resolve_config(policy, config: ScoringConfig | None = None, *,
     meta = read_meta(policy)
     if meta is None:
         return config.with_reference_default(NO_REFERENCE), None
-    config, rec, changes = fill_config(config, meta, _stacklevel=5), meta.scoring, {}
+    config, rec = fill_config(config, meta, _stacklevel=5), meta.scoring
     reference = config.reference
     if reference is None:  # unset: the recorded one, checked against its digest
         reference = meta.reference_spec()
@@ -286,20 +270,5 @@ def resolve_config(policy, config: ScoringConfig | None = None, *,
             _warn(meta, "reference", reference if isinstance(reference, (str, os.PathLike)) else "<model object>",
                   NO_REFERENCE)
         check_reference_digest(meta, reference, force_reference=force_reference)
-    changes["reference"] = reference
-    return config.replace(**changes), meta
+    return config.replace(reference=reference), meta
 
-
-def resolve_scoring(policy, *, beta: float | None = None, reference=None, prompt_format: str | None = None,
-                    step_delimiter: str | None = DEFAULT_STEP_DELIMITER, step_pattern=None,
-                    force_reference: bool = False) -> ResolvedScoring:
-    """The keyword form of ``resolve_config`` (kept for callers of the first version): unset is ``beta=None``,
-    ``reference=None``, ``prompt_format=None`` and the step split at its default."""
-    fields = {"beta": beta, "reference": reference, "prompt_format": prompt_format}
-    if (step_delimiter or None) != DEFAULT_STEP_DELIMITER or step_pattern is not None:
-        fields.update(step_delimiter=step_delimiter, step_pattern=step_pattern)
-    cfg, meta = resolve_config(policy, ScoringConfig(**{k: v for k, v in fields.items() if v is not None
-                                                        or k == "step_delimiter"}),
-                               force_reference=force_reference)
-    ref = None if cfg.reference == NO_REFERENCE else cfg.reference
-    return ResolvedScoring(cfg.beta, ref, cfg.prompt_format, cfg.step_delimiter, cfg.step_pattern, meta)
