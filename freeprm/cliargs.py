@@ -130,18 +130,6 @@ def add_force_reference_arg(p) -> None:
                    help="use --reference even if its content differs from the reference the PRM was trained against")
 
 
-def add_reference_args(p) -> None:
-    """``--reference``, ``--force-reference`` and ``--beta`` as every scoring command reads them: omitted, they come
-    from a trained PRM directory's ``freeprm_prm.json`` (``freeprm.prm_meta``), else the bare-model defaults.
-    ``--reference`` and ``--beta`` are generated from the ``ScoringConfig`` fields (``config.add_scoring_args``).
-    ``p``: an ``argparse`` parser or argument group."""
-    from .config import add_scoring_args  # at call time: freeprm.config imports this module
-
-    add_scoring_args(p, ["reference"])
-    add_force_reference_arg(p)
-    add_scoring_args(p, ["beta"])
-
-
 def check_device(device: str | None) -> None:
     """``ValueError`` unless ``device`` (``None`` = automatic) names a device this machine has."""
     if device is None:

@@ -25,6 +25,16 @@ def aggregations_arg(text: str) -> list[str]:
     return names
 
 
+def add_reference_args(p) -> None:
+    """``--reference``, ``--force-reference`` and ``--beta`` as every scoring command reads them: omitted, they come
+    from a trained PRM directory's ``freeprm_prm.json`` (``freeprm.prm_meta``), else the bare-model defaults.
+    ``--reference`` and ``--beta`` are generated from the ``ScoringConfig`` fields (``config.add_scoring_args``).
+    ``p``: an ``argparse`` parser or argument group."""
+    add_scoring_args(p, ["reference"])
+    add_force_reference_arg(p)
+    add_scoring_args(p, ["beta"])
+
+
 def add_scorer_args(p: argparse.ArgumentParser, *, defaults: dict | None = None) -> None:
     """``--policy``, every ``ScoringConfig`` field (``--beta``, ``--reference``, ``--step-delimiter``, ...),
     ``--force-reference`` and the run options (device, batch size, ...). ``defaults``: per-command defaults of

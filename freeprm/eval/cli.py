@@ -20,14 +20,13 @@ from pathlib import Path
 from ..cliargs import (
     DeprecatedAlias,
     HelpFormatter,
-    add_reference_args,
     error,
     escapes_arg,
     positive_float,
     positive_int,
 )
 from ..config import DEFAULT_POLICY, add_scoring_args
-from ..scorer_cli import aggregations_arg
+from ..scorer_cli import add_reference_args, aggregations_arg
 
 STAGES = ("generate", "score", "report", "all")
 

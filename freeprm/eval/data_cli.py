@@ -14,8 +14,9 @@ import argparse
 import json
 import sys
 
-from ..cliargs import DeprecatedAlias, HelpFormatter, add_reference_args, error, escapes_arg
+from ..cliargs import DeprecatedAlias, HelpFormatter, error, escapes_arg
 from ..config import DEFAULT_POLICY, add_scoring_args
+from ..scorer_cli import add_reference_args
 from .cli import _add_task, _ints  # noqa: F401  (the task options are bon's own)
 
 
